@@ -505,6 +505,10 @@ class DiscoPOP(FixedFormObjective):
 
     Chris Lu et al., "Discovering Preference Optimization Algorithms with and for Large Language
     Models", NeurIPS 2024 (eq. 5). TRL: ``loss_type="discopop"`` (``discopop_tau`` = τ = 0.05).
+
+    Not monotone: as the paper notes, the loss is non-convex, and for τ = 0.05 its gradient
+    pushes the margin *down* for z ∈ (−0.118, 0.072) (a local minimum near z ≈ −0.12); outside
+    that band it raises the margin. This is the published loss, identical to TRL's.
     """
 
     def __init__(
