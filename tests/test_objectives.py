@@ -143,7 +143,7 @@ def drive_trl_dpo(trl, loss_types, s: PairScores, weights=None, **attrs) -> dict
     grads = [
         torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves + ref, strict=True)
     ]
-    return {"loss": loss.detach(), "grads": grads, "metrics": tr._metrics["train"]}
+    return {"loss": loss.detach(), "grads": grads, "metrics": tr._metrics["train"], "trainer": tr}
 
 
 def ours(obj, s: PairScores) -> dict:
@@ -269,6 +269,83 @@ def test_matches_trl_with_reference_model(trl):
     assert_close(got["loss"], ref["loss"])
     for g_ours, g_trl in zip(got["grads"][:2], ref["grads"][:2], strict=True):
         assert_close(g_ours, g_trl)
+
+
+class Backbone(torch.nn.Module):
+    """Hidden state a_i (size 1) at every position of row i."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.hidden.float()[:, None, None].expand(*input_ids.shape, 1)
+        return SimpleNamespace(last_hidden_state=h)
+
+
+class LogitLM(torch.nn.Module):
+    """A model with engineered logits, for TRL's real ``add_fused_lm_head``.
+
+    Vocabulary {0, 1}, hidden size 1, LM head weight [[1], [0]]: the logits are [a, 0], so the
+    log-prob of label 0 is log σ(a). With a = u − log(−expm1(u)) (the logit of eᵘ) and
+    u = target/L, TRL's fused head (its chunked log-softmax kernel, float32) returns u per
+    completion token, and its sum is the target.
+    """
+
+    def __init__(self, target: torch.Tensor, lengths: torch.Tensor):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        u = target / lengths.to(D)
+        self.config = PretrainedConfig()
+        self.base_model_ = Backbone(u - torch.log(-torch.expm1(u)))
+        self.head = torch.nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        self.head.weight.requires_grad_(False)
+        self.is_gradient_checkpointing = False
+
+    @property
+    def base_model(self):
+        return self.base_model_
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):  # replaced by TRL
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_matches_trl_through_its_fused_lm_head(trl, loss_type):
+    """End to end through TRL's own log-prob gathering: ``add_fused_lm_head`` patches a model with
+    engineered logits, then ``_compute_loss`` runs. TRL's kernel computes in float32: 1e-5."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    s = single(random_pairs(4, seed=21), 2)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (s.policy_chosen, s.policy_rejected)]
+    lengths = torch.cat([s.chosen_length, s.rejected_length]).long()
+    model = LogitLM(torch.cat(leaves), lengths)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    width = int(lengths.max()) + 1
+    pos = torch.arange(width).unsqueeze(0)
+    ref = drive_trl_dpo(trl, [loss_type], s)  # for the attributes; now swap in the real model
+    tr = object.__new__(trl.DPOTrainer)
+    tr.__dict__.update(ref["trainer"].__dict__)
+    tr.model = model
+    inputs = {
+        "input_ids": torch.zeros(2, width, dtype=torch.long),
+        "attention_mask": (pos <= lengths.unsqueeze(1)).long(),
+        "completion_mask": ((pos >= 1) & (pos <= lengths.unsqueeze(1))).long(),
+        "ref_chosen_logps": s.reference_chosen,
+        "ref_rejected_logps": s.reference_rejected,
+    }
+    loss = tr._compute_loss(model, inputs, return_outputs=False)
+    grads = torch.autograd.grad(loss, leaves)
+    got = ours(O.DPO() if loss_type == "sigmoid" else O.IPO(), s)
+    assert_close(got["loss"], loss.detach().double(), tol=1e-5)
+    for g_ours, g_trl in zip(got["grads"][:2], grads, strict=True):
+        assert_close(g_ours, g_trl.double(), tol=1e-5)
 
 
 def test_trl_defaults_are_ours(trl):
@@ -588,6 +665,14 @@ def test_fixed_form_objectives_reject_a_scalarization(cls):
     with pytest.raises(ValueError, match="scalarization"):
         cls(scalarization="hinge")
     assert cls(scalarization=None).scalarization is None
+
+
+def test_orpo_is_finite_at_probability_one():
+    s = pair(0.0, -3.0, 0.0, 0.0, 1, 3, grad=True)
+    O.ORPO()(s).losses.sum().backward()
+    assert (
+        torch.isfinite(s.policy_chosen.grad).all() and torch.isfinite(s.policy_rejected.grad).all()
+    )
 
 
 def test_parameter_validation():

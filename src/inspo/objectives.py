@@ -337,11 +337,13 @@ class ORPO(Objective):
     Hong et al., "ORPO: Monolithic Preference Optimization without Reference Model", EMNLP 2024.
     odds(y) = p/(1−p) with p = exp(S̄(y)); log odds = S̄ − log(1 − e^S̄), computed with
     :func:`log1mexp`. λ is ``beta`` (TRL ``ORPOConfig.beta``). TRL: ``ORPOTrainer``, whose
-    ``odds_ratio_loss`` returns λ·log σ(·) (the negated pairwise term).
+    ``odds_ratio_loss`` returns λ·log σ(·) (the negated pairwise term). S̄ is clamped to
+    ≤ −1e-6 inside the odds (TRL does not clamp; it returns inf/NaN at S̄ = 0).
     """
 
     requires_reference = False
     score: Score = "mean"
+    eps: ClassVar[float] = 1e-6
 
     def __init__(self, beta: float = 0.1, scalarization: str | None = None) -> None:
         self.beta = float(beta)
@@ -349,8 +351,10 @@ class ORPO(Objective):
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         pw, pl, _, _ = self.scores(s)
-        log_odds = (pw - pl) - (log1mexp(pw) - log1mexp(pl))
         nll = -pw
+        # p = 1 exactly (S̄ = 0, e.g. a one-token response in float32) would give infinite odds
+        pw, pl = pw.clamp(max=-self.eps), pl.clamp(max=-self.eps)
+        log_odds = (pw - pl) - (log1mexp(pw) - log1mexp(pl))
         losses = nll + self.beta * scalarize(self.scalarization, log_odds)
         return self.output(losses, s, log_odds=log_odds, nll=nll)
 
