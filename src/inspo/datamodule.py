@@ -1,0 +1,245 @@
+"""PreferenceDataModule: rows → checked, tokenised ``datasets.Dataset`` → pair/reflection batches.
+
+Rows are validated once (bad ones are counted in the :class:`~inspo.datareport.DataReport`,
+never silently dropped and never able to crash training), tokenised once with ``Dataset.map``
+(cached on disk under a key of the rows, tokenizer and layout), and padded per batch by
+:class:`~inspo.batches.PreferenceCollator`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader, Sampler
+from transformers import PreTrainedTokenizerBase
+
+from inspo.batches import Encoder, PreferenceCollator, resolve_template
+from inspo.datareport import DataReport
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def check_row(row: Any) -> str | None:
+    """The reason a row cannot be used, or None. Cheap checks that need no tokenizer."""
+    if not isinstance(row, dict):
+        return "not_a_mapping"
+    values = [row.get(c) for c in COLUMNS]
+    if any(v is None for v in values):
+        return "missing_value"
+    if not all(isinstance(v, str) for v in values):
+        return "wrong_type"
+    prompt, chosen, rejected = values
+    if not prompt.strip():
+        return "empty_prompt"
+    if not chosen.strip() or not rejected.strip():
+        return "empty_response"
+    if chosen == rejected:
+        return "identical_responses"
+    return None
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation drawn from (seed, epoch) alone, never from the global RNG.
+
+    A resumed run therefore sees the same order as an uninterrupted one. Lightning calls
+    ``set_epoch`` at the start of every epoch. (Under DDP, Lightning swaps in its own
+    ``DistributedSampler``, which is seeded the same way.)
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Pair batches (``reflection=False``) or reflection batches (``reflection=True``).
+
+    Args:
+        source: a callable returning ``{split: rows}`` (see :mod:`inspo.sources`).
+        tokenizer: the policy's tokenizer.
+        train_views: the views the training step needs, e.g. ``("plain",)`` for the standard
+            form, ``("reflective",)`` for InSPO with a reflective reference context, and
+            ``("reflective", "plain")`` when the plain view is also needed (plain reference
+            context, a mixed-in standard loss, self-distillation).
+        reflection: whether reflective sequences are built at all. Validation batches then
+            carry both views, so the plain-context policy is always evaluated (SPEC §3).
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], dict[str, Sequence[dict]]],
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        train_split: str = "train",
+        val_split: str | None = "val",
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        template: str = "default",
+        reflection: bool = False,
+        train_views: Sequence[str] = ("plain",),
+        strict: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        max_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.tokenizer = tokenizer
+        self.train_split, self.val_split = train_split, val_split
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.reflection = reflection
+        self.views = ("plain", "reflective") if reflection else ("plain",)
+        self.train_views = tuple(train_views)
+        if not set(self.train_views) <= set(self.views):
+            raise ValueError(f"train_views {self.train_views} need reflection=True")
+        self.encoder = Encoder(tokenizer, resolve_template(template), max_length, max_prompt_length)
+        self.template = template
+        self.report = DataReport(strict=strict)
+        self.num_workers, self.seed = num_workers, seed
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.max_samples = max_samples
+        self.datasets: dict[str, Dataset] = {}
+        self.raw: dict[str, Sequence[dict]] = {}
+
+    # ------------------------------------------------------------------ building
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:  # idempotent: train.py sets up early to fail before model build
+            return
+        self.raw = self.source()
+        for split in (self.train_split, self.val_split):
+            if split is None:
+                continue
+            if split not in self.raw:
+                raise ValueError(f"split {split!r} not in the data; found {sorted(self.raw)}")
+            self.datasets[split] = self._build(split, self.raw[split])
+        log.info("%s", self.report)
+
+    def _build(self, split: str, rows: Sequence[dict]) -> Dataset:
+        rep = self.report.split(split)
+        clean: list[dict] = []
+        for i, row in enumerate(rows):
+            if self.max_samples is not None and len(clean) >= self.max_samples:
+                break
+            rep.rows_read += 1
+            reason = check_row(row)
+            if reason:
+                self.report.skip(
+                    split, reason, row.get("row_id", i) if isinstance(row, dict) else i
+                )
+                continue
+            clean.append({"row_id": row.get("row_id", i), **{c: row[c] for c in COLUMNS}})
+        ds = Dataset.from_list(clean) if clean else Dataset.from_dict({c: [] for c in COLUMNS})
+        ds = ds.map(
+            self._encode_rows,
+            batched=True,
+            batch_size=512,
+            remove_columns=list(COLUMNS),
+            cache_file_name=self._cache_file(split, clean),
+            desc=f"tokenising {split}",
+        )
+        # Truncation can make the two sequences of a pair identical: such pairs carry no
+        # preference signal, so they are dropped here and counted, before any batch is built.
+        keep = []
+        for i, (same, cut, row_id) in enumerate(
+            zip(ds["identical"], ds["truncated"], ds["row_id"], strict=True)
+        ):
+            if same:
+                self.report.skip(split, "identical_after_truncation", row_id)
+            else:
+                keep.append(i)
+                rep.truncated += int(cut)
+        if len(keep) < len(ds):
+            ds = ds.select(keep)
+        ds = ds.add_column("index", list(range(len(ds))))
+        rep.rows_used = len(ds)
+        if len(ds) == 0:
+            raise ValueError(f"split {split!r} has no usable rows:\n{self.report}")
+        return ds
+
+    def _encode_rows(self, rows: dict[str, list]) -> dict[str, list]:
+        enc = self.encoder.encode_batch(rows, self.views)
+        # The pair is identical for the policy when its two scored responses are.
+        v = self.views[0]
+        enc["identical"] = [
+            a[sa:] == b[sb:]
+            for a, sa, b, sb in zip(
+                enc[f"{v}_chosen"], enc[f"{v}_chosen_start"],
+                enc[f"{v}_rejected"], enc[f"{v}_rejected_start"], strict=True,
+            )
+        ]  # fmt: skip
+        return enc
+
+    def _cache_file(self, split: str, rows: list[dict]) -> str | None:
+        if self.cache_dir is None:
+            return None
+        key = _fingerprint(
+            rows,
+            self.tokenizer.name_or_path,
+            len(self.tokenizer),
+            self.tokenizer.bos_token_id,
+            self.tokenizer.eos_token_id,
+            self.encoder.template.text,
+            self.encoder.max_length,
+            self.encoder.max_prompt_length,
+            self.views,
+        )
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return str(self.cache_dir / f"{split}-{key}.arrow")
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, views: tuple[str, ...], batch_size: int, shuffle: bool):
+        ds = self.datasets[split]
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        sampler = EpochShuffle(len(ds), self.seed) if shuffle and not distributed else None
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id, views),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_split, self.train_views, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_split is None:
+            return []
+        return self._loader(self.val_split, self.views, self.eval_batch_size, shuffle=False)
+
+    def eval_prompts(self, split: str = "eval") -> list[str]:
+        """Prompts held out for generation (the synthetic task's ``eval`` split)."""
+        if not self.raw:
+            self.raw = self.source()
+        return [r["prompt"] for r in self.raw[split]]

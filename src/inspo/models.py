@@ -1,0 +1,140 @@
+"""Policies, references and tokenizers: the embedded tiny model and anything from_pretrained.
+
+The embedded default (``model=tiny``) is a small Llama with random weights and a byte-level
+tokenizer built in memory, so the whole pipeline runs with no downloads. Both save with
+``save_pretrained`` and load back with the ``Auto*`` classes, so a trained tiny policy is an
+ordinary Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BYTE_SPECIALS = ("<pad>", "<s>", "</s>")
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer: token id = byte value (0–255), then <pad>, <s>, </s>.
+
+    Built from the ``tokenizers`` library with no files; ``save_pretrained`` writes an
+    ordinary ``tokenizer.json`` that ``AutoTokenizer`` loads.
+    """
+    byte_chars = bytes_to_unicode()
+    vocab = {byte_chars[b]: b for b in range(256)}
+    for i, tok in enumerate(BYTE_SPECIALS):
+        vocab[tok] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.padding_side = "right"
+    return fast
+
+
+def tiny_llama(
+    vocab_size: int = 259,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> LlamaForCausalLM:
+    """A random-init Llama sized for CPU experiments (≈3.4 M parameters by default)."""
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or int(hidden_size * 8 / 3 // 8 * 8),
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+    )
+    if tokenizer is not None:
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.bos_token_id = tokenizer.bos_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg)
+
+
+def load_tokenizer(name_or_path: str | None, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """The byte tokenizer when ``name_or_path`` is None, else ``AutoTokenizer.from_pretrained``.
+
+    A missing pad token is set to EOS (the usual choice for causal LMs); padding is on the right
+    for training, and generation code switches to the left where it needs to.
+    """
+    if name_or_path is None:
+        return byte_tokenizer()
+    tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_policy(
+    name_or_path: str | None = None,
+    tiny: dict[str, Any] | None = None,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """Build the policy: ``tiny_llama(**tiny)`` when no path is given, else ``from_pretrained``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown model.dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if name_or_path is None:
+        model = tiny_llama(tokenizer=tokenizer, **(tiny or {})).to(DTYPES[dtype])
+    else:
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if revision:
+            kwargs["revision"] = revision
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen reference: a deep copy in eval mode with ``requires_grad=False``."""
+    ref = copy.deepcopy(model)
+    return freeze(ref)
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

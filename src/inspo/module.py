@@ -1,0 +1,344 @@
+"""PreferenceModule: a trainable policy, a frozen reference, and a pluggable objective.
+
+Per training step (SPEC §2–4):
+    1. one policy forward over every sequence of the policy's view (chosen and rejected rows
+       concatenated), giving summed response log-probs and lengths;
+    2. one reference forward under ``torch.no_grad()`` (skipped for reference-free objectives,
+       reused from the batch when the reference scores were precomputed);
+    3. ``objective(PairScores) -> per-pair losses``; the mean is the loss.
+
+The view decides standard vs InSPO: ``plain`` scores y after x, ``reflective`` scores y after
+R(x, y'). The objective never knows which one it got.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from inspo.logprobs import sequence_logps
+from inspo.models import freeze, frozen_copy
+from inspo.objectives import Objective, ObjectiveOutput, PairScores
+
+log = logging.getLogger(__name__)
+
+Reflection = Literal["off", "inspo", "inspo_one_sided"]
+REFLECTIONS = ("off", "inspo", "inspo_one_sided")
+CONTEXTS = ("reflective", "plain")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    scheduler: Literal["constant", "cosine", "linear"] = "constant"
+
+
+@dataclass
+class ViewScores:
+    """Summed log-probs and lengths of a view's chosen and rejected rows; all shape [B]."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_length: Tensor
+    rejected_length: Tensor
+
+
+class PreferenceModule(L.LightningModule):
+    """Holds ``policy`` (trained) and ``reference`` (frozen, or None when reference-free).
+
+    Args:
+        policy: any causal LM.
+        objective: an :class:`~inspo.objectives.Objective`.
+        reference: the frozen reference model; None for reference-free objectives or when the
+            reference scores come precomputed in the batch.
+        reflection: ``off`` (standard form), ``inspo`` (both responses scored in the context of
+            the other) or ``inspo_one_sided`` (SPEC §3, eq. 22: only the rejected response,
+            after the chosen one, against the reference's plain score).
+        reference_context: for InSPO, the reference scores responses in the same reflective
+            context (``reflective``) or after the prompt alone (``plain``).
+        standard_weight, reflective_weight: L = w_r·L_reflective + w_s·L_standard.
+        distill_weight: weight of the token-level KL(stop-grad π(·|R(x,y_l), y<t) ‖
+            π(·|x, y<t)) on the chosen response, carrying the reflective behaviour into the
+            plain context that inference uses.
+    """
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        objective: Objective,
+        reference: PreTrainedModel | None = None,
+        *,
+        reflection: Reflection = "off",
+        reference_context: Literal["reflective", "plain"] = "reflective",
+        reflective_weight: float = 1.0,
+        standard_weight: float = 0.0,
+        distill_weight: float = 0.0,
+        optim: OptimConfig | None = None,
+        logp_chunk: int = 1024,
+    ) -> None:
+        super().__init__()
+        if reflection not in REFLECTIONS:
+            raise ValueError(f"unknown reflection {reflection!r}; valid: {', '.join(REFLECTIONS)}")
+        if reference_context not in CONTEXTS:
+            raise ValueError(
+                f"unknown reference.context {reference_context!r}; valid: {', '.join(CONTEXTS)}"
+            )
+        self.policy = policy
+        self.reference = freeze(reference) if reference is not None else None
+        self.objective = objective
+        self.reflection = reflection
+        self.reference_context = reference_context
+        self.reflective_weight = reflective_weight
+        self.standard_weight = standard_weight if reflection != "off" else 0.0
+        self.distill_weight = distill_weight if reflection != "off" else 0.0
+        self.optim = optim or OptimConfig()
+        self.logp_chunk = logp_chunk
+
+    # ------------------------------------------------------------------ views
+    @property
+    def policy_view(self) -> str:
+        return "plain" if self.reflection == "off" else "reflective"
+
+    @property
+    def reference_view(self) -> str:
+        if self.reflection == "inspo_one_sided":
+            return "plain"  # eq. 22 compares against S_ref(y_l | x)
+        return self.policy_view if self.reference_context == "reflective" else "plain"
+
+    def train_views(self) -> tuple[str, ...]:
+        """The views a training batch must carry."""
+        views = {self.policy_view}
+        if self.objective.requires_reference:
+            views.add(self.reference_view)
+        if self.standard_weight > 0 or self.distill_weight > 0:
+            views.add("plain")
+        return tuple(sorted(views, key=("reflective", "plain").index))
+
+    # ------------------------------------------------------------------ scoring
+    def _forward(self, model: PreTrainedModel, view: dict[str, Tensor]) -> Tensor:
+        return model(
+            input_ids=view["input_ids"], attention_mask=view["attention_mask"], use_cache=False
+        ).logits
+
+    def score_view(
+        self, model: PreTrainedModel, view: dict[str, Tensor], rows: slice | None = None
+    ) -> tuple[ViewScores, Tensor]:
+        """Score every sequence of ``view`` in one forward pass; returns scores and logits."""
+        if rows is not None:
+            view = {k: v[rows] for k, v in view.items()}
+        logits = self._forward(model, view)
+        sums, counts = sequence_logps(logits, view["input_ids"], view["loss_mask"], self.logp_chunk)
+        n = sums.shape[0]
+        half = n // 2 if rows is None else n
+        zeros = torch.zeros_like(sums[:half])
+        if rows is not None:  # only chosen rows were scored (non-pairwise objectives)
+            return ViewScores(sums, zeros, counts, torch.ones_like(counts)), logits
+        return ViewScores(sums[:half], sums[half:], counts[:half], counts[half:]), logits
+
+    @torch.no_grad()
+    def reference_scores(self, batch: dict[str, Any], view: str) -> ViewScores:
+        """The reference's scores: precomputed in the batch, or one no-grad forward."""
+        pre = batch.get("reference_scores")
+        if pre is not None and view in pre:
+            return ViewScores(**pre[view])
+        if self.reference is None:
+            raise RuntimeError("this objective needs reference scores but no reference is set")
+        self.reference.eval()
+        scores, _ = self.score_view(self.reference, batch[view])
+        return scores
+
+    def pair_scores(
+        self, policy: ViewScores, reference: ViewScores | None, one_sided: bool = False
+    ) -> PairScores:
+        zeros = torch.zeros_like(policy.chosen)
+        ref = reference or ViewScores(zeros, zeros, policy.chosen_length, policy.rejected_length)
+        if one_sided:  # eq. 22: the chosen term is absent, so h = −r(y_l)
+            return PairScores(
+                zeros, policy.rejected, zeros, ref.rejected, policy.chosen_length,
+                policy.rejected_length,
+            )  # fmt: skip
+        return PairScores(
+            policy.chosen, policy.rejected, ref.chosen, ref.rejected,
+            policy.chosen_length, policy.rejected_length,
+        )  # fmt: skip
+
+    def evaluate_view(
+        self, batch: dict[str, Any], policy_view: str, reference_view: str, one_sided: bool = False
+    ) -> tuple[ObjectiveOutput, ViewScores, Tensor]:
+        """Objective output for the policy scored on one view against the reference on another."""
+        rows = (
+            None
+            if self.objective.pairwise
+            else slice(0, batch[policy_view]["input_ids"].shape[0] // 2)
+        )
+        pol, logits = self.score_view(self.policy, batch[policy_view], rows)
+        ref = (
+            self.reference_scores(batch, reference_view)
+            if self.objective.requires_reference
+            else None
+        )
+        return self.objective(self.pair_scores(pol, ref, one_sided)), pol, logits
+
+    # ------------------------------------------------------------------ steps
+    def compute_loss(
+        self, batch: dict[str, Any]
+    ) -> tuple[Tensor, ObjectiveOutput, ViewScores, dict[str, Tensor]]:
+        """The training loss of a batch, with what is needed to log it."""
+        one_sided = self.reflection == "inspo_one_sided"
+        out, pol, logits = self.evaluate_view(
+            batch, self.policy_view, self.reference_view, one_sided
+        )
+        loss = out.losses.mean()
+        if self.reflection != "off":
+            loss = self.reflective_weight * loss
+        extra = {}
+        if self.standard_weight > 0:
+            std, *_ = self.evaluate_view(batch, "plain", "plain")
+            loss = loss + self.standard_weight * std.losses.mean()
+            extra["loss_standard"] = std.losses.detach().mean()
+        if self.distill_weight > 0:
+            kl = self.distill_kl(batch, logits)
+            loss = loss + self.distill_weight * kl
+            extra["distill_kl"] = kl.detach()
+        return loss, out, pol, extra
+
+    def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        loss, out, pol, extra = self.compute_loss(batch)
+        self.log_pair_metrics(stage, loss, out, pol, extra)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.reflection == "off":
+            self._step(batch, "val")
+            return
+        # Reflective metrics are always the two-sided form, so one-sided runs are comparable.
+        out, pol, _ = self.evaluate_view(batch, "reflective", self.reference_view_two_sided)
+        self.log_pair_metrics("val", out.losses.mean(), out, pol, {})
+        # At inference the model sees the prompt alone (SPEC §3): report that policy too.
+        out, pol, _ = self.evaluate_view(batch, "plain", "plain")
+        self.log_pair_metrics("val/plain", out.losses.mean(), out, pol, {})
+
+    @property
+    def reference_view_two_sided(self) -> str:
+        return "reflective" if self.reference_context == "reflective" else "plain"
+
+    def distill_kl(self, batch: dict[str, Any], reflective_logits: Tensor) -> Tensor:
+        """Mean token KL(stop-grad teacher ‖ student) on the chosen response tokens.
+
+        Teacher: the policy after R(x, y_l) (the logits of the main forward, detached);
+        student: the policy after x alone. Token t of the response is aligned by its rank
+        within the response, so the two contexts' different lengths do not matter.
+        """
+        b = batch["plain"]["input_ids"].shape[0] // 2
+        plain = {k: v[:b] for k, v in batch["plain"].items()}
+        student = self._forward(self.policy, plain)
+        teacher = reflective_logits[:b].detach()
+        t_mask = batch["reflective"]["loss_mask"][:b, 1:].bool()
+        s_mask = plain["loss_mask"][:, 1:].bool()
+        # Keep the first n_i response tokens of each row, n_i the shorter of the two counts.
+        n = torch.minimum(t_mask.sum(1), s_mask.sum(1)).unsqueeze(1)
+        t_mask = t_mask & (t_mask.cumsum(1) <= n)
+        s_mask = s_mask & (s_mask.cumsum(1) <= n)
+        t_logp = F.log_softmax(teacher[:, :-1][t_mask].float(), dim=-1)
+        s_logp = F.log_softmax(student[:, :-1][s_mask].float(), dim=-1)
+        return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+
+    def log_pair_metrics(
+        self,
+        stage: str,
+        loss: Tensor,
+        out: ObjectiveOutput,
+        pol: ViewScores,
+        extra: dict[str, Tensor],
+    ) -> None:
+        """TRL's metric names under ``stage/``: rewards/*, logps/*, loss."""
+        on_step = stage == "train"
+        bs = out.losses.shape[0]
+        values = {
+            "loss": loss.detach(),
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+            "logps/chosen": pol.chosen.detach().mean(),
+            "logps/rejected": pol.rejected.detach().mean(),
+            **{k: v.mean() for k, v in out.metrics.items()},
+            **extra,
+        }
+        for name, value in values.items():
+            self.log(
+                f"{stage}/{name}",
+                value,
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=name in ("loss", "rewards/accuracies") and stage != "val/plain",
+                batch_size=bs,
+                sync_dist=not on_step,
+            )
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def factor(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
+            if o.scheduler == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            if o.scheduler == "linear":
+                return max(1.0 - progress, 0.0)
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen reference is rebuilt from its source, so it is not stored.
+        sd = checkpoint.get("state_dict")
+        if sd is not None:
+            for key in [k for k in sd if k.startswith("reference.")]:
+                del sd[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint.get("state_dict")
+        if sd is not None and self.reference is not None:
+            for key, value in self.reference.state_dict().items():
+                sd.setdefault(f"reference.{key}", value)
+
+    def train(self, mode: bool = True) -> PreferenceModule:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # dropout off in the reference, always
+        return self
+
+
+def make_reference(policy: PreTrainedModel, kind: str, **kwargs: Any) -> PreTrainedModel | None:
+    """The reference model for ``reference=kind`` (``policy_init``, ``model``, ``none``)."""
+    if kind == "none":
+        return None
+    if kind in ("policy_init", "sync"):
+        return frozen_copy(policy)
+    if kind == "model":
+        from inspo.models import load_policy
+
+        return freeze(load_policy(**kwargs))
+    raise ValueError(f"unknown reference kind {kind!r}; valid: policy_init, model, none, sync")

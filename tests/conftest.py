@@ -1,0 +1,45 @@
+"""Shared fixtures: a very small model and data so unit tests run in seconds on 2 cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from inspo.models import byte_tokenizer, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Overrides that make an inspo-train run take seconds: a 2-layer d=32 model, 64 pairs.
+FAST = [
+    "model.tiny.hidden_size=32",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2",
+    "+data.source.n_sft=64",
+    "+data.source.n_train=64",
+    "+data.source.n_val=32",
+    "+data.source.n_eval=16",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "optim.warmup_steps=0",
+    "logger=csv",
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def small_model(tokenizer):
+    return tiny_llama(tokenizer=tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
