@@ -13,6 +13,7 @@ that is 1 exactly on the scored response tokens (EOS included).
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ TEMPLATES: dict[str, str] = {
     # The InSPO authors' plain concatenation x + y' + y.
     "raw": "{prompt}{other}",
 }
+# For chat models (``chat`` or ``chat:<format string>``): this text becomes the content of the
+# last user turn, and the tokenizer's chat template renders the conversation up to the
+# assistant turn, which is the scored response.
+CHAT_TEMPLATE = "{prompt}\n\n[Another answer to this request, shown for reference only:]\n{other}"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Template:
     """A reflective template split into literal text and the {prompt}/{other} slots."""
 
     text: str
+    chat: bool = False  # rendered through the tokenizer's chat template (see CHAT_TEMPLATE)
 
     def __post_init__(self) -> None:
         fields = [f for _, f, _, _ in string.Formatter().parse(self.text) if f is not None]
@@ -61,12 +67,18 @@ class Template:
 
 
 def resolve_template(name_or_text: str) -> Template:
-    """A template by name (``default``, ``raw``) or a literal format string."""
+    """A template by name (``default``, ``raw``, ``chat``), ``chat:<format string>``, or a
+    literal format string."""
+    if name_or_text == "chat":
+        return Template(CHAT_TEMPLATE, chat=True)
+    if name_or_text.startswith("chat:"):
+        return Template(name_or_text[len("chat:") :], chat=True)
     if name_or_text in TEMPLATES:
         return Template(TEMPLATES[name_or_text])
     if "{" not in name_or_text:
         raise ValueError(
-            f"unknown reflection template {name_or_text!r}; valid names: {', '.join(TEMPLATES)}"
+            f"unknown reflection template {name_or_text!r}; valid names: "
+            f"{', '.join([*TEMPLATES, 'chat'])}"
             " (or a format string with {prompt} and {other})"
         )
     return Template(name_or_text)
@@ -108,28 +120,48 @@ class Encoder:
     def encode_batch(self, rows: dict[str, list[str]], views: Sequence[str]) -> dict[str, list]:
         """``encode`` over a column batch, with one tokenizer call per column."""
         ids = {c: self.ids(rows[c]) for c in ("prompt", "chosen", "rejected")}
+        chats = rows.get("chat") or [None] * len(ids["prompt"])
         out: dict[str, list] = {}
-        for x, y_w, y_l in zip(ids["prompt"], ids["chosen"], ids["rejected"], strict=True):
-            for key, value in self.encode_ids(x, y_w, y_l, views).items():
+        for x, y_w, y_l, chat in zip(
+            ids["prompt"], ids["chosen"], ids["rejected"], chats, strict=True
+        ):
+            for key, value in self.encode_ids(x, y_w, y_l, views, chat).items():
                 out.setdefault(key, []).append(value)
         return out
 
     def encode_ids(
-        self, x: list[int], y_w: list[int], y_l: list[int], views: Sequence[str]
+        self,
+        x: list[int],
+        y_w: list[int],
+        y_l: list[int],
+        views: Sequence[str],
+        chat: str | list[dict] | None = None,
     ) -> dict[str, Any]:
-        """Like :meth:`encode`, from token ids (responses without EOS)."""
-        out: dict[str, Any] = {"truncated": len(x) > self.max_prompt_length}
+        """Like :meth:`encode`, from token ids (responses without EOS).
+
+        ``chat`` (the prompt messages, or their JSON) is needed by a chat reflective template;
+        without it the prompt text ``x`` is the one user turn.
+        """
+        out: dict[str, Any] = {"truncated": len(x) > self.max_prompt_length, "response_cut": False}
+        if self.template.chat and "reflective" in views:
+            msgs = json.loads(chat) if isinstance(chat, str) and chat else chat
+            if not msgs:
+                msgs = [{"role": "user", "content": self.tokenizer.decode(x)}]
         x = x[-self.max_prompt_length :] if len(x) > self.max_prompt_length else x
         y_w, y_l = y_w + self.eos, y_l + self.eos
         for view in views:
             for side, y, other in (("chosen", y_w, y_l), ("rejected", y_l, y_w)):
+                alt = other[: len(other) - len(self.eos)]
                 if view == "plain":
                     ctx, resp, cut = self._plain(x, y)
+                elif self.template.chat:
+                    ctx, resp, cut = self._reflective_chat(msgs, alt, y)
                 else:
-                    ctx, resp, cut = self._reflective(x, other[: len(other) - len(self.eos)], y)
+                    ctx, resp, cut = self._reflective(x, alt, y)
                 out[f"{view}_{side}"] = ctx + resp
                 out[f"{view}_{side}_start"] = len(ctx)
                 out["truncated"] = out["truncated"] or cut
+                out["response_cut"] = out["response_cut"] or len(resp) < len(y)
         return out
 
     def _plain(self, x: list[int], y: list[int]) -> tuple[list[int], list[int], bool]:
@@ -157,6 +189,41 @@ class Encoder:
         ctx = list(self.bos)
         for kind, ids in self._segments:
             ctx += {"text": ids, "prompt": x, "other": other}[kind]
+        return ctx, y, cut
+
+    def _reflective_chat(
+        self, msgs: list[dict], other: list[int], y: list[int]
+    ) -> tuple[list[int], list[int], bool]:
+        """R(x, y') through the chat template: the alternative joins the last user turn.
+
+        Truncation works on token lists of the text slots, in the usual order (alternative
+        first, then the user turn's own text from the left, the scored response last); the
+        context is then decoded and re-rendered with ``apply_chat_template`` per row, and the
+        cut repeated while the rendered sequence is still too long (retokenisation can differ
+        by a few tokens from the sum of the parts).
+        """
+        from inspo.formats import render_chat
+
+        history, user = msgs[:-1], self.ids(msgs[-1]["content"])
+        dec = self.tokenizer.decode
+
+        def render(u: list[int], o: list[int]) -> list[int]:
+            content = self.template.text.format(prompt=dec(u), other=dec(o))
+            text = render_chat(self.tokenizer, [*history, {"role": "user", "content": content}])
+            return self.bos + self.ids(text)
+
+        ctx = render(user, other)
+        excess = len(ctx) + len(y) - self.max_length
+        cut = excess > 0
+        while excess > 0 and (other or user):
+            drop = min(excess, len(other))
+            other = other[: len(other) - drop]
+            if excess - drop > 0:
+                user = user[min(excess - drop, len(user)) :]
+            ctx = render(user, other)
+            excess = len(ctx) + len(y) - self.max_length
+        if excess > 0:  # nothing else is left
+            y = y[: max(len(y) - excess, 0)]
         return ctx, y, cut
 
 

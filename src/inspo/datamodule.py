@@ -8,6 +8,7 @@ never silently dropped and never able to crash training), tokenised once with ``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from inspo.batches import Encoder, PreferenceCollator, resolve_template
 from inspo.datareport import DataReport
+from inspo.formats import ERROR, to_text
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ def check_row(row: Any) -> str | None:
     """The reason a row cannot be used, or None. Cheap checks that need no tokenizer."""
     if not isinstance(row, dict):
         return "not_a_mapping"
+    if ERROR in row:  # a row the source could not read (malformed JSON, bad bytes, ...)
+        return row[ERROR]
     values = [row.get(c) for c in COLUMNS]
     if any(v is None for v in values):
         return "missing_value"
@@ -51,23 +55,38 @@ def check_row(row: Any) -> str | None:
 class EpochShuffle(Sampler[int]):
     """A permutation drawn from (seed, epoch) alone, never from the global RNG.
 
-    A resumed run therefore sees the same order as an uninterrupted one. Lightning calls
-    ``set_epoch`` at the start of every epoch. (Under DDP, Lightning swaps in its own
-    ``DistributedSampler``, which is seeded the same way.)
+    A resumed run therefore sees the same order as an uninterrupted one, and ``skip`` drops
+    the samples its interrupted epoch had already consumed, once, so a run resumed mid-epoch
+    continues exactly where it stopped. Lightning calls ``set_epoch`` at the start of every
+    epoch. (Under DDP, Lightning swaps in its own ``DistributedSampler``, which is seeded the
+    same way but restarts an interrupted epoch's permutation from its beginning.)
     """
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, skip: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, skip
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        order, self.skip = order[self.skip :], 0
+        return iter(order)
 
     def __len__(self) -> int:
         return self.n
+
+
+@functools.cache
+def _code_version() -> str:
+    """A hash of the source that turns rows into token sequences."""
+    import inspect
+
+    import inspo.batches
+
+    src = inspect.getsource(inspo.batches) + inspect.getsource(PreferenceDataModule)
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -110,6 +129,7 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         max_samples: int | None = None,
+        over_long: str = "truncate",
     ) -> None:
         super().__init__()
         self.source = source
@@ -127,8 +147,14 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_samples = max_samples
+        if over_long not in ("truncate", "drop"):
+            raise ValueError(f"data.over_long must be truncate or drop, got {over_long!r}")
+        self.over_long = over_long
         self.datasets: dict[str, Dataset] = {}
         self.raw: dict[str, Sequence[dict]] = {}
+        # {split: {view: {field: [N]}}}: precomputed reference scores (inspo.reference), added
+        # to each batch by row index as batch["reference_scores"].
+        self.reference_scores: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str | None = None) -> None:
@@ -150,33 +176,42 @@ class PreferenceDataModule(L.LightningDataModule):
             if self.max_samples is not None and len(clean) >= self.max_samples:
                 break
             rep.rows_read += 1
-            reason = check_row(row)
+            row_id = row.get("row_id", i) if isinstance(row, dict) else i
+            # Implicit-prompt and conversational layouts become text rows (inspo.formats).
+            text = to_text(row, self.tokenizer, keep_chat=self.encoder.template.chat)
+            reason = text if isinstance(text, str) else check_row(text)
             if reason:
-                self.report.skip(
-                    split, reason, row.get("row_id", i) if isinstance(row, dict) else i
-                )
+                self.report.skip(split, reason, i if row_id is None else row_id)
                 continue
-            clean.append({"row_id": row.get("row_id", i), **{c: row[c] for c in COLUMNS}})
-        ds = Dataset.from_list(clean) if clean else Dataset.from_dict({c: [] for c in COLUMNS})
+            extra = {"chat": text["chat"]} if self.encoder.template.chat else {}
+            clean.append({"row_id": row_id, **{c: text[c] for c in COLUMNS}, **extra})
+        if not clean:
+            raise ValueError(f"split {split!r} has no usable rows:\n{self.report}")
+        ds = Dataset.from_list(clean)
         ds = ds.map(
             self._encode_rows,
             batched=True,
             batch_size=512,
-            remove_columns=list(COLUMNS),
+            remove_columns=[c for c in (*COLUMNS, "chat") if c in ds.column_names],
             cache_file_name=self._cache_file(split, clean),
             desc=f"tokenising {split}",
         )
         # Truncation can make the two sequences of a pair identical: such pairs carry no
         # preference signal, so they are dropped here and counted, before any batch is built.
+        # A cut scored response is counted (response_truncated), or dropped as over_long under
+        # data.over_long=drop: its score is no longer the score of the labelled response.
         keep = []
-        for i, (same, cut, row_id) in enumerate(
-            zip(ds["identical"], ds["truncated"], ds["row_id"], strict=True)
+        for i, (same, cut, resp_cut, row_id) in enumerate(
+            zip(ds["identical"], ds["truncated"], ds["response_cut"], ds["row_id"], strict=True)
         ):
             if same:
                 self.report.skip(split, "identical_after_truncation", row_id)
+            elif resp_cut and self.over_long == "drop":
+                self.report.skip(split, "over_long", row_id)
             else:
                 keep.append(i)
                 rep.truncated += int(cut)
+                rep.response_truncated += int(resp_cut)
         if len(keep) < len(ds):
             ds = ds.select(keep)
         ds = ds.add_column("index", list(range(len(ds))))
@@ -202,6 +237,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.cache_dir is None:
             return None
         key = _fingerprint(
+            _code_version(),  # a change to the encoding code invalidates every cached file
             rows,
             self.tokenizer.name_or_path,
             len(self.tokenizer),
@@ -220,18 +256,29 @@ class PreferenceDataModule(L.LightningDataModule):
         ds = self.datasets[split]
         distributed = self.trainer is not None and self.trainer.world_size > 1
         sampler = EpochShuffle(len(ds), self.seed) if shuffle and not distributed else None
+        collate = PreferenceCollator(self.tokenizer.pad_token_id, views)
+        if split in self.reference_scores:
+            from inspo.reference import WithReferenceScores
+
+            collate = WithReferenceScores(collate, self.reference_scores[split])
         return DataLoader(
             ds,
             batch_size=batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id, views),
+            collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, self.train_views, self.batch_size, shuffle=True)
+        loader = self._loader(self.train_split, self.train_views, self.batch_size, shuffle=True)
+        if isinstance(loader.sampler, EpochShuffle) and self.trainer is not None:
+            # On resume, global_step and current_epoch are restored before this is called.
+            t = self.trainer
+            done = t.global_step * t.accumulate_grad_batches - t.current_epoch * len(loader)
+            loader.sampler.skip = max(done, 0) * self.batch_size
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_split is None:
@@ -242,4 +289,5 @@ class PreferenceDataModule(L.LightningDataModule):
         """Prompts held out for generation (the synthetic task's ``eval`` split)."""
         if not self.raw:
             self.raw = self.source()
-        return [r["prompt"] for r in self.raw[split]]
+        texts = (to_text(r, self.tokenizer) for r in self.raw[split])
+        return [t["prompt"] for t in texts if not isinstance(t, str)]

@@ -1,7 +1,8 @@
 """The data report: every row read is either used or counted under a reason. Nothing is silent.
 
 Per split it records ``rows_read``, ``rows_used``, ``skipped`` (reason → count), the first few
-row ids per reason, and how many used rows were truncated; ``rows_read == rows_used +
+row ids per reason, how many used rows were truncated (``truncated``: anything cut) and how many
+of those had a scored response cut (``response_truncated``); ``rows_read == rows_used +
 sum(skipped.values())`` always holds. It is printed, logged and saved as ``data_report.json``.
 """
 
@@ -25,6 +26,7 @@ class SplitReport:
     rows_read: int = 0
     rows_used: int = 0
     truncated: int = 0
+    response_truncated: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     examples: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
@@ -38,6 +40,7 @@ class SplitReport:
             "rows_read": self.rows_read,
             "rows_used": self.rows_used,
             "truncated": self.truncated,
+            "response_truncated": self.response_truncated,
             "skipped": dict(self.skipped),
             "examples": dict(self.examples),
         }
@@ -70,6 +73,7 @@ class DataReport:
             out[f"data/{name}/rows_read"] = s.rows_read
             out[f"data/{name}/rows_used"] = s.rows_used
             out[f"data/{name}/truncated"] = s.truncated
+            out[f"data/{name}/response_truncated"] = s.response_truncated
             for reason, n in s.skipped.items():
                 out[f"data/{name}/skipped/{reason}"] = n
         return out
@@ -82,6 +86,7 @@ class DataReport:
         for name, s in self.splits.items():
             lines.append(
                 f"  {name}: read {s.rows_read}, used {s.rows_used}, truncated {s.truncated}"
+                f" (scored response cut in {s.response_truncated})"
             )
             for reason, n in sorted(s.skipped.items()):
                 lines.append(f"    skipped {n} × {reason} (e.g. rows {s.examples[reason]})")

@@ -1,0 +1,192 @@
+"""Real-data sources (issue 4): file formats, bad rows by reason, layouts, the report identity."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+
+import pytest
+from datasets import Dataset
+
+from inspo import sources
+from inspo.datamodule import PreferenceDataModule
+from inspo.datareport import DataError
+from inspo.formats import split_implicit, to_text
+from inspo.sources import preference_data
+
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+GOOD = [{"prompt": f"Q{i}? A:", "chosen": f" good{i}", "rejected": f" bad{i}"} for i in range(6)]
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write((json.dumps(r) + "\n").encode())
+        for line in extra_lines:
+            f.write(line)
+    return path
+
+
+def build(tokenizer, source, **kw):
+    kw = {"val_split": None, "max_length": 64, "max_prompt_length": 32, **kw}
+    dm = PreferenceDataModule(source, tokenizer, **kw)
+    dm.setup()
+    return dm
+
+
+def identity(split_report):
+    d = split_report.to_dict()
+    return d["rows_read"] == d["rows_used"] + sum(d["skipped"].values())
+
+
+def test_bad_jsonl_lines_are_counted_with_file_and_line(tmp_path, tokenizer):
+    bad = [
+        b"{not json\n",
+        b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',  # latin-1 byte: not UTF-8
+        b"[1, 2]\n",
+        b'{"prompt": "Q", "chosen": 3, "rejected": "b"}\n',
+        b'{"prompt": "Q", "chosen": "same", "rejected": "same"}\n',
+        b'{"prompt": "Q", "chosen": "  ", "rejected": "b"}\n',
+        b'{"prompt": "Q", "rejected": "b"}\n',
+        b"\n",  # blank lines are not rows
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD, bad)
+    dm = build(tokenizer, functools.partial(preference_data, str(path)))
+    rep = dm.report.split("train")
+    assert rep.rows_read == 13 and rep.rows_used == 6 and identity(rep)
+    assert dict(rep.skipped) == {
+        "malformed_json": 1, "invalid_utf8": 1, "not_a_mapping": 1, "wrong_type": 1,
+        "identical_responses": 1, "empty_response": 1, "missing_value": 1,
+    }  # fmt: skip
+    assert rep.examples["malformed_json"] == ["d.jsonl:7"]
+    assert rep.examples["invalid_utf8"] == ["d.jsonl:8"]
+    # gzip reads the same
+    gz = tmp_path / "d.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    rep2 = build(tokenizer, functools.partial(preference_data, str(gz))).report.split("train")
+    assert rep2.to_dict()["skipped"] == rep.to_dict()["skipped"]
+
+
+def test_strict_names_the_row(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD, [b"{oops\n"])
+    with pytest.raises(DataError, match=r"d\.jsonl:7 \(malformed_json\)"):
+        build(tokenizer, functools.partial(preference_data, str(path)), strict=True)
+
+
+def test_missing_columns_is_a_startup_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "good": "a", "bad": "b"}])
+    with pytest.raises(DataError, match=r"missing column.*'chosen'.*found \['bad', 'good'"):
+        preference_data(str(path))
+    rows = preference_data(str(path), prompt_key="question", chosen_key="good", rejected_key="bad")
+    assert rows["train"][0] == {
+        "prompt": "q",
+        "chosen": "a",
+        "rejected": "b",
+        "row_id": "d.jsonl:1",
+    }
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet", "csv", "disk"])
+def test_every_file_format_reads_the_same_rows(tmp_path, fmt):
+    ds = Dataset.from_list(GOOD)
+    path = tmp_path / f"d.{fmt}"
+    {
+        "json": lambda: path.write_text(json.dumps(GOOD)),
+        "parquet": lambda: ds.to_parquet(str(path)),
+        "csv": lambda: ds.to_csv(str(path), index=False),
+        "disk": lambda: ds.save_to_disk(str(path)),
+    }[fmt]()
+    rows = preference_data(str(path))["train"]
+    assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows] == GOOD
+    assert [r["row_id"] for r in rows] == list(range(6))
+
+
+def test_split_mapping_held_out_fraction_and_max_samples(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD * 5)  # 30 rows
+    out = preference_data(str(path), val_fraction=0.2, seed=3)
+    assert len(out["train"]) == 24 and len(out["val"]) == 6
+    again = preference_data(str(path), val_fraction=0.2, seed=3)
+    assert [r["row_id"] for r in again["val"]] == [r["row_id"] for r in out["val"]]
+    other = preference_data(str(path), val_fraction=0.2, seed=4)
+    assert [r["row_id"] for r in other["val"]] != [r["row_id"] for r in out["val"]]
+    mapped = preference_data(
+        {"tr": str(path), "te": str(path)}, splits={"train": "tr", "val": "te"}
+    )
+    assert sorted(mapped) == ["train", "val"]
+    with pytest.raises(DataError, match="not in"):
+        preference_data(str(path), splits={"train": "train_prefs"})
+    src = functools.partial(preference_data, str(path), val_fraction=0.2)
+    dm = build(tokenizer, src, val_split="val", max_samples=5)
+    assert dm.report.split("train").rows_used == 5 and len(dm.datasets["val"]) == 5
+
+
+def test_unreachable_hub_says_pass_a_local_path(monkeypatch):
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'org/name' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(sources, "load_dataset", offline)
+    with pytest.raises(DataError, match="could not reach the Hub for dataset 'org/name'; pass a"):
+        preference_data("org/name")
+    with pytest.raises(DataError, match="data file not found"):
+        preference_data("./nowhere.jsonl")
+
+
+def test_implicit_prompt_extraction_and_mismatch():
+    c = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: no"
+    r = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: sure, one"
+    assert split_implicit(c, r) == (
+        "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant:", " no", " sure, one",
+    )  # fmt: skip
+    r2 = "\n\nHuman: hey\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: sure"
+    assert split_implicit(c, r2) == "implicit_prompt_mismatch"
+    assert split_implicit("no turns", "at all") == "no_assistant_turn"
+
+
+def test_conversational_rows_use_the_chat_template_without_duplicate_specials(tokenizer):
+    tokenizer.chat_template = CHAT
+    row = {
+        "row_id": 0,
+        "prompt": "Name a colour.",
+        "chosen": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "No."},
+        ],
+    }
+    text = to_text(row, tokenizer)
+    assert text["prompt"] == "<|user|>Name a colour.\n<|assistant|>"
+    assert text["chosen"] == "Blue."
+    dm = build(
+        tokenizer,
+        lambda: {"train": [row, {**row, "prompt": "Other."}]},
+        max_length=128,
+        max_prompt_length=64,
+    )
+    rep = dm.report.split("train")
+    assert rep.rows_used == 1 and dict(rep.skipped) == {"prompt_mismatch": 1}
+    ids = dm.datasets["train"][0]["plain_chosen"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1 and ids[-1] == eos and ids.count(eos) == 1
+    assert tokenizer.decode(ids) == "<s><|user|>Name a colour.\n<|assistant|>Blue.</s>"
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match="chat_template"):
+        to_text(row, tokenizer)
+
+
+def test_over_long_policy(tmp_path, tokenizer):
+    rows = [{"prompt": "P", "chosen": "W" * 80, "rejected": "L"}, *GOOD]
+    src = lambda: {"train": [dict(r) for r in rows]}  # noqa: E731
+    kept = build(tokenizer, src).report.split("train")
+    assert kept.rows_used == 7 and kept.response_truncated == 1 and kept.truncated == 1
+    dropped = build(tokenizer, src, over_long="drop").report.split("train")
+    assert dropped.rows_used == 6 and dict(dropped.skipped) == {"over_long": 1}
+    assert identity(dropped)
