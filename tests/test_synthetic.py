@@ -1,0 +1,111 @@
+"""The embedded synthetic task: gold reward, determinism, labeller and splits."""
+
+from __future__ import annotations
+
+import pytest
+
+from inspo.synthetic import (
+    SyntheticConfig,
+    gold_reward,
+    is_valid,
+    make_prompt,
+    make_splits,
+    prompt_letters,
+)
+
+SMALL = {"n_sft": 300, "n_train": 2000, "n_val": 200, "n_eval": 256}
+
+
+def test_prompt_layout_round_trip():
+    p = make_prompt("bkt")
+    assert p == "Word with b, k, t: "
+    assert prompt_letters(p) == ("b", "k", "t")
+    assert len(p.encode()) <= 32
+    with pytest.raises(ValueError):
+        prompt_letters("word with b k t")
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("bakoti", 1.0 - 0.03 * 6),  # all three letters, 6 bytes
+        ("bamoko", 2 / 3 - 0.03 * 6),  # b and k present, t missing
+        ("mo", 0.0 - 0.03 * 2),  # valid, no letter
+        ("", -0.5),  # empty
+        ("bak oti", -0.5),  # a space: invalid
+        ("bakt", -0.5),  # consonant cluster: not syllables
+        ("BAKOTI", -0.5),  # upper case: invalid
+        ("bakoti9", -0.5),  # digit: invalid
+    ],
+)
+def test_gold_reward_by_hand(response, expected):
+    assert gold_reward("Word with b, k, t: ", response) == pytest.approx(expected)
+
+
+def test_validity():
+    assert is_valid("ba") and is_valid("bakotu")
+    assert not is_valid("ab") and not is_valid("b") and not is_valid("")
+
+
+def test_deterministic_from_seed():
+    a = make_splits(SyntheticConfig(seed=3, **SMALL))
+    b = make_splits(SyntheticConfig(seed=3, **SMALL))
+    c = make_splits(SyntheticConfig(seed=4, **SMALL))
+    assert a == b
+    assert a["train"] != c["train"]
+    assert a["eval"] != c["eval"]
+
+
+def test_split_shapes_and_contents():
+    s = make_splits(SyntheticConfig(seed=0, **SMALL))
+    assert [len(s[k]) for k in ("sft", "train", "val", "eval")] == [300, 2000, 200, 256]
+    assert set(s["eval"][0]) == {"prompt"}
+    for split in ("sft", "train", "val"):
+        for r in s[split]:
+            assert set(r) == {"prompt", "chosen", "rejected"}
+            assert r["chosen"] != r["rejected"]
+            assert len(r["chosen"].encode()) <= 64 and len(r["rejected"].encode()) <= 64
+            assert "\n" not in r["chosen"] + r["rejected"]
+            prompt_letters(r["prompt"])  # the fixed layout everywhere
+    # the generator spreads over quality: some perfect-letter, some invalid responses
+    golds = [gold_reward(r["prompt"], r["chosen"]) for r in s["train"]]
+    assert min(golds) == -0.5 and max(golds) > 0.7
+    assert 0.0 < sum(g == -0.5 for g in golds) / len(golds) < 0.15
+
+
+def test_eval_prompts_disjoint_and_unique():
+    s = make_splits(SyntheticConfig(seed=1, **SMALL))
+    eval_prompts = [r["prompt"] for r in s["eval"]]
+    assert len(set(eval_prompts)) == len(eval_prompts)
+    seen = {r["prompt"] for split in ("sft", "train", "val") for r in s[split]}
+    assert not seen & set(eval_prompts)
+    train_prompts = {r["prompt"] for split in ("sft", "train") for r in s[split]}
+    assert not train_prompts & {r["prompt"] for r in s["val"]}
+
+
+def _agreement(rows):
+    strict = [
+        (gold_reward(r["prompt"], r["chosen"]), gold_reward(r["prompt"], r["rejected"]))
+        for r in rows
+    ]
+    strict = [(c, j) for c, j in strict if c != j]
+    return sum(c > j for c, j in strict) / len(strict)
+
+
+def test_bradley_terry_labels_agree_with_gold():
+    clean = _agreement(make_splits(SyntheticConfig(seed=0, **SMALL))["train"])
+    assert 0.87 < clean < 0.96
+    noisy = _agreement(make_splits(SyntheticConfig(seed=0, label_noise=0.3, **SMALL))["train"])
+    assert noisy < clean - 0.15
+    sharp = _agreement(make_splits(SyntheticConfig(seed=0, bt_scale=100.0, **SMALL))["train"])
+    assert sharp > 0.98
+
+
+def test_length_bias_prefers_longer_responses():
+    def longer_chosen(cfg):
+        rows = make_splits(cfg)["train"]
+        return sum(len(r["chosen"]) > len(r["rejected"]) for r in rows) / len(rows)
+
+    base = longer_chosen(SyntheticConfig(seed=0, **SMALL))
+    biased = longer_chosen(SyntheticConfig(seed=0, length_bias=0.1, **SMALL))
+    assert biased > base + 0.15
