@@ -1,0 +1,85 @@
+"""End-to-end runs of inspo-train: both forms, the run folder, resume, and start-up errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import FAST
+from inspo.train import ConfigError, compose_config, run
+
+
+def train(tmp_path, *overrides):
+    cfg = compose_config([*FAST, *overrides], tmp_path)
+    return run(cfg)
+
+
+@pytest.mark.parametrize("reflection", ["off", "inspo"])
+def test_few_steps_write_the_run_folder(tmp_path, reflection):
+    summary = train(tmp_path, f"reflection={reflection}", "trainer.max_steps=3")
+    assert summary["steps"] == 3
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    m = on_disk["metrics"]
+    for name in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert math.isfinite(m[f"val/{name}"])
+        assert math.isfinite(m[f"val/plain/{name}"])
+    if reflection == "inspo":  # reflective and plain contexts are different evaluations
+        assert m["val/logps/chosen"] != m["val/plain/logps/chosen"]
+    assert on_disk["choices"]["reflection"] == reflection
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / ".hydra" / "config.yaml").exists()
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    for split in ("train", "val"):
+        r = report[split]
+        assert r["rows_read"] == r["rows_used"] + sum(r["skipped"].values())
+    # The saved policy is an ordinary HF checkpoint that a later run can start from.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    assert model.config.hidden_size == 32 and tok.eos_token_id == 258
+    assert (tmp_path / "policy" / "model.safetensors").exists()
+    metrics_csv = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/rewards/accuracies" in metrics_csv
+
+
+def test_a_run_can_start_from_a_saved_policy(tmp_path):
+    train(tmp_path / "a", "objective=sft", "reference=none", "trainer.max_steps=2")
+    summary = train(
+        tmp_path / "b", f"model.name_or_path={tmp_path / 'a' / 'policy'}", "trainer.max_steps=1"
+    )
+    assert summary["steps"] == 1
+    saved = OmegaConf.load(tmp_path / "b" / ".hydra" / "config.yaml")
+    assert saved.model.name_or_path == str(tmp_path / "a" / "policy")
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    common = ["trainer.max_steps=6", "checkpoint.every_n_train_steps=1", "reflection=inspo"]
+    full = train(tmp_path / "full", *common)
+    # "Kill" a run after 3 steps (max_steps=3), then resume it with the full budget.
+    train(tmp_path / "cut", *common, "trainer.max_steps=3")
+    resumed = train(tmp_path / "cut", *common, "ckpt_path=last")
+    assert resumed["steps"] == full["steps"] == 6
+    for key in ("val/loss", "val/rewards/margins", "val/plain/logps/chosen"):
+        assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-4, abs=1e-6)
+
+
+def test_ckpt_path_last_without_checkpoint_starts_fresh(tmp_path):
+    assert train(tmp_path, "ckpt_path=last", "trainer.max_steps=1")["steps"] == 1
+
+
+def test_reference_mismatch_is_refused_before_any_model_is_built(tmp_path):
+    with pytest.raises(ConfigError, match="needs a reference model but reference=none"):
+        train(tmp_path, "objective=dpo", "reference=none")
+    with pytest.raises(ConfigError, match="reference-free but reference=policy_init"):
+        train(tmp_path, "objective=sft", "reference=policy_init")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_rows_are_counted_not_fatal(tmp_path):
+    summary = train(tmp_path, "trainer.max_steps=1", "+data.source.label_noise=0.0")
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert summary["steps"] == 1
+    assert report["train"]["rows_used"] > 0
