@@ -310,6 +310,34 @@ class PreferenceModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ------------------------------------------------------------------ sharding (FSDP2)
+    def configure_model(self) -> None:
+        """FSDP2 under ``hardware=fsdp`` (Lightning's ModelParallelStrategy); a no-op otherwise.
+
+        ``fully_shard`` goes on each decoder layer, then on the root, of the policy and of the
+        frozen reference, over the ``data_parallel`` mesh dimension. Idempotent: Lightning calls
+        this hook again for ``trainer.validate`` after ``fit``.
+        """
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:  # not under ModelParallelStrategy
+            return
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        mp = None
+        if str(self.trainer.precision).startswith("bf16-mixed"):
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for model in (self.policy, self.reference):
+            if model is None or isinstance(model, FSDPModule):
+                continue
+            for layer in decoder_layers(model):
+                fully_shard(layer, mesh=dp_mesh, mp_policy=mp or MixedPrecisionPolicy())
+            fully_shard(model, mesh=dp_mesh, mp_policy=mp or MixedPrecisionPolicy())
+        if self.reference is not None and not getattr(self, "reference_in_checkpoint", False):
+            # Checkpoints hold no ``reference.*`` keys, and the strategy loads the model state
+            # before on_load_checkpoint could fill them in.
+            self.strict_loading = False
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The frozen reference is rebuilt from its source, so it is not stored.
@@ -329,6 +357,16 @@ class PreferenceModule(L.LightningModule):
         if self.reference is not None:
             self.reference.eval()  # dropout off in the reference, always
         return self
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP shards one by one: modules whose class is in the model's
+    ``_no_split_modules`` (the HF convention), else ``model.model.layers``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if not layers:
+        layers = list(getattr(getattr(model, "model", None), "layers", None) or ())
+    return layers
 
 
 def make_reference(policy: PreTrainedModel, kind: str, **kwargs: Any) -> PreTrainedModel | None:

@@ -167,9 +167,10 @@ def final_metrics(trainer: L.Trainer, reflection: str) -> dict[str, float]:
 
 def save_policy(module: PreferenceModule, tokenizer: Any, out: Path, trainer: L.Trainer) -> None:
     """Write the final policy with save_pretrained (gathering FSDP shards on rank 0)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sharded = trainer.world_size > 1 and type(trainer.strategy).__name__ == "ModelParallelStrategy"
+    sharded = trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy)
     state = (
         get_model_state_dict(
             module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
