@@ -184,7 +184,7 @@ def test_conversational_rows_use_the_chat_template_without_duplicate_specials(to
 
 def test_over_long_policy(tmp_path, tokenizer):
     rows = [{"prompt": "P", "chosen": "W" * 80, "rejected": "L"}, *GOOD]
-    src = lambda: {"train": [dict(r) for r in rows]}  # noqa: E731
+    src = lambda: {"train": [dict(r) for r in rows]}
     kept = build(tokenizer, src).report.split("train")
     assert kept.rows_used == 7 and kept.response_truncated == 1 and kept.truncated == 1
     dropped = build(tokenizer, src, over_long="drop").report.split("train")

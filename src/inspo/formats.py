@@ -65,7 +65,7 @@ def render_chat(
         if bos and tokenizer.bos_token_id is not None and prompt.startswith(bos):
             prompt = prompt[len(bos) :]
         return prompt
-    full = tokenizer.apply_chat_template(messages + [response], tokenize=False)
+    full = tokenizer.apply_chat_template([*messages, response], tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("chat_template_mismatch")
     text = full[len(prompt) :]

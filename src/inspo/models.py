@@ -105,6 +105,7 @@ def load_policy(
     gradient_checkpointing: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     revision: str | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """Build the policy: ``tiny_llama(**tiny)`` when no path is given, else ``from_pretrained``."""
     if dtype not in DTYPES:
@@ -118,10 +119,39 @@ def load_policy(
         if revision:
             kwargs["revision"] = revision
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if name_or_path is None and attn_implementation:
+        model.set_attn_implementation(attn_implementation)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if lora:
+        model = add_lora(model, **lora)
     return model
+
+
+def add_lora(
+    model: PreTrainedModel,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: list[str] | str | None = "all-linear",
+) -> PreTrainedModel:
+    """Wrap ``model`` with a LoRA adapter (the ``peft`` extra); only the adapter trains.
+
+    With ``reference=adapter_disabled`` the reference is this same model with the adapter off.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("model.lora needs peft: pip install 'inspo[peft]'") from e
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:

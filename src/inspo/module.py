@@ -127,8 +127,14 @@ class PreferenceModule(L.LightningModule):
 
     # ------------------------------------------------------------------ scoring
     def _forward(self, model: PreTrainedModel, view: dict[str, Tensor]) -> Tensor:
+        # Positions count real tokens only, so left- and right-padded rows score the same.
+        mask = view["attention_mask"]
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return model(
-            input_ids=view["input_ids"], attention_mask=view["attention_mask"], use_cache=False
+            input_ids=view["input_ids"],
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=False,
         ).logits
 
     def score_view(
@@ -152,10 +158,25 @@ class PreferenceModule(L.LightningModule):
         pre = batch.get("reference_scores")
         if pre is not None and view in pre:
             return ViewScores(**pre[view])
+        if self.reference is None and getattr(self, "adapter_reference", False):
+            return self.adapter_disabled_scores(batch[view])
         if self.reference is None:
             raise RuntimeError("this objective needs reference scores but no reference is set")
         self.reference.eval()
         scores, _ = self.score_view(self.reference, batch[view])
+        return scores
+
+    @torch.no_grad()
+    def adapter_disabled_scores(self, view: dict[str, Tensor]) -> ViewScores:
+        """``reference.kind=adapter_disabled``: the LoRA policy's base model (adapter off, eval
+        mode) is the reference, so no second copy of the weights is held."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                scores, _ = self.score_view(self.policy, view)
+        finally:
+            self.policy.train(was_training)
         return scores
 
     def pair_scores(
@@ -371,7 +392,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def make_reference(policy: PreTrainedModel, kind: str, **kwargs: Any) -> PreTrainedModel | None:
     """The reference model for ``reference=kind`` (``policy_init``, ``model``, ``none``)."""
-    if kind == "none":
+    if kind in ("none", "adapter_disabled"):  # adapter_disabled: the policy's own base model
         return None
     if kind in ("policy_init", "sync"):
         return frozen_copy(policy)

@@ -33,7 +33,7 @@ from inspo.paths import config_dir
 
 log = logging.getLogger(__name__)
 
-REFERENCE_KINDS = ("policy_init", "model", "none", "sync")
+REFERENCE_KINDS = ("policy_init", "model", "none", "sync", "adapter_disabled")
 
 
 class ConfigError(ValueError):
@@ -99,6 +99,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, objective: Objective) -> P
         seed=cfg.seed,
         cache_dir=str(Path(cfg.paths.cache_dir) / "tokenized"),
         max_samples=d.max_samples,
+        over_long=d.get("over_long", "truncate"),
     )
 
 
@@ -130,7 +131,7 @@ def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> Prefe
     ref_cfg.pop("context")
     reference = make_reference(policy, kind, **ref_cfg)
     r = cfg.reflection
-    return PreferenceModule(
+    module = PreferenceModule(
         policy,
         objective,
         reference,
@@ -141,6 +142,11 @@ def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> Prefe
         distill_weight=r.distill_weight,
         optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
     )
+    if kind == "adapter_disabled":  # LoRA: the reference is the policy with its adapter off
+        if not cfg.model.get("lora"):
+            raise ConfigError("reference=adapter_disabled needs a LoRA policy: set model.lora")
+        module.adapter_reference = True
+    return module
 
 
 def run_choices(cfg: DictConfig) -> dict[str, Any]:
