@@ -360,10 +360,14 @@ class PreferenceModule(L.LightningModule):
             self.strict_loading = False
 
     # ------------------------------------------------------------------ checkpoints
+    #: Keep ``reference.*`` in checkpoints: True for ``reference=sync`` (TR-DPO), whose
+    #: reference changes during training, so a resumed run continues from the synced weights.
+    reference_in_checkpoint: bool = False
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The frozen reference is rebuilt from its source, so it is not stored.
+        # A frozen reference is rebuilt from its source, so it is not stored (except for sync).
         sd = checkpoint.get("state_dict")
-        if sd is not None:
+        if sd is not None and not self.reference_in_checkpoint:
             for key in [k for k in sd if k.startswith("reference.")]:
                 del sd[key]
 
@@ -391,13 +395,17 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def make_reference(policy: PreTrainedModel, kind: str, **kwargs: Any) -> PreTrainedModel | None:
-    """The reference model for ``reference=kind`` (``policy_init``, ``model``, ``none``)."""
+    """The reference model for ``reference=kind`` (``policy_init``, ``model``, ``none``,
+    ``sync``, ``precomputed``: the model whose scores are cached, see inspo.reference)."""
     if kind in ("none", "adapter_disabled"):  # adapter_disabled: the policy's own base model
         return None
-    if kind in ("policy_init", "sync"):
+    own = kind == "precomputed" and not kwargs.get("name_or_path")  # the initial policy's scores
+    if kind in ("policy_init", "sync") or own:
         return frozen_copy(policy)
-    if kind == "model":
+    if kind in ("model", "precomputed"):
         from inspo.models import load_policy
 
         return freeze(load_policy(**kwargs))
-    raise ValueError(f"unknown reference kind {kind!r}; valid: policy_init, model, none, sync")
+    raise ValueError(
+        f"unknown reference kind {kind!r}; valid: policy_init, model, none, sync, precomputed"
+    )

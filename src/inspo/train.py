@@ -23,17 +23,20 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.datamodule import PreferenceDataModule
 from inspo.models import load_policy, load_tokenizer
 from inspo.module import REFLECTIONS, OptimConfig, PreferenceModule, make_reference
 from inspo.objectives import Objective
 from inspo.paths import config_dir
+from inspo.reference import prepare_reference, reference_callbacks, resolve_auto
 
 log = logging.getLogger(__name__)
 
-REFERENCE_KINDS = ("policy_init", "model", "none", "sync", "adapter_disabled")
+REFERENCE_KINDS = (
+    "policy_init", "model", "none", "sync", "precomputed", "adapter_disabled",
+)  # fmt: skip  # + auto, resolved
 
 
 class ConfigError(ValueError):
@@ -117,7 +120,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         **trainer_kwargs,
         strategy=strategy,
         logger=logger,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, *reference_callbacks(cfg)],
         default_root_dir=str(run_dir),
     )
 
@@ -128,7 +131,8 @@ def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> Prefe
     policy = load_policy(tokenizer=tokenizer, **m)
     ref_cfg = OmegaConf.to_container(cfg.reference, resolve=True)
     kind = ref_cfg.pop("kind")
-    ref_cfg.pop("context")
+    for key in ("context", "sync_every", "sync_alpha", "batch_size"):
+        ref_cfg.pop(key, None)
     reference = make_reference(policy, kind, **ref_cfg)
     r = cfg.reflection
     module = PreferenceModule(
@@ -142,6 +146,7 @@ def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> Prefe
         distill_weight=r.distill_weight,
         optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
     )
+    module.reference_in_checkpoint = kind == "sync"  # TR-DPO's reference is training state
     if kind == "adapter_disabled":  # LoRA: the reference is the policy with its adapter off
         if not cfg.model.get("lora"):
             raise ConfigError("reference=adapter_disabled needs a LoRA policy: set model.lora")
@@ -160,7 +165,46 @@ def run_choices(cfg: DictConfig) -> dict[str, Any]:
         "reference": cfg.reference.kind,
         "reference_context": cfg.reference.context,
         "seed": cfg.seed,
+        **extra_choices(cfg),
     }
+
+
+def extra_choices(cfg: DictConfig) -> dict[str, Any]:
+    """The rest of what a sweep report needs: config names, reflection knobs, reference knobs."""
+    picked = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    obj, r, ref = cfg.objective, cfg.reflection, cfg.reference
+    return {
+        "objective_config": picked.get("objective"),
+        "experiment": picked.get("experiment"),
+        "gamma": obj.get("gamma"),
+        "template": r.template,
+        "reflective_weight": r.reflective_weight,
+        "standard_weight": r.standard_weight,
+        "distill_weight": r.distill_weight,
+        "reference_name_or_path": ref.get("name_or_path"),
+        "sync_every": ref.get("sync_every"),
+        "sync_alpha": ref.get("sync_alpha"),
+        "model": cfg.model.name_or_path or "tiny",
+        "max_steps": cfg.trainer.max_steps,
+        "lr": cfg.optim.lr,
+        "wandb_group": cfg.get("wandb_group"),
+        "tags": list(cfg.get("tags") or []),
+    }
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """The user's ``tags`` plus ``key:value`` tags for objective, Ψ, reference and reflection."""
+    obj = cfg.objective
+    auto = {
+        "objective": obj._target_.rsplit(".", 1)[-1],
+        "psi": obj.get("scalarization") or "none",
+        "reference": cfg.reference.kind,
+        "reflection": cfg.reflection.mode,
+    }
+    if cfg.reflection.mode != "off":
+        auto["reference_context"] = cfg.reference.context
+    user = [t for t in (cfg.get("tags") or []) if t.split(":", 1)[0] not in auto]
+    return [*user, *(f"{k}:{v}" for k, v in auto.items())]
 
 
 def final_metrics(trainer: L.Trainer, reflection: str) -> dict[str, float]:
@@ -199,7 +243,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     # Everything that can be wrong with the config fails here, before any model is built.
     objective = build_objective(cfg)
+    resolve_auto(cfg, objective)  # reference=auto → none | policy_init
     check_config(cfg, objective)
+    with open_dict(cfg):
+        cfg.tags = run_tags(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     datamodule = build_datamodule(cfg, tokenizer, objective)
@@ -213,6 +260,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.logger.log_metrics(datamodule.report.flat_metrics(), step=0)
 
     module = build_module(cfg, objective, tokenizer)
+    prepare_reference(cfg, module, datamodule)  # reference=precomputed: cached scores
     ckpt = cfg.ckpt_path
     if ckpt == "last" and not (run_dir / "checkpoints" / "last.ckpt").exists():
         log.info("ckpt_path=last but no checkpoint in %s: starting fresh", run_dir)

@@ -1,0 +1,181 @@
+"""Reference kinds (issue 3): precomputed = live, the cache key, TR-DPO sync, start-up checks."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import inspo.reference as R
+from inspo.datamodule import PreferenceDataModule
+from inspo.models import byte_tokenizer, frozen_copy, tiny_llama
+from inspo.module import PreferenceModule
+from inspo.objectives import DPO, SimPO
+from inspo.sources import synthetic
+from inspo.train import ConfigError, check_config
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)  # 2-thread matmuls of a tiny model spin-wait on busy shared cores
+
+
+def datamodule(template="default", max_length=128, batch_size=4):
+    dm = PreferenceDataModule(
+        lambda: synthetic(n_sft=8, n_train=12, n_val=8, n_eval=4),
+        byte_tokenizer(),
+        batch_size=batch_size,
+        eval_batch_size=8,
+        max_length=max_length,
+        max_prompt_length=64,
+        template=template,
+        reflection=True,
+        train_views=("reflective", "plain"),
+    )
+    dm.setup("fit")
+    return dm
+
+
+def tiny(seed=0):
+    return tiny_llama(tokenizer=byte_tokenizer(), hidden_size=16, num_layers=1, num_heads=2,
+                      seed=seed)  # fmt: skip
+
+
+def make_module(policy, reference):
+    # plain reference context + a mixed-in standard loss: both views' reference scores are used
+    return PreferenceModule(policy, DPO(beta=0.5), reference, reflection="inspo",
+                            reference_context="plain", standard_weight=0.5)  # fmt: skip
+
+
+def test_precomputed_gives_the_live_losses(tmp_path):
+    dm = datamodule()
+    policy, reference = tiny(0), frozen_copy(tiny(1))  # reference ≠ policy
+    live = make_module(policy, reference)
+    pre = make_module(policy, frozen_copy(reference))
+    path, hit = R.precompute_reference(pre, pre.reference, dm, tmp_path,
+                                       model_id=R.model_fingerprint(reference))  # fmt: skip
+    assert not hit and path.exists()
+    assert pre.reference is None  # freed: scores travel in the batch
+    n = 0
+    for batch in dm.train_dataloader():
+        assert set(batch["reference_scores"]) == {"plain", "reflective"}
+        plain = {k: v for k, v in batch.items() if k != "reference_scores"}
+        with torch.no_grad():
+            l_live, out_live, *_ = live.compute_loss(plain)
+            l_pre, out_pre, *_ = pre.compute_loss(batch)
+        torch.testing.assert_close(out_pre.losses, out_live.losses, atol=1e-5, rtol=0)
+        torch.testing.assert_close(l_pre, l_live, atol=1e-5, rtol=0)
+        n += 1
+    assert n == 3
+    for batch in dm.val_dataloader():  # validation: reflective and plain-context evaluations
+        plain = {k: v for k, v in batch.items() if k != "reference_scores"}
+        for pv, rv in (("reflective", "plain"), ("plain", "plain"), ("reflective", "reflective")):
+            with torch.no_grad():
+                a, *_ = live.evaluate_view(plain, pv, rv)
+                b, *_ = pre.evaluate_view(batch, pv, rv)
+            torch.testing.assert_close(b.losses, a.losses, atol=1e-5, rtol=0)
+    assert out_live.losses.abs().sum() > 0
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    calls = []
+    real = R.compute_scores
+    monkeypatch.setattr(R, "compute_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reference = frozen_copy(tiny(1))
+
+    def run(template="default", max_length=128, ref=reference):
+        module = make_module(tiny(0), frozen_copy(ref))
+        before = len(calls)
+        path, hit = R.precompute_reference(module, module.reference, datamodule(template,
+                                           max_length), tmp_path,
+                                           model_id=R.model_fingerprint(ref))  # fmt: skip
+        assert hit == (len(calls) == before)  # a hit computes nothing
+        return path, hit
+
+    p1, hit1 = run()
+    assert not hit1 and len(calls) == 2  # train and val splits
+    p2, hit2 = run()  # nothing changed: reused, not recomputed
+    assert hit2 and p2 == p1 and len(calls) == 2
+    p3, hit3 = run(template="raw")  # the template changed: a new key, recomputed
+    assert not hit3 and p3 != p1
+    p4, hit4 = run(max_length=96)
+    assert not hit4 and p4 not in (p1, p3)
+    p5, hit5 = run(ref=frozen_copy(tiny(2)))  # other reference weights
+    assert not hit5 and p5 not in (p1, p3, p4)
+    assert run(template="raw") == (p3, True)
+
+
+class Recorder(L.Callback):
+    """After each optimiser step: whether the reference moved, and the weights involved."""
+
+    def __init__(self):
+        self.changed: list[int] = []
+        self.snap = None
+        self.seen: dict[int, tuple] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.snap = [p.detach().clone() for p in module.reference.parameters()]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        now = [p.detach().clone() for p in module.reference.parameters()]
+        if any(not torch.equal(a, b) for a, b in zip(self.snap, now, strict=True)):
+            self.changed.append(trainer.global_step)
+            pol = [p.detach().clone() for p in module.policy.parameters()]
+            self.seen[trainer.global_step] = (self.snap, now, pol)
+
+
+def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
+    dm = datamodule(batch_size=2)
+    policy = tiny(0)
+    module = make_module(policy, frozen_copy(policy))
+    module.optim.lr, module.optim.warmup_steps = 1e-2, 0
+    module.reference_in_checkpoint = True
+    sync, rec = R.ReferenceSync(every=2, alpha=0.25), Recorder()
+    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[sync, rec],
+                        default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    assert trainer.global_step == 5
+    assert rec.changed == [2, 4]
+    before, after, pol = rec.seen[2]
+    for b, a, p in zip(before, after, pol, strict=True):
+        torch.testing.assert_close(a, 0.25 * p + 0.75 * b)
+    assert all(not p.requires_grad for p in module.reference.parameters())
+    assert sync.state_dict() == {"last_synced": 4}
+    # the synced reference is training state: it stays in the checkpoint
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert any(k.startswith("reference.") for k in ckpt["state_dict"])
+
+
+def cfg(kind, mode="off"):
+    return OmegaConf.create({"reflection": {"mode": mode},
+                             "reference": {"kind": kind, "context": "reflective"}})  # fmt: skip
+
+
+def test_start_up_checks_and_auto():
+    for kind in ("policy_init", "precomputed", "sync"):
+        check_config(cfg(kind), DPO())
+    with pytest.raises(ConfigError, match="needs a reference"):
+        check_config(cfg("none"), DPO())
+    for kind in ("precomputed", "sync", "policy_init"):
+        with pytest.raises(ConfigError, match="reference-free"):
+            check_config(cfg(kind), SimPO())
+    c = cfg("auto")
+    R.resolve_auto(c, SimPO())
+    assert c.reference.kind == "none"
+    c = cfg("auto")
+    R.resolve_auto(c, DPO())
+    assert c.reference.kind == "policy_init"
+    with pytest.raises(ValueError, match="sync_every"):
+        R.ReferenceSync(every=0)
+
+
+def test_other_kinds_drop_the_reference_from_checkpoints():
+    policy = tiny(0)
+    module = make_module(policy, frozen_copy(policy))
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
