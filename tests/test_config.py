@@ -1,0 +1,74 @@
+"""Every config option composes; mistakes fail at composition, naming the valid choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from inspo.paths import config_dir
+from inspo.train import build_objective, compose_config
+
+CONF = config_dir()
+GROUPS = ["objective", "reflection", "reference", "model", "data", "hardware", "logger"]
+# Options that need a value the user must supply (marked ??? in the file).
+REQUIRED = {
+    ("model", "hf"): ["model.name_or_path=gpt2"],
+    ("reference", "model"): ["reference.name_or_path=gpt2"],
+    ("data", "jsonl"): ["data.source.path=rows.jsonl"],
+}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_config_dir_is_the_repository_conf():
+    assert Path(__file__).resolve().parents[1] / "conf" == CONF
+    assert {"train.yaml"} <= {p.name for p in CONF.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in GROUPS for o in options(g)], ids=lambda x: str(x)
+)
+def test_every_option_composes(tmp_path, group, option):
+    cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])], tmp_path)
+    if group == "hardware":  # a _global_ package: it sets trainer.* and strategy
+        assert "accelerator" in cfg.trainer and "strategy" in cfg
+        return
+    assert OmegaConf.to_container(cfg, resolve=False)[group] is not None
+
+
+@pytest.mark.parametrize("objective", options("objective"))
+def test_every_objective_config_instantiates(tmp_path, objective):
+    cfg = compose_config([f"objective={objective}"], tmp_path)
+    obj = build_objective(cfg)
+    assert type(obj).__module__ == "inspo.objectives"
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes(tmp_path, experiment):
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    assert cfg.task_name
+
+
+def test_unknown_option_names_the_valid_choices(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["objective=dpoo"], tmp_path)
+    msg = str(err.value)
+    assert "objective/dpoo" in msg and "dpo" in msg and "ipo" in msg
+
+
+def test_misspelt_key_fails(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_config(["trainer.max_stepz=3"], tmp_path)
+    with pytest.raises(ConfigCompositionException, match="betaa"):
+        compose_config(["objective.betaa=0.2"], tmp_path)
+
+
+def test_misspelt_objective_parameter_fails_before_any_model(tmp_path):
+    cfg = compose_config(["+objective.betaa=0.2"], tmp_path)
+    with pytest.raises(Exception, match="betaa"):
+        build_objective(cfg)
