@@ -72,3 +72,22 @@ def test_misspelt_objective_parameter_fails_before_any_model(tmp_path):
     cfg = compose_config(["+objective.betaa=0.2"], tmp_path)
     with pytest.raises(Exception, match="betaa"):
         build_objective(cfg)
+
+
+def test_the_wheel_ships_every_config(tmp_path):
+    """A non-editable install finds its configs at inspo/conf (see inspo.paths)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = CONF.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(tmp_path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("inspo-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    expected = {"inspo/conf/" + str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
+    assert expected and shipped == expected
+    assert "inspo/paths.py" in zipfile.ZipFile(wheel).namelist()
