@@ -190,3 +190,59 @@ def test_over_long_policy(tmp_path, tokenizer):
     dropped = build(tokenizer, src, over_long="drop").report.split("train")
     assert dropped.rows_used == 6 and dict(dropped.skipped) == {"over_long": 1}
     assert identity(dropped)
+
+
+def uf_row(i):
+    q = f"Question {i}?"
+    return {
+        "prompt": q,
+        "prompt_id": str(i),
+        "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": f"Good {i}."}],
+        "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": "Bad."}],
+        "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Good."}],
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
+    }
+
+
+def test_ultrafeedback_layout_from_a_local_save_to_disk_folder(tmp_path, tokenizer):
+    from datasets import DatasetDict
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+
+    folder = tmp_path / "uf"
+    DatasetDict(
+        {
+            "train_prefs": Dataset.from_list([uf_row(i) for i in range(8)]),
+            "test_prefs": Dataset.from_list([uf_row(i) for i in range(8, 12)]),
+        }
+    ).save_to_disk(str(folder))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["data=ultrafeedback", f"data.source.path={folder}"])
+    src = cfg.data.source
+    assert dict(src.splits) == {"train": "train_prefs", "val": "test_prefs"}
+    tokenizer.chat_template = CHAT
+    source = functools.partial(preference_data, src.path, splits=dict(src.splits))
+    dm = build(tokenizer, source, val_split="val", max_length=128, max_prompt_length=64)
+    assert [dm.report.split(s).rows_used for s in ("train", "val")] == [8, 4]
+    row = dm.datasets["val"][0]
+    assert tokenizer.decode(row["plain_chosen"]) == (
+        "<s><|user|>Question 8?\n<|assistant|>Good 8.</s>"
+    )
+
+
+@pytest.mark.parametrize("name", ["hh_rlhf", "ultrafeedback", "jsonl"])
+def test_data_configs_compose(name, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+
+    monkeypatch.setenv("INSPO_SHARED_DATA", "/data/shared")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={name}", "data.source.path=${oc.env:HOME}"])
+        assert cfg.data.source._target_ == "inspo.sources.preference_data"
+        assert cfg.data.source.val_split == "val" and cfg.data.over_long == "truncate"
+        if name == "hh_rlhf":
+            cfg = compose("train", overrides=["data=hh_rlhf"])
+            assert cfg.data.source.path == "/data/shared/hh-rlhf/harmless-base-test.jsonl.gz"
