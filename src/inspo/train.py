@@ -34,6 +34,10 @@ from inspo.reference import prepare_reference, reference_callbacks, resolve_auto
 
 log = logging.getLogger(__name__)
 
+# `${basename:PATH}`: the sweep presets name their wandb group after the sweep folder, which every
+# job of one multirun shares (conf/experiment/ablate_*.yaml, objectives.yaml).
+OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)
+
 REFERENCE_KINDS = (
     "policy_init", "model", "none", "sync", "precomputed", "adapter_disabled",
 )  # fmt: skip  # + auto, resolved

@@ -1,0 +1,72 @@
+"""Reflection and reference knobs reach the module and the data through the Hydra config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import REPO
+from inspo.models import byte_tokenizer
+from inspo.reference import ReferenceSync, reference_callbacks, resolve_auto
+from inspo.train import build_datamodule, build_module, build_objective, check_config, run_tags
+
+TINY = ["model.tiny.hidden_size=16", "model.tiny.num_layers=1", "model.tiny.num_heads=2"]
+
+
+def cfg_for(*overrides, tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*TINY, f"paths.cache_dir={tmp_path}", *overrides])
+
+
+def build(cfg):
+    objective = build_objective(cfg)
+    resolve_auto(cfg, objective)
+    check_config(cfg, objective)
+    tok = byte_tokenizer()
+    return build_module(cfg, objective, tok), build_datamodule(cfg, tok, objective)
+
+
+def test_inspo_knobs_from_config(tmp_path):
+    cfg = cfg_for("reflection=inspo", "reflection.standard_weight=0.5",
+                  "reflection.distill_weight=0.1", "reflection.template=raw",
+                  "reference.context=plain", tmp_path=tmp_path)  # fmt: skip
+    module, dm = build(cfg)
+    assert (module.reflection, module.standard_weight, module.distill_weight) == ("inspo", 0.5, 0.1)
+    assert module.reference_view == "plain"
+    assert dm.template == "raw" and dm.train_views == ("reflective", "plain")
+    assert module.train_views() == dm.train_views
+
+
+def test_one_sided_from_config(tmp_path):
+    module, dm = build(cfg_for("reflection=inspo_one_sided", tmp_path=tmp_path))
+    assert module.reflection == "inspo_one_sided"
+    assert (module.policy_view, module.reference_view) == ("reflective", "plain")
+    assert set(dm.train_views) == {"reflective", "plain"}
+
+
+def test_sync_and_precomputed_from_config(tmp_path):
+    cfg = cfg_for("reference=sync", "reference.sync_every=3", "reference.sync_alpha=0.5",
+                  tmp_path=tmp_path)  # fmt: skip
+    module, _ = build(cfg)
+    (cb,) = reference_callbacks(cfg)
+    assert isinstance(cb, ReferenceSync) and (cb.every, cb.alpha) == (3, 0.5)
+    assert module.reference_in_checkpoint and module.reference is not None
+    cfg = cfg_for("reference=precomputed", tmp_path=tmp_path)
+    module, _ = build(cfg)
+    assert not module.reference_in_checkpoint and reference_callbacks(cfg) == []
+    for a, b in zip(module.reference.parameters(), module.policy.parameters(), strict=True):
+        assert torch.equal(a, b)  # the initial policy's scores are what gets cached
+
+
+@pytest.mark.parametrize(("objective", "kind"), [("simpo", "none"), ("dpo", "policy_init")])
+def test_auto_reference_and_tags(tmp_path, objective, kind):
+    cfg = cfg_for(f"objective={objective}", "reference=auto", "reflection=inspo",
+                  "tags=[mine]", tmp_path=tmp_path)  # fmt: skip
+    resolve_auto(cfg, build_objective(cfg))
+    assert cfg.reference.kind == kind
+    tags = run_tags(cfg)
+    assert tags[0] == "mine" and f"reference:{kind}" in tags and "reflection:inspo" in tags
+    assert any(t.startswith("psi:") for t in tags) and any(t.startswith("objective:") for t in tags)

@@ -1,0 +1,93 @@
+"""Sweep presets (conf/experiment): what they sweep, and a reduced multirun end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from conftest import FAST, REPO
+
+CONF = REPO / "conf"
+
+
+def raw(cfg, key: str):
+    return OmegaConf.to_container(cfg, resolve=False)[key]
+
+
+def sweep_params(experiment: str) -> tuple[dict[str, list[str]], Any]:
+    """The experiment's ``hydra.sweeper.params``, parsed as the basic sweeper does."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    return {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed}, cfg
+
+
+def test_ablate_scalarization_sweeps_every_psi_for_dpo_both_forms():
+    from inspo.objectives import SCALARIZATIONS
+
+    params, cfg = sweep_params("ablate_scalarization")
+    assert params == {"objective.scalarization": list(SCALARIZATIONS),
+                      "reflection": ["off", "inspo"]}  # fmt: skip
+    assert cfg.objective._target_ == "inspo.objectives.DPO"
+    assert raw(cfg, "wandb_group") == "ablate_scalarization_${basename:${hydra:sweep.dir}}"
+
+
+def test_ablate_reference_sweeps_reference_context_and_reflection():
+    params, cfg = sweep_params("ablate_reference")
+    assert params["reference"] == ["policy_init", "precomputed", "sync"]
+    assert params["reference.context"] == ["reflective", "plain"]
+    assert params["reflection"] == ["off", "inspo"]
+    assert raw(cfg, "wandb_group") == "ablate_reference_${basename:${hydra:sweep.dir}}"
+
+
+def test_objectives_sweep_covers_every_objective_config_with_auto_reference():
+    params, cfg = sweep_params("objectives")
+    assert set(params["objective"]) == {p.stem for p in (CONF / "objective").glob("*.yaml")}
+    assert params["reflection"] == ["off", "inspo"]
+    assert cfg.reference.kind == "auto"
+    assert raw(cfg, "wandb_group") == "objectives_${basename:${hydra:sweep.dir}}"
+
+
+@pytest.mark.slow
+def test_reduced_scalarization_sweep_end_to_end(tmp_path):
+    """Hydra multirun of the preset with 2 Ψ: 4 runs, each with summary.json and its choices."""
+    sweep_dir = tmp_path / "multirun"
+    cmd = [
+        sys.executable, "-m", "inspo.train", "-m", "experiment=ablate_scalarization",
+        "objective.scalarization=logistic,hinge", *FAST, "trainer.max_steps=2",
+        "save_policy=false", f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={tmp_path}/c",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in runs] == ["0", "1", "2", "3"]
+    seen, groups = set(), set()
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        c = summary["choices"]
+        assert summary["steps"] == 2
+        assert (c["objective"], c["reference"], c["experiment"]) == (
+            "DPO",
+            "policy_init",
+            "ablate_scalarization",
+        )
+        seen.add((c["scalarization"], c["reflection"]))
+        groups.add(c["wandb_group"])
+        assert f"psi:{c['scalarization']}" in c["tags"]
+        assert f"reflection:{c['reflection']}" in c["tags"]
+        assert "objective:DPO" in c["tags"] and "reference:policy_init" in c["tags"]
+        assert (run / ".hydra" / "config.yaml").exists()
+    assert seen == {(p, r) for p in ("logistic", "hinge") for r in ("off", "inspo")}
+    assert groups == {"ablate_scalarization_multirun"}  # one wandb group: the sweep folder's name
