@@ -81,3 +81,27 @@ def test_chat_truncation_cuts_the_alternative_first_then_the_prompt(tokenizer):
         "<s><|user|>of France?\n\n[Another answer to this request, shown for reference only:]\n\n<"
     ) and text.endswith("Paris.</s>")
     assert not out["response_cut"]
+
+
+def test_chat_keeps_earlier_turns_and_puts_the_alternative_in_the_last_user_turn(tokenizer):
+    tokenizer.chat_template = CHAT
+    turns = [
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    row = {
+        "chosen": [*turns, {"role": "assistant", "content": "Paris."}],
+        "rejected": [*turns, {"role": "assistant", "content": "Lyon."}],
+    }
+    text = to_text(row, tokenizer, keep_chat=True)
+    enc = Encoder(tokenizer, resolve_template("chat:{prompt} [other: {other}]"), 256, 128)
+    out = enc.encode_batch({k: [v] for k, v in text.items()}, ["plain", "reflective"])
+    assert tokenizer.decode(out["reflective_chosen"][0]) == (
+        "<s><|user|>Hi.\n<|assistant|>Hello.</s>\n"
+        "<|user|>Capital of France? [other: Lyon.]\n<|assistant|>Paris.</s>"
+    )
+    assert tokenizer.decode(out["plain_rejected"][0]) == (
+        "<s><|user|>Hi.\n<|assistant|>Hello.</s>\n"
+        "<|user|>Capital of France?\n<|assistant|>Lyon.</s>"
+    )
