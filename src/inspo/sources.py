@@ -15,6 +15,7 @@ report under their reason.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import logging
@@ -48,7 +49,7 @@ def read_json_lines(path: str | Path) -> tuple[list[dict], list[dict]]:
     ``malformed_json`` or ``not_a_mapping``. Blank lines are not rows and are not counted.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
     good: list[dict] = []
     errors: list[dict] = []
     with opener(path, "rb") as f:
