@@ -26,8 +26,9 @@ extra syllable costs 0.06 and each missing letter 1/3.
 Generator
 ---------
 A noisy "annotator" writes responses: each requested letter appears, as one syllable, with
-a per-response probability ``q ~ U(0.2, 1)``; then 0–3 filler syllables with random
-consonants are added and the syllables are shuffled (vowels are random). A response that
+a per-response probability ``q ~ U(0.2, 1)``, in the prompt's order; then 0–3 filler
+syllables with random consonants are inserted at random places (vowels are random). Keeping
+the prompt's order gives the copying a positional signal that a tiny model picks up. A response that
 comes out with no syllable is empty (gold -0.5); with probability 0.04 a response is
 corrupted into an invalid one (a digit, an upper-case letter, a space or a doubled
 consonant). The samples therefore spread over the whole range of quality: a model trained
@@ -137,9 +138,9 @@ def sample_response(rng: random.Random, letters: tuple[str, ...]) -> str:
     """One response of the noisy generator (see the module docstring)."""
     q = rng.uniform(0.2, 1.0)
     syllables = [_syllable(rng, c) for c in letters if rng.random() < q]
-    n_fillers = rng.randint(0, MAX_FILLERS)
-    syllables += [_syllable(rng, rng.choice(CONSONANTS)) for _ in range(n_fillers)]
-    rng.shuffle(syllables)
+    for _ in range(rng.randint(0, MAX_FILLERS)):
+        pos = rng.randint(0, len(syllables))
+        syllables.insert(pos, _syllable(rng, rng.choice(CONSONANTS)))
     response = "".join(syllables)
     if rng.random() < INVALID_RATE:
         response = _corrupt(rng, response)
