@@ -31,12 +31,14 @@ def generate(
     seed: int = 0,
     progress: bool = True,
     desc: str = "generating",
-) -> list[str]:
+    return_ids: bool = False,
+) -> list[str] | tuple[list[str], list[list[int]]]:
     """Sample one response per prompt from the plain-context policy; returns decoded text.
 
     Prompts are laid out as in training, ``[bos] + prompt``, left-padded so every row's next
     token follows its own prompt. The seed fixes the samples, so two policies evaluated with the
-    same seed draw comparable noise.
+    same seed draw comparable noise. ``return_ids`` also returns each row's sampled token ids,
+    up to and including the first EOS (what a Monte-Carlo KL must score, exactly).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -44,6 +46,7 @@ def generate(
     encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     outputs: list[str] = []
+    sampled: list[list[int]] = []
     batches = range(0, len(encoded), batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         rows = encoded[start : start + batch_size]
@@ -67,7 +70,11 @@ def generate(
             eos_token_id=tokenizer.eos_token_id,
         )
         outputs.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
-    return outputs
+        if return_ids:
+            for row in out[:, width:].tolist():
+                eos = tokenizer.eos_token_id
+                sampled.append(row[: row.index(eos) + 1] if eos in row else row)
+    return (outputs, sampled) if return_ids else outputs
 
 
 def score(reward: Callable[[str, str], float], prompts: Sequence[str], responses: Sequence[str]):

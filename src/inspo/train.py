@@ -281,6 +281,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.save_policy:
         save_policy(module, tokenizer, run_dir / "policy", trainer)
+    # Single-process runs only (a sharded policy cannot generate on one rank): after a
+    # multi-device run, evaluate the saved policy with `inspo-eval RUN_DIR`.
+    if cfg.get("eval") and cfg.eval.generate and trainer.world_size == 1:
+        from inspo.eval import eval_stage  # generation, scores, win rates, KL (SPEC §5)
+
+        summary["metrics"] |= eval_stage(
+            cfg, module.policy, tokenizer, summary["metrics"], run_dir, trainer.logger
+        )
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,0 +1,412 @@
+"""inspo-eval: evaluate a trained policy the way it is used, from the prompt alone (SPEC §5).
+
+For a run folder (``.hydra/config.yaml``, ``policy/``, ``summary.json``), or as the last stage of
+a training run (``eval.generate=true``), it reports under ``eval/...``:
+
+- ``eval/pref_accuracy/plain`` and ``eval/pref_accuracy/reflective``: held-out preference
+  accuracy (fraction of val pairs with h > 0) of the plain-context policy and, for reflective
+  runs, of the reflective one, taken from the run's final validation;
+- generation from π_θ(· | x) on the eval prompts (temperature, top-p, max new tokens, seed),
+  and the same for the reference policy (by default the *initial* policy, the same for every
+  reference kind so that runs compare): ``eval/score/{policy,reference}`` (gold reward of the
+  synthetic task or a reward model's score), ``eval/win_rate`` with its Wilson 95% interval
+  (``eval/win_rate_low``, ``eval/win_rate_high``), ``eval/lc_win_rate`` (length-controlled),
+  ``eval/length/{policy,reference}`` (mean response length in bytes),
+  ``eval/valid/{policy,reference}`` (synthetic task: share of valid responses);
+- ``eval/kl``: Monte-Carlo KL(π_θ ‖ π_ref) = mean over the policy's own samples of
+  Σ_t [log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)] (EOS included), with ``eval/kl_se``;
+  unbiased at temperature 1 and top-p 1;
+- ``eval/generations.json`` and ``eval/reference_generations.json`` in AlpacaEval's format
+  (a list of ``{"instruction", "output", "generator"}``), and ``eval/samples.json``.
+
+    inspo-eval RUN_DIR                              # writes RUN_DIR/eval/, updates summary.json
+    inspo-eval RUN_DIR --scorer PATH_TO_RM --n-prompts 64 --temperature 0.7 --top-p 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from inspo.evaluation import generate, length_controlled_win_rate, win_rate
+from inspo.logprobs import sequence_logps
+
+
+@dataclass
+class EvalConfig:
+    """What ``conf/eval/default.yaml`` holds (the ``eval`` key of a training config)."""
+
+    generate: bool = False  # run the evaluation stage at the end of inspo-train
+    n_prompts: int = 256
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+    seed: int = 1234
+    scorer: str = "gold"  # gold (synthetic task) | a path/name of a sequence-classification RM
+    reference: str | None = None  # null: the initial policy (model.*); else a path/name
+    n_table: int = 16  # sample generations kept in the wandb table / samples.json
+    progress: bool = True
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> EvalConfig:
+        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        known = {k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+# --------------------------------------------------------------------------- scorers
+class RewardModelScorer:
+    """Scores ``prompt + response`` with an ``AutoModelForSequenceClassification`` (logit 0)."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError):
+            if tokenizer is None:
+                raise
+            self.tokenizer = tokenizer  # a reward model saved without its tokenizer
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        out: list[float] = []
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+        encoded = [bos + tok(t, add_special_tokens=False)["input_ids"] + eos for t in texts]
+        for start in range(0, len(encoded), self.batch_size):
+            rows = encoded[start : start + self.batch_size]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+            att = torch.zeros_like(ids)
+            for i, r in enumerate(rows):  # right padding: HF reads the last non-pad token
+                ids[i, : len(r)] = torch.as_tensor(r)
+                att[i, : len(r)] = 1
+            logits = self.model(input_ids=ids, attention_mask=att).logits
+            out.extend(logits[:, 0].float().tolist())
+        return out
+
+
+def make_scorer(
+    scorer: str, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+    """``gold``: the synthetic task's gold reward; anything else: a reward model path/name."""
+    if scorer == "gold":
+        from inspo.synthetic import gold_reward
+
+        return lambda ps, rs: [gold_reward(p, r) for p, r in zip(ps, rs, strict=True)]
+    return RewardModelScorer(scorer, tokenizer)
+
+
+# --------------------------------------------------------------------------- KL
+@torch.no_grad()
+def sample_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    samples: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) of each sampled token sequence ``samples[i]`` after its prompt,
+    laid out as in generation (``[bos] + prompt``), right-padded, positions from the mask."""
+    model.eval()
+    device = next(model.parameters()).device
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ctx = [
+            bos + tokenizer(p, add_special_tokens=False)["input_ids"]
+            for p in prompts[start : start + batch_size]
+        ]
+        ys = [list(y) for y in samples[start : start + batch_size]]
+        width = max(len(c) + len(y) for c, y in zip(ctx, ys, strict=True))
+        ids = torch.full((len(ctx), width), tokenizer.pad_token_id, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids)
+        for i, (c, y) in enumerate(zip(ctx, ys, strict=True)):
+            ids[i, : len(c) + len(y)] = torch.as_tensor(c + y, dtype=torch.long)
+            att[i, : len(c) + len(y)] = 1
+            mask[i, len(c) : len(c) + len(y)] = 1
+        ids, att = ids.to(device), att.to(device)
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
+        sums, _ = sequence_logps(logits.float(), ids, mask.to(device))
+        out.append(sums.cpu())
+    return torch.cat(out)
+
+
+def monte_carlo_kl(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    samples: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> tuple[float, float]:
+    """KL(π_θ ‖ π_ref) ≈ mean_i [log π_θ(y_i|x_i) − log π_ref(y_i|x_i)], y_i ~ π_θ(·|x_i);
+    returns (estimate, standard error)."""
+    diff = sample_logps(policy, tokenizer, prompts, samples, batch_size) - sample_logps(
+        reference, tokenizer, prompts, samples, batch_size
+    )
+    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return float(diff.mean()), se
+
+
+# --------------------------------------------------------------------------- evaluation
+def alpaca_eval_records(
+    prompts: Sequence[str], outputs: Sequence[str], generator: str
+) -> list[dict[str, str]]:
+    """AlpacaEval's model-outputs format: ``[{"instruction", "output", "generator"}]``."""
+    return [
+        {"instruction": p, "output": o, "generator": generator}
+        for p, o in zip(prompts, outputs, strict=True)
+    ]
+
+
+def preference_accuracy(metrics: dict[str, float], reflection: str | None) -> dict[str, float]:
+    """Held-out preference accuracy, plain and (for reflective runs) reflective, side by side."""
+    out = {}
+    plain = metrics.get("val/plain/rewards/accuracies")
+    if plain is None and reflection == "off":
+        plain = metrics.get("val/rewards/accuracies")
+    if plain is not None:
+        out["eval/pref_accuracy/plain"] = float(plain)
+    if reflection not in (None, "off") and "val/rewards/accuracies" in metrics:
+        out["eval/pref_accuracy/reflective"] = float(metrics["val/rewards/accuracies"])
+    return out
+
+
+def evaluate(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    ecfg: EvalConfig,
+    *,
+    scorer: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+    out_dir: str | Path | None = None,
+    generator: str = "policy",
+    reference_generator: str = "reference",
+    val_metrics: dict[str, float] | None = None,
+    reflection: str | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Sample policy and reference on ``prompts`` with the same seed; score; compare; KL.
+
+    Returns (``eval/...`` metrics, sample rows) and, with ``out_dir``, writes the AlpacaEval
+    files and ``samples.json`` there.
+    """
+    t0 = time.perf_counter()
+    prompts = list(prompts)[: ecfg.n_prompts]
+    scorer = scorer or make_scorer(ecfg.scorer, tokenizer)
+    kw = dict(
+        max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_p=ecfg.top_p,
+        batch_size=ecfg.batch_size, seed=ecfg.seed, progress=ecfg.progress, return_ids=True,
+    )  # fmt: skip
+    pol_text, pol_ids = generate(policy, tokenizer, prompts, desc="sampling policy", **kw)
+    ref_text, _ = generate(reference, tokenizer, prompts, desc="sampling reference", **kw)
+    pol_score, ref_score = scorer(prompts, pol_text), scorer(prompts, ref_text)
+    pol_len = [len(s.encode()) for s in pol_text]
+    ref_len = [len(s.encode()) for s in ref_text]
+    wr = win_rate(pol_score, ref_score)
+    kl, kl_se = monte_carlo_kl(policy, reference, tokenizer, prompts, pol_ids, ecfg.batch_size)
+    n = len(prompts)
+    metrics = {
+        **preference_accuracy(val_metrics or {}, reflection),
+        "eval/score/policy": sum(pol_score) / n,
+        "eval/score/reference": sum(ref_score) / n,
+        "eval/win_rate": wr.rate,
+        "eval/win_rate_low": wr.low,
+        "eval/win_rate_high": wr.high,
+        "eval/lc_win_rate": length_controlled_win_rate(pol_score, ref_score, pol_len, ref_len),
+        "eval/length/policy": sum(pol_len) / n,
+        "eval/length/reference": sum(ref_len) / n,
+        "eval/kl": kl,
+        "eval/kl_se": kl_se,
+        "eval/n_prompts": float(n),
+    }
+    if ecfg.scorer == "gold":
+        from inspo.synthetic import is_valid
+
+        metrics["eval/valid/policy"] = sum(map(is_valid, pol_text)) / n
+        metrics["eval/valid/reference"] = sum(map(is_valid, ref_text)) / n
+    metrics["eval/seconds"] = time.perf_counter() - t0
+    rows = [
+        {"prompt": p, "policy": a, "reference": b, "policy_score": sa, "reference_score": sb}
+        for p, a, b, sa, sb in zip(prompts, pol_text, ref_text, pol_score, ref_score, strict=True)
+    ]
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        dump = {
+            "generations.json": alpaca_eval_records(prompts, pol_text, generator),
+            "reference_generations.json": alpaca_eval_records(
+                prompts, ref_text, reference_generator
+            ),
+            "samples.json": rows,
+            "metrics.json": {"metrics": metrics, "config": asdict(ecfg)},
+        }
+        for name, obj in dump.items():
+            (out / name).write_text(json.dumps(obj, indent=2) + "\n")
+    return metrics, rows
+
+
+def log_wandb(run: Any, metrics: dict[str, float], rows: list[dict], n_table: int) -> None:
+    """Scalars plus a table of sample generations, on a wandb run (``logger.experiment``)."""
+    import wandb
+
+    cols = ["prompt", "policy", "reference", "policy_score", "reference_score"]
+    table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows[:n_table]])
+    run.log({**metrics, "eval/samples": table})
+
+
+# --------------------------------------------------------------------------- sources
+def eval_prompts(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The run's held-out eval prompts (``data.eval_split``, else the val split's prompts)."""
+    from hydra.utils import instantiate
+
+    from inspo.formats import to_text
+
+    raw = instantiate(cfg.data.source, _partial_=True)()
+    split = cfg.data.get("eval_split")
+    if split not in raw:
+        split = cfg.data.val_split
+    seen: dict[str, None] = {}
+    for row in raw[split]:
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and "chosen" not in row:
+            seen.setdefault(row["prompt"], None)  # a prompt-only row (the synthetic eval split)
+            continue
+        text = to_text(row, tokenizer)
+        if not isinstance(text, str):
+            seen.setdefault(text["prompt"], None)
+    return list(seen)
+
+
+def initial_policy(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The run's starting policy, rebuilt from ``model.*`` (the tiny model is seeded)."""
+    from inspo.models import load_policy
+
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    m.pop("tokenizer", None)
+    m.pop("lora", None)
+    m["gradient_checkpointing"] = False
+    return load_policy(tokenizer=tokenizer, **m)
+
+
+def reference_policy(
+    cfg: DictConfig, ecfg: EvalConfig, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
+    from inspo.models import load_policy
+
+    if ecfg.reference:
+        return load_policy(ecfg.reference)
+    return initial_policy(cfg, tokenizer)
+
+
+def eval_stage(cfg: DictConfig, policy: PreTrainedModel, tokenizer: Any, metrics: dict,
+               run_dir: Path, logger: Any = None) -> dict[str, float]:  # fmt: skip
+    """The evaluation stage of a training run (``eval.generate=true``): returns ``eval/...``."""
+    ecfg = EvalConfig.from_cfg(cfg.eval)
+    was_training = policy.training
+    prompts = eval_prompts(cfg, tokenizer)
+    reference = reference_policy(cfg, ecfg, tokenizer).to(next(policy.parameters()).device)
+    try:
+        out, rows = evaluate(
+            policy, reference, tokenizer, prompts, ecfg,
+            out_dir=run_dir / "eval", generator=run_name(cfg, run_dir),
+            val_metrics=metrics, reflection=cfg.reflection.mode,
+        )  # fmt: skip
+    finally:
+        policy.train(was_training)
+    if logger is not None and type(logger).__name__ == "WandbLogger":
+        log_wandb(logger.experiment, out, rows, ecfg.n_table)
+    return out
+
+
+def run_name(cfg: DictConfig, run_dir: Path) -> str:
+    obj = cfg.objective._target_.rsplit(".", 1)[-1]
+    psi = cfg.objective.get("scalarization") or "-"
+    return f"{obj}/{psi}/{cfg.reflection.mode}/{cfg.reference.kind}/seed{cfg.seed}/{run_dir.name}"
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder of inspo-train")
+    parser.add_argument("--policy", default=None, help="policy path (default RUN_DIR/policy)")
+    parser.add_argument("--reference", default=None, help="default: the run's initial policy")
+    parser.add_argument("--scorer", default=None, help="gold | path of a reward model")
+    parser.add_argument("--n-prompts", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="default RUN_DIR/eval")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--wandb", action="store_true", help="log to a new wandb run")
+    args = parser.parse_args(argv)
+
+    from inspo.models import load_policy, load_tokenizer
+
+    run_dir = args.run_dir
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    ecfg = EvalConfig.from_cfg(cfg.get("eval") or {})
+    for key in ("reference", "scorer", "n_prompts", "max_new_tokens", "temperature", "top_p",
+                "batch_size", "seed"):  # fmt: skip
+        value = getattr(args, key)
+        if value is not None:
+            setattr(ecfg, key, value)
+    ecfg.progress = not args.no_progress
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    policy_path = args.policy or str(run_dir / "policy")
+    tokenizer = load_tokenizer(policy_path)
+    policy = load_policy(policy_path)
+    reference = reference_policy(cfg, ecfg, tokenizer)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    metrics, rows = evaluate(
+        policy, reference, tokenizer, eval_prompts(cfg, tokenizer), ecfg,
+        out_dir=args.out or run_dir / "eval", generator=run_name(cfg, run_dir),
+        val_metrics=summary.get("metrics"), reflection=cfg.reflection.mode,
+    )  # fmt: skip
+    if summary and args.policy is None:
+        summary["metrics"] = {**summary["metrics"], **metrics}
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.wandb:
+        import wandb
+
+        run = wandb.init(project="inspo", job_type="eval", config=asdict(ecfg))
+        log_wandb(run, metrics, rows, ecfg.n_table)
+        run.finish()
+    for k, v in metrics.items():
+        print(f"{k:32s} {v:.4f}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
