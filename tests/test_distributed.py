@@ -41,8 +41,9 @@ def train(tmp_path: Path, name: str, *overrides: str, timeout: int = 300) -> Pat
     return run_dir
 
 
-def check_run(run_dir: Path, steps: int) -> dict:
-    """summary.json finite, last.ckpt without the reference, policy/ equal to the checkpoint."""
+def check_run(run_dir: Path, steps: int, ckpt_file: bool = True) -> dict:
+    """summary.json finite, last.ckpt without the reference, policy/ equal to the checkpoint
+    (for a sharded last.ckpt/ folder: policy/ loads and differs from the initial weights)."""
     from transformers import AutoModelForCausalLM
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -51,22 +52,26 @@ def check_run(run_dir: Path, steps: int) -> dict:
     assert "val/loss" in losses and "val/plain/loss" in losses
     assert all(math.isfinite(v) for v in losses.values()), losses
 
+    loaded = AutoModelForCausalLM.from_pretrained(run_dir / "policy").eval()
+    init = tiny_llama(tokenizer=byte_tokenizer(), hidden_size=32, num_layers=2, num_heads=2)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = loaded(ids).logits
+        assert torch.isfinite(logits).all()
+        assert not torch.allclose(logits, init.eval()(ids).logits), "policy was not trained"
+    if not ckpt_file:
+        assert (run_dir / "checkpoints" / "last.ckpt" / "meta.pt").exists()
+        return summary
+
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == steps
     sd = ckpt["state_dict"]
     assert not [k for k in sd if k.startswith("reference.")], "frozen reference was stored"
     policy_sd = {k[len("policy.") :]: v for k, v in sd.items() if k.startswith("policy.")}
-
-    loaded = AutoModelForCausalLM.from_pretrained(run_dir / "policy").eval()
-    init = tiny_llama(tokenizer=byte_tokenizer(), hidden_size=32, num_layers=2, num_heads=2)
     from_ckpt = tiny_llama(tokenizer=byte_tokenizer(), hidden_size=32, num_layers=2, num_heads=2)
     from_ckpt.load_state_dict(policy_sd)
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = loaded(ids).logits
         torch.testing.assert_close(logits, from_ckpt.eval()(ids).logits)
-        assert not torch.allclose(logits, init.eval()(ids).logits), "policy was not trained"
-    assert torch.isfinite(logits).all()
     return summary
 
 
@@ -89,13 +94,23 @@ def test_two_process_training(tmp_path, hardware, reflection):
 
 
 @pytest.mark.distributed
-def test_fsdp_resume_from_last(tmp_path):
-    """A killed FSDP job resubmitted with the same command and ckpt_path=last continues."""
-    args = ("hardware=fsdp", "reflection=off", *DIST)
-    run_dir = train(tmp_path, "run", *args, "trainer.max_steps=2")
+@pytest.mark.parametrize(
+    "sharded_ckpt", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["file", "folder"]
+)
+def test_fsdp_resume_from_last(tmp_path, sharded_ckpt):
+    """A killed FSDP job resubmitted with the same command and ckpt_path=last continues,
+    from a consolidated last.ckpt file or a sharded last.ckpt/ folder."""
+    args = (
+        "hardware=fsdp",
+        "reflection=off",
+        f"strategy.save_distributed_checkpoint={str(sharded_ckpt).lower()}",
+        *DIST,
+    )
+    run_dir = train(tmp_path, "run", *args, "trainer.max_steps=2", "save_policy=false")
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    assert (run_dir / "checkpoints" / "last.ckpt").is_dir() == sharded_ckpt
     train(tmp_path, "run", *args, "ckpt_path=last")
-    check_run(run_dir, steps=4)
+    check_run(run_dir, steps=4, ckpt_file=not sharded_ckpt)
 
 
 # ---------------------------------------------------------------- in-process, no spawning
