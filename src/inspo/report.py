@@ -1,0 +1,308 @@
+"""inspo-report: the invariance report of a sweep (SPEC §3 "Invariance, made measurable").
+
+Reads every run under SWEEP_DIR (each folder with a ``summary.json``; its ``.hydra/config.yaml``
+and ``policy/`` when present), groups runs by objective family × reflection (plus any
+``--group-by`` choice), and writes to SWEEP_DIR (or ``--out``):
+
+- ``report.md`` / ``report.json``: per group and per metric (``eval/...`` and the validation
+  accuracies), the mean, the spread (max − min) and the standard deviation (sample std,
+  ddof = 1; 0 for one run) across the runs of the group, i.e. across its scalarization,
+  reference and seed choices; and the group's *mutual divergence*: the mean, over every
+  pair of its final policies, of the symmetric KL, KL(p‖q) + KL(q‖p), of their next-token
+  distributions, averaged over the response positions of the eval prompts (prompt followed
+  by the reference policy's sample from ``eval/reference_generations.json``; the prompt's
+  last position alone when there is none). Smaller spread / divergence = more invariance.
+- ``frontier.png``: gold (or RM) score of the policy's samples against Monte-Carlo
+  KL(π_θ ‖ π_ref), one point per run; ``winrate_length.png``: win rate against mean length.
+
+    inspo-report logs/train/multiruns/2026-11-22_12-00-00
+    inspo-report SWEEP_DIR --group-by standard_weight --wandb
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SKIP_METRICS = ("eval/seconds", "eval/n_prompts", "eval/win_rate_low", "eval/win_rate_high",
+                "eval/kl_se")  # fmt: skip
+EXTRA_METRICS = ("val/plain/rewards/accuracies", "val/rewards/accuracies")
+DEFAULT_GROUP = ("objective", "reflection")
+
+
+# --------------------------------------------------------------------------- reading
+def load_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every run below ``sweep_dir``: ``{dir, name, choices, metrics, config}``, sorted by path."""
+    from omegaconf import OmegaConf
+
+    runs = []
+    for path in sorted(Path(sweep_dir).rglob("summary.json")):
+        d = path.parent
+        s = json.loads(path.read_text())
+        cfg_path = d / ".hydra" / "config.yaml"
+        runs.append(
+            {
+                "dir": d,
+                "name": str(d.relative_to(sweep_dir)),
+                "choices": s.get("choices", {}),
+                "metrics": s.get("metrics", {}),
+                "config": OmegaConf.load(cfg_path) if cfg_path.exists() else None,
+            }
+        )
+    return runs
+
+
+def group_name(choices: dict[str, Any], keys: tuple[str, ...]) -> str:
+    parts = []
+    for k in keys:
+        v = choices.get(k)
+        if k == "objective":  # prefer the config name (dpo, ipo) when the sweep recorded it
+            v = choices.get("objective_config") or v
+        parts.append(str(v) if k in DEFAULT_GROUP else f"{k}={v}")
+    return "/".join(parts)
+
+
+def metric_names(runs: list[dict[str, Any]]) -> list[str]:
+    names = {k for r in runs for k in r["metrics"] if k.startswith("eval/") or k in EXTRA_METRICS}
+    return sorted(n for n in names if n not in SKIP_METRICS)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": float("nan"), "spread": float("nan"), "std": float("nan"), "n": 0}
+    return {
+        "mean": statistics.fmean(vals),
+        "spread": max(vals) - min(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "n": len(vals),
+    }
+
+
+# --------------------------------------------------------------------------- divergence
+def divergence_inputs(runs: list[dict[str, Any]], n_prompts: int) -> list[tuple[str, str]]:
+    """(prompt, continuation) pairs: the reference's samples of the first run that has them,
+    else the eval prompts of its config with no continuation."""
+    for r in runs:
+        f = r["dir"] / "eval" / "reference_generations.json"
+        if f.exists():
+            rows = json.loads(f.read_text())[:n_prompts]
+            return [(x["instruction"], x["output"]) for x in rows]
+    for r in runs:
+        if r["config"] is not None:
+            from inspo.eval import eval_prompts
+            from inspo.models import load_tokenizer
+
+            tok = load_tokenizer(str(r["dir"] / "policy"))
+            return [(p, "") for p in eval_prompts(r["config"], tok)[:n_prompts]]
+    return []
+
+
+@torch.no_grad()
+def next_token_logprobs(model: Any, tokenizer: Any, inputs: list[tuple[str, str]]) -> torch.Tensor:
+    """log π(· | x, y_<t) at every response position (t = 0..|y|−1; the last prompt position
+    when y is empty), stacked over all inputs: [positions, vocab]."""
+    model.eval()
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out = []
+    for prompt, response in inputs:
+        x = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        y = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
+        ids = torch.tensor([x + y])
+        logits = model(input_ids=ids, use_cache=False).logits[0].float()
+        out.append(logits[len(x) - 1 : len(x) - 1 + max(len(y), 1)].log_softmax(-1))
+    return torch.cat(out)
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean over positions of KL(p‖q) + KL(q‖p), from log-probabilities [positions, vocab]."""
+    return float(((p.exp() - q.exp()) * (p - q)).sum(-1).mean())
+
+
+def mutual_divergence(policy_dirs: list[Path], inputs: list[tuple[str, str]]) -> tuple[float, int]:
+    """Mean symmetric KL over every pair of policies (nan with fewer than 2); and #pairs."""
+    from inspo.models import load_policy, load_tokenizer
+
+    dirs = [d for d in policy_dirs if d.exists()]
+    if len(dirs) < 2 or not inputs:
+        return float("nan"), 0
+    logps = []
+    for d in dirs:
+        logps.append(next_token_logprobs(load_policy(str(d)), load_tokenizer(str(d)), inputs))
+    pairs = list(itertools.combinations(range(len(dirs)), 2))
+    return statistics.fmean(symmetric_kl(logps[i], logps[j]) for i, j in pairs), len(pairs)
+
+
+# --------------------------------------------------------------------------- report
+def build_report(
+    runs: list[dict[str, Any]],
+    group_by: tuple[str, ...] = DEFAULT_GROUP,
+    divergence: bool = True,
+    divergence_prompts: int = 64,
+) -> dict[str, Any]:
+    metrics = metric_names(runs)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(group_name(r["choices"], group_by), []).append(r)
+    inputs = divergence_inputs(runs, divergence_prompts) if divergence else []
+    out: dict[str, Any] = {"group_by": list(group_by), "metrics": metrics, "groups": {}}
+    for name, members in groups.items():
+        g = {
+            "runs": [m["name"] for m in members],
+            "varying": varying_choices(members),
+            "metrics": {k: stats([m["metrics"].get(k) for m in members]) for k in metrics},
+        }
+        if divergence:
+            g["divergence"], g["divergence_pairs"] = mutual_divergence(
+                [m["dir"] / "policy" for m in members], inputs
+            )
+        out["groups"][name] = g
+    out["runs"] = [
+        {"name": r["name"], "group": group_name(r["choices"], group_by),
+         "choices": r["choices"], "metrics": r["metrics"]}
+        for r in runs
+    ]  # fmt: skip
+    return out
+
+
+def varying_choices(members: list[dict[str, Any]]) -> dict[str, list]:
+    """The choices that take more than one value inside a group (what its spread is across)."""
+    keys = ("scalarization", "reference", "reference_context", "seed", "standard_weight",
+            "distill_weight", "model")  # fmt: skip
+    out = {}
+    for k in keys:
+        vals = sorted({str(m["choices"].get(k)) for m in members})
+        if len(vals) > 1:
+            out[k] = vals
+    return out
+
+
+def fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = ["# Invariance report", ""]
+    lines.append(f"Runs: {len(report['runs'])}; groups by {' × '.join(report['group_by'])}.")
+    lines.append("Per metric: mean, spread (max − min), std (ddof 1) across the group's runs.")
+    lines.append("")
+    head = ["group", "runs", "divergence (sym. KL)"]
+    lines.append("| " + " | ".join(head) + " | varying |")
+    lines.append("|" + "---|" * (len(head) + 1))
+    for name, g in report["groups"].items():
+        vary = "; ".join(f"{k}: {','.join(v)}" for k, v in g["varying"].items())
+        lines.append(f"| {name} | {len(g['runs'])} | {fmt(g.get('divergence'))} | {vary} |")
+    for metric in report["metrics"]:
+        lines += [
+            "",
+            f"## {metric}",
+            "",
+            "| group | mean | spread | std | n |",
+            "|---|---|---|---|---|",
+        ]
+        for name, g in report["groups"].items():
+            s = g["metrics"][metric]
+            lines.append(
+                f"| {name} | {fmt(s['mean'])} | {fmt(s['spread'])} | {fmt(s['std'])} | {s['n']} |"
+            )
+    lines += ["", "![reward–KL frontier](frontier.png)", "",
+              "![win rate vs length](winrate_length.png)", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = [
+        ("frontier.png", "eval/kl", "eval/score/policy", "KL(π_θ ‖ π_ref) (MC, nats)",
+         "score of the policy's samples", "reward–KL frontier"),
+        ("winrate_length.png", "eval/length/policy", "eval/win_rate", "mean length (bytes)",
+         "win rate vs reference", "win rate vs mean length"),
+    ]  # fmt: skip
+    paths = []
+    groups = list(report["groups"])
+    markers = "os^vDP*Xh"
+    for fname, xk, yk, xl, yl, title in specs:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for i, gname in enumerate(groups):
+            rs = [r for r in report["runs"] if r["group"] == gname]
+            pts = [(r["metrics"].get(xk), r["metrics"].get(yk)) for r in rs]
+            pts = [(x, y) for x, y in pts if x is not None and y is not None]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), label=gname, marker=markers[i % len(markers)])
+        if yk == "eval/win_rate":
+            ax.axhline(0.5, color="grey", ls="--", lw=1)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.set_title(title)
+        if groups:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        paths.append(out / fname)
+    return paths
+
+
+def log_wandb(report: dict[str, Any], plots: list[Path], project: str = "inspo") -> None:
+    import wandb
+
+    run = wandb.init(project=project, job_type="report", config={"group_by": report["group_by"]})
+    rows = []
+    for name, g in report["groups"].items():
+        for metric, s in g["metrics"].items():
+            rows.append([name, metric, s["mean"], s["spread"], s["std"], s["n"]])
+    table = wandb.Table(columns=["group", "metric", "mean", "spread", "std", "n"], data=rows)
+    div = wandb.Table(
+        columns=["group", "divergence"],
+        data=[[n, g.get("divergence")] for n, g in report["groups"].items()],
+    )
+    run.log({"report/metrics": table, "report/divergence": div,
+             **{f"report/{p.stem}": wandb.Image(str(p)) for p in plots}})  # fmt: skip
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="default: SWEEP_DIR")
+    parser.add_argument("--group-by", default="", help="extra choices to group by, comma-separated")
+    parser.add_argument("--no-divergence", action="store_true")
+    parser.add_argument("--divergence-prompts", type=int, default=64)
+    parser.add_argument("--wandb", action="store_true", help="log tables and plots to wandb")
+    parser.add_argument("--wandb-project", default="inspo")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.sweep_dir)
+    if not runs:
+        raise SystemExit(f"no summary.json under {args.sweep_dir}")
+    extra = tuple(k for k in args.group_by.split(",") if k)
+    report = build_report(
+        runs, DEFAULT_GROUP + extra, not args.no_divergence, args.divergence_prompts
+    )
+    out = args.out or args.sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md = to_markdown(report)
+    (out / "report.md").write_text(md + "\n")
+    plots = plot(report, out)
+    if args.wandb:
+        log_wandb(report, plots, args.wandb_project)
+    print(md)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""inspo-report on a hand-made sweep folder with known numbers, and (slow) on a real sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, REPO
+from inspo.models import byte_tokenizer, tiny_llama
+from inspo.report import main, symmetric_kl
+
+# group dpo/off: 3 runs (win rates 0.2, 0.4, 0.9); group dpo/inspo: 2 runs (0.6, 0.6).
+RUNS = {
+    "0": ("off", "logistic", "policy_init", 0.2, 10.0, 0),
+    "1": ("off", "hinge", "policy_init", 0.4, 12.0, 0),
+    "2": ("off", "logistic", "sync", 0.9, 20.0, 1),
+    "3": ("inspo", "logistic", "policy_init", 0.6, 8.0, 5),
+    "4": ("inspo", "hinge", "sync", 0.6, 8.0, 5),
+}
+
+
+def fake_sweep(root):
+    tok = byte_tokenizer()
+    for name, (refl, psi, ref, wr, length, seed) in RUNS.items():
+        d = root / name
+        (d / "eval").mkdir(parents=True)
+        choices = {"objective": "DPO", "objective_config": "dpo", "reflection": refl,
+                   "scalarization": psi, "reference": ref, "seed": 0}  # fmt: skip
+        metrics = {"eval/win_rate": wr, "eval/length/policy": length, "eval/kl": wr / 10,
+                   "eval/score/policy": wr - 0.5, "eval/seconds": 3.0}  # fmt: skip
+        (d / "summary.json").write_text(json.dumps({"choices": choices, "metrics": metrics}))
+        gens = [
+            {"instruction": "Word with b, k, t: ", "output": "bakoti", "generator": "ref"},
+            {"instruction": "Word with d, f, g: ", "output": "", "generator": "ref"},
+        ]
+        (d / "eval" / "reference_generations.json").write_text(json.dumps(gens))
+        model = tiny_llama(tokenizer=tok, hidden_size=32, num_layers=2, num_heads=2, seed=seed)
+        model.save_pretrained(d / "policy")
+        tok.save_pretrained(d / "policy")
+
+
+def test_report_figures(tmp_path):
+    fake_sweep(tmp_path)
+    report = main([str(tmp_path), "--out", str(tmp_path / "out")])
+    groups = report["groups"]
+    assert set(groups) == {"dpo/off", "dpo/inspo"}
+    off, ins = groups["dpo/off"], groups["dpo/inspo"]
+    assert off["runs"] == ["0", "1", "2"] and ins["runs"] == ["3", "4"]
+    wr = off["metrics"]["eval/win_rate"]
+    assert wr["mean"] == pytest.approx(0.5)
+    assert wr["spread"] == pytest.approx(0.7)
+    assert wr["std"] == pytest.approx(math.sqrt((0.09 + 0.01 + 0.16) / 2))
+    assert wr["n"] == 3
+    length = off["metrics"]["eval/length/policy"]
+    assert (length["mean"], length["spread"]) == (pytest.approx(14.0), pytest.approx(10.0))
+    assert ins["metrics"]["eval/win_rate"] == {"mean": 0.6, "spread": 0.0, "std": 0.0, "n": 2}
+    assert ins["metrics"]["eval/kl"]["mean"] == pytest.approx(0.06)
+    assert "eval/seconds" not in report["metrics"]  # bookkeeping, not an evaluation metric
+    assert off["varying"] == {"scalarization": ["hinge", "logistic"],
+                              "reference": ["policy_init", "sync"]}  # fmt: skip
+    # Identical policies (same seed): divergence exactly 0; different ones: > 0.
+    assert ins["divergence"] == 0.0 and ins["divergence_pairs"] == 1
+    assert off["divergence"] > 0 and off["divergence_pairs"] == 3
+    out = tmp_path / "out"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["groups"]["dpo/off"]["metrics"]["eval/win_rate"]["spread"] == pytest.approx(0.7)
+    md = (out / "report.md").read_text()
+    assert "| dpo/off | 0.5000 | 0.7000 | 0.3606 | 3 |" in md
+    assert "| dpo/inspo | 0.6000 | 0.0000 | 0.0000 | 2 |" in md
+    for png in ("frontier.png", "winrate_length.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_symmetric_kl_hand_case():
+    import torch
+
+    p = torch.tensor([[0.5, 0.5]]).log()
+    q = torch.tensor([[0.25, 0.75]]).log()
+    want = (
+        0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75) + 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    )
+    assert symmetric_kl(p, q) == pytest.approx(want)
+    assert symmetric_kl(p, p) == 0.0
+
+
+def test_group_by_extra_choice(tmp_path):
+    fake_sweep(tmp_path)
+    report = main([str(tmp_path), "--group-by", "reference", "--no-divergence",
+                   "--out", str(tmp_path / "o")])  # fmt: skip
+    assert set(report["groups"]) == {
+        "dpo/off/reference=policy_init", "dpo/off/reference=sync",
+        "dpo/inspo/reference=policy_init", "dpo/inspo/reference=sync",
+    }  # fmt: skip
+    assert report["groups"]["dpo/off/reference=policy_init"]["metrics"]["eval/win_rate"][
+        "mean"
+    ] == pytest.approx(0.3)
+
+
+@pytest.mark.slow
+def test_reduced_real_sweep_and_report(tmp_path):
+    """2 Ψ × 2 reflections, a few steps each, with the eval stage on, then the report."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "inspo.train", "-m", *FAST, "trainer.max_steps=3",
+           "objective.scalarization=logistic,hinge", "reflection=off,inspo",
+           "eval.generate=true", "eval.n_prompts=8", "eval.max_new_tokens=8",
+           "eval.progress=false", f"hydra.sweep.dir={sweep}",
+           f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=900)
+    report = main([str(sweep)])
+    assert set(report["groups"]) == {"dpo/off", "dpo/inspo"}
+    for g in report["groups"].values():
+        assert len(g["runs"]) == 2
+        assert g["metrics"]["eval/win_rate"]["n"] == 2
+        assert g["divergence"] >= 0 and g["divergence_pairs"] == 1
+        assert g["varying"] == {"scalarization": ["hinge", "logistic"]}
+    assert (sweep / "report.md").exists() and (sweep / "frontier.png").exists()
