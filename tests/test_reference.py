@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 import inspo.reference as R
@@ -179,3 +182,42 @@ def test_other_kinds_drop_the_reference_from_checkpoints():
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
+
+
+def test_sync_resume_is_exact(tmp_path):
+    """A run resumed from its step-3 checkpoint (as ``ckpt_path=last`` does) ends with the
+    reference and policy of the uninterrupted 6-step run: the synced reference and the last
+    synced step are in the checkpoint. (3 steps = one epoch of 10 rows: Lightning restarts an
+    interrupted epoch from its start, so the checkpoint is taken at an epoch end.)"""
+    dm = datamodule()
+    assert len(dm.datasets["train"]) == 10 and dm.batch_size == 4
+
+    def fit(max_steps, ckpt=None, save=False):
+        policy = tiny(0)
+        module = make_module(policy, frozen_copy(policy))
+        module.optim.lr, module.optim.warmup_steps = 1e-2, 0
+        module.reference_in_checkpoint = True
+        callbacks = [R.ReferenceSync(every=2, alpha=0.25)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,
+                                             every_n_train_steps=3))  # fmt: skip
+        trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=save,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, callbacks=callbacks,
+                            default_root_dir=str(tmp_path))  # fmt: skip
+        trainer.fit(module, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt)
+        return module
+
+    full = fit(5, save=True)  # syncs after steps 2 and 4; checkpoint at step 3
+    shutil.copy(tmp_path / "last.ckpt", tmp_path / "step3.ckpt")
+    assert torch.load(tmp_path / "step3.ckpt", weights_only=False)["global_step"] == 3
+    resumed = fit(5, ckpt=tmp_path / "step3.ckpt")
+    for a, b in zip(resumed.reference.parameters(), full.reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(resumed.policy.parameters(), full.policy.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    first = frozen_copy(tiny(0))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(first.parameters(), full.reference.parameters(), strict=True)
+    )
