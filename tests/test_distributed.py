@@ -198,6 +198,8 @@ def composed(*overrides: str):
 
 
 def test_multinode_and_slurm_launcher_compose():
+    from hydra.utils import instantiate
+
     cfg = composed("hardware=multinode", "hydra/launcher=slurm", "trainer.num_nodes=4")
     assert cfg.trainer.num_nodes == 4 and cfg.trainer.devices == 8
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
@@ -208,6 +210,9 @@ def test_multinode_and_slurm_launcher_compose():
     # One SLURM task per GPU, as many nodes as the trainer uses.
     assert launcher.nodes == 4 and launcher.tasks_per_node == 8 and launcher.gpus_per_node == 8
     assert launcher.timeout_min > 0 and launcher.max_num_timeout > 0
+    # Hydra builds the launcher from this node; building it submits nothing.
+    built = instantiate(launcher)
+    assert type(built).__name__ == "SlurmLauncher" and built.params["nodes"] == 4
 
 
 def test_gpu_preset_composes():
