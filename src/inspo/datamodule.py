@@ -130,6 +130,7 @@ class PreferenceDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         max_samples: int | None = None,
         over_long: str = "truncate",
+        sft_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.source = source
@@ -150,6 +151,10 @@ class PreferenceDataModule(L.LightningDataModule):
         if over_long not in ("truncate", "drop"):
             raise ValueError(f"data.over_long must be truncate or drop, got {over_long!r}")
         self.over_long = over_long
+        # SFT stage (reflection.sft_fraction, SPEC §6): this share of the training rows is laid
+        # out reflectively, R(x, other) then the chosen response, so the SFT policy learns the
+        # layout InSPO scores in. Rows are picked by a seeded draw over the row order.
+        self.sft_fraction = sft_fraction
         self.datasets: dict[str, Dataset] = {}
         self.raw: dict[str, Sequence[dict]] = {}
         # {split: {view: {field: [N]}}}: precomputed reference scores (inspo.reference), added
@@ -187,12 +192,19 @@ class PreferenceDataModule(L.LightningDataModule):
             clean.append({"row_id": row_id, **{c: text[c] for c in COLUMNS}, **extra})
         if not clean:
             raise ValueError(f"split {split!r} has no usable rows:\n{self.report}")
+        if self.sft_fraction > 0 and split == self.train_split:
+            g = torch.Generator().manual_seed(self.seed)
+            picks = (torch.rand(len(clean), generator=g) < self.sft_fraction).tolist()
+            for row, pick in zip(clean, picks, strict=True):
+                row["sft_reflective"] = pick
         ds = Dataset.from_list(clean)
         ds = ds.map(
             self._encode_rows,
             batched=True,
             batch_size=512,
-            remove_columns=[c for c in (*COLUMNS, "chat") if c in ds.column_names],
+            remove_columns=[
+                c for c in (*COLUMNS, "chat", "sft_reflective") if c in ds.column_names
+            ],
             cache_file_name=self._cache_file(split, clean),
             desc=f"tokenising {split}",
         )
@@ -222,6 +234,13 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _encode_rows(self, rows: dict[str, list]) -> dict[str, list]:
         enc = self.encoder.encode_batch(rows, self.views)
+        picked = [i for i, f in enumerate(rows.get("sft_reflective") or []) if f]
+        if picked:  # reflective-layout SFT rows: the plain chosen sequence becomes R(x, y') + y
+            sub = {c: [rows[c][i] for i in picked] for c in rows if c != "sft_reflective"}
+            ref = self.encoder.encode_batch(sub, ("reflective",))
+            for j, i in enumerate(picked):
+                enc["plain_chosen"][i] = ref["reflective_chosen"][j]
+                enc["plain_chosen_start"][i] = ref["reflective_chosen_start"][j]
         # The pair is identical for the policy when its two scored responses are.
         v = self.views[0]
         enc["identical"] = [

@@ -107,6 +107,8 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, objective: Objective) -> P
         cache_dir=str(Path(cfg.paths.cache_dir) / "tokenized"),
         max_samples=d.max_samples,
         over_long=d.get("over_long", "truncate"),
+        # reflective-layout SFT rows: only for a non-pairwise (SFT) objective
+        sft_fraction=0.0 if objective.pairwise else cfg.reflection.get("sft_fraction", 0.0),
     )
 
 
