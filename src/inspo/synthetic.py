@@ -77,8 +77,8 @@ _VALID_RE = re.compile(rf"^(?:[{CONSONANTS}][{VOWELS}])+$")
 @dataclass
 class SyntheticConfig:
     seed: int = 0
-    n_sft: int = 8192  # SFT rows
-    n_train: int = 8192  # preference pairs for DPO
+    n_sft: int = 32000  # SFT rows (500 steps x 64)
+    n_train: int = 8000  # preference pairs for DPO (250 steps x 32)
     n_val: int = 512  # held-out preference pairs (preference accuracy)
     n_eval: int = 256  # held-out eval prompts for generation (>= 256 for the demo)
     bt_scale: float = 10.0  # Bradley–Terry scale of the labeller
