@@ -13,7 +13,7 @@ from inspo.synthetic import (
     prompt_letters,
 )
 
-SMALL = {"n_sft": 300, "n_train": 2000, "n_val": 200, "n_eval": 256}
+SMALL = {"n_sft": 200, "n_train": 1000, "n_val": 200, "n_eval": 256}
 
 
 def test_prompt_layout_round_trip():
@@ -58,7 +58,7 @@ def test_deterministic_from_seed():
 
 def test_split_shapes_and_contents():
     s = make_splits(SyntheticConfig(seed=0, **SMALL))
-    assert [len(s[k]) for k in ("sft", "train", "val", "eval")] == [300, 2000, 200, 256]
+    assert [len(s[k]) for k in ("sft", "train", "val", "eval")] == [200, 1000, 200, 256]
     assert set(s["eval"][0]) == {"prompt"}
     for split in ("sft", "train", "val"):
         for r in s[split]:
