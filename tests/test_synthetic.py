@@ -107,5 +107,5 @@ def test_length_bias_prefers_longer_responses():
         return sum(len(r["chosen"]) > len(r["rejected"]) for r in rows) / len(rows)
 
     base = longer_chosen(SyntheticConfig(seed=0, **SMALL))
-    biased = longer_chosen(SyntheticConfig(seed=0, length_bias=0.1, **SMALL))
+    biased = longer_chosen(SyntheticConfig(seed=0, length_bias=0.2, **SMALL))
     assert biased > base + 0.15
