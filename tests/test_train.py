@@ -13,9 +13,9 @@ from conftest import FAST
 from inspo.train import ConfigError, compose_config, run
 
 
-def train(tmp_path, *overrides):
-    cfg = compose_config([*FAST, *overrides], tmp_path)
-    return run(cfg)
+def train(tmp_path, *overrides, synthetic=True):
+    fast = FAST if synthetic else [o for o in FAST if not o.startswith("+data.source.")]
+    return run(compose_config([*fast, *overrides], tmp_path))
 
 
 @pytest.mark.parametrize("reflection", ["off", "inspo"])
@@ -79,7 +79,27 @@ def test_reference_mismatch_is_refused_before_any_model_is_built(tmp_path):
 
 
 def test_bad_rows_are_counted_not_fatal(tmp_path):
-    summary = train(tmp_path, "trainer.max_steps=1", "+data.source.label_noise=0.0")
-    report = json.loads((tmp_path / "data_report.json").read_text())
+    """Empty prompts/responses, identical pairs and broken lines are skipped and counted."""
+    good = [{"prompt": f"Word with b, k, {c}: ", "chosen": "baku", "rejected": "zz"} for c in "tvw"]
+    bad = [
+        {"prompt": "", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "", "rejected": "b"},
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+    ]
+    lines = [json.dumps(r) for r in good * 4 + bad] + ["{not json"]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    summary = train(
+        tmp_path / "run", "data=jsonl", f"data.source.path={path}", "data.source.val_fraction=0.25",
+        "trainer.max_steps=1", "data.batch_size=2", synthetic=False,
+    )  # fmt: skip
     assert summary["steps"] == 1
-    assert report["train"]["rows_used"] > 0
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    skipped: dict[str, int] = {}
+    for split in report.values():
+        assert split["rows_read"] == split["rows_used"] + sum(split["skipped"].values())
+        for reason, n in split["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    assert skipped == {
+        "empty_prompt": 1, "empty_response": 1, "identical_responses": 1, "malformed_json": 1,
+    }  # fmt: skip

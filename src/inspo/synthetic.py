@@ -28,16 +28,18 @@ Generator
 A noisy "annotator" writes responses: each requested letter appears, as one syllable, with
 a per-response probability ``q ~ U(0.2, 1)``, in the prompt's order; then 0–3 filler
 syllables with random consonants are inserted at random places (vowels are random). Keeping
-the prompt's order gives the copying a positional signal that a tiny model picks up. A response that
-comes out with no syllable is empty (gold -0.5); with probability 0.04 a response is
+the prompt's order gives the copying a positional signal that a tiny model picks up. A draw
+that comes out with no syllable is redrawn (an empty row would only be skipped by the data
+checks); with probability 0.04 a response is
 corrupted into an invalid one (a digit, an upper-case letter, a space or a doubled
 consonant). The samples therefore spread over the whole range of quality: a model trained
 to imitate them is decent but clearly improvable.
 
 Splits (``make_splits``)
 ------------------------
-- ``sft``: ``chosen`` is one generator sample (the imitation target), ``rejected`` another,
-  distinct sample for the same prompt (the "other response" of reflective-layout SFT rows).
+- ``sft``: ``chosen`` is the best (by gold reward) of 4 generator samples, the imitation
+  target; ``rejected`` another, distinct sample for the same prompt (the "other response"
+  of reflective-layout SFT rows).
 - ``train`` / ``val``: two distinct generator samples labelled by a Bradley–Terry labeller:
   ``P(a preferred over b) = sigmoid(bt_scale * (u(a) - u(b)))`` with the labeller's utility
   ``u(y) = gold(x, y) + length_bias * |y|`` (``length_bias > 0`` is a verbosity bias), then
@@ -68,6 +70,7 @@ INVALID_REWARD = -0.5
 INVALID_RATE = 0.04
 MAX_FILLERS = 3
 VAL_POOL = 512
+SFT_BEST_OF = 4
 
 PROMPT_TEMPLATE = "Word with {}: "
 _PROMPT_RE = re.compile(r"^Word with ([a-z]), ([a-z]), ([a-z]): $")
@@ -135,12 +138,14 @@ def _corrupt(rng: random.Random, response: str) -> str:
 
 
 def sample_response(rng: random.Random, letters: tuple[str, ...]) -> str:
-    """One response of the noisy generator (see the module docstring)."""
-    q = rng.uniform(0.2, 1.0)
-    syllables = [_syllable(rng, c) for c in letters if rng.random() < q]
-    for _ in range(rng.randint(0, MAX_FILLERS)):
-        pos = rng.randint(0, len(syllables))
-        syllables.insert(pos, _syllable(rng, rng.choice(CONSONANTS)))
+    """One response of the noisy generator (see the module docstring); never empty."""
+    syllables: list[str] = []
+    while not syllables:  # an empty row would be skipped by the data checks, so redraw
+        q = rng.uniform(0.2, 1.0)
+        syllables = [_syllable(rng, c) for c in letters if rng.random() < q]
+        for _ in range(rng.randint(0, MAX_FILLERS)):
+            pos = rng.randint(0, len(syllables))
+            syllables.insert(pos, _syllable(rng, rng.choice(CONSONANTS)))
     response = "".join(syllables)
     if rng.random() < INVALID_RATE:
         response = _corrupt(rng, response)
@@ -181,8 +186,15 @@ def make_splits(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     sft = []
     for _ in range(cfg.n_sft):
         letters = rng.choice(train_pool)
-        chosen, other = _two_distinct(rng, letters)
-        sft.append({"prompt": make_prompt(letters), "chosen": chosen, "rejected": other})
+        prompt = make_prompt(letters)
+        # The imitation target is the best of SFT_BEST_OF samples: clean enough that the tiny
+        # model learns to copy the requested letters, noisy enough that DPO has room to improve.
+        draws = [sample_response(rng, letters) for _ in range(SFT_BEST_OF)]
+        chosen = max(draws, key=lambda y: gold_reward(prompt, y))
+        other = sample_response(rng, letters)
+        while other == chosen:
+            other = sample_response(rng, letters)
+        sft.append({"prompt": prompt, "chosen": chosen, "rejected": other})
 
     def pairs(pool: list[tuple[str, ...]], n: int) -> list[dict]:
         rows = []

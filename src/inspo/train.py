@@ -239,14 +239,33 @@ def save_policy(module: PreferenceModule, tokenizer: Any, out: Path, trainer: L.
         tokenizer.save_pretrained(out)
 
 
+def compose_config(overrides: list[str], run_dir: str | Path) -> DictConfig:
+    """Compose the train config outside a Hydra app (the demo's stages, tests).
+
+    The result behaves as inside ``inspo-train``: ``${hydra:runtime.output_dir}`` is
+    ``run_dir`` and the composed config is registered with HydraConfig.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(Path(run_dir).resolve())
+        cfg.hydra.runtime.cwd = os.getcwd()
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train once; returns the summary written to summary.json."""
-    run_dir = (
-        Path(HydraConfig.get().runtime.output_dir)
-        if HydraConfig.initialized()
-        else Path(cfg.get("run_dir", "logs/run"))
-    )
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    if not (run_dir / ".hydra").exists():  # composed outside a Hydra app: keep the config too
+        (run_dir / ".hydra").mkdir()
+        OmegaConf.save(job_cfg, run_dir / ".hydra" / "config.yaml")
     # Everything that can be wrong with the config fails here, before any model is built.
     objective = build_objective(cfg)
     resolve_auto(cfg, objective)  # reference=auto → none | policy_init
@@ -262,7 +281,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(datamodule.report)
         datamodule.report.save(run_dir / "data_report.json")
     if trainer.logger:
-        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer.logger.log_hyperparams(OmegaConf.to_container(job_cfg, resolve=True))
         trainer.logger.log_metrics(datamodule.report.flat_metrics(), step=0)
 
     module = build_module(cfg, objective, tokenizer)
