@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# One thread per process: the tiny models gain nothing from a second thread, and tests that
+# start 2 processes (DDP/FSDP on gloo) or run beside other work would oversubscribe 2 cores,
+# which slows PyTorch's CPU kernels by an order of magnitude. Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
@@ -32,7 +38,7 @@ FAST = [
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

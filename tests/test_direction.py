@@ -27,13 +27,6 @@ ROWS = [
 STEP = 1e-3  # norm of the parameter update
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    """One thread: on the shared, busy 2 cores, 2-thread matmuls of this tiny model spin-wait
-    and run ~40× slower (measured 0.39 s vs 0.009 s per forward)."""
-    torch.set_num_threads(1)
-
-
 def saturated_start_fix(module: PreferenceModule, objective, batch) -> None:
     """One-sided *reference-free* SimPO has h̄ = −S̄(y_l) ≈ 5.6 at a random init, so z = β·h̄ − γ
     ≈ 10 lies where hinge / truncated-quadratic are flat and squared rises: no step is meant to

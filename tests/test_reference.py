@@ -19,11 +19,6 @@ from inspo.sources import synthetic
 from inspo.train import ConfigError, check_config
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)  # 2-thread matmuls of a tiny model spin-wait on busy shared cores
-
-
 def datamodule(template="default", max_length=128, batch_size=4):
     dm = PreferenceDataModule(
         lambda: synthetic(n_sft=8, n_train=12, n_val=8, n_eval=4),
