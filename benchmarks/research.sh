@@ -7,12 +7,17 @@
 #   benchmarks/research.sh                       # everything, into logs/research/<timestamp>
 #   OUT=DIR STAGES="sft sweep report" benchmarks/research.sh seed=0   # a subset; extra
 #                                                # Hydra overrides go to every training run
+#   SWEEP_ARGS="seed=0 reference=policy_init" ...   # overrides for the two sweeps only
+# A grid that fits ~90 min on 2 idle cores (see docs/evaluation.md for the estimate):
+#   SWEEP_ARGS="seed=0 reference=policy_init eval.n_prompts=128" \
+#     benchmarks/research.sh model.tiny.hidden_size=128
 # Wall time: see docs/evaluation.md ("The research preset") for the measured per-run cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-logs/research/$(date +%Y-%m-%d_%H-%M-%S)}
 STAGES=${STAGES:-"sft sweep remedies report"}
 SFT_FRACTION=${SFT_FRACTION:-0.5}
+read -r -a SWEEP <<< "${SWEEP_ARGS:-}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -25,12 +30,12 @@ if has sft; then
 fi
 if has sweep; then
   inspo-train -m experiment=research logger=csv model.name_or_path="$OUT/sft/policy" \
-    hydra.sweep.dir="$OUT/sweep" "$@"
+    hydra.sweep.dir="$OUT/sweep" "$@" ${SWEEP[@]+"${SWEEP[@]}"}
 fi
 if has remedies; then
   inspo-train -m experiment=research_remedies logger=csv \
     model.name_or_path="$OUT/sft/policy,$OUT/sft_reflective/policy" \
-    hydra.sweep.dir="$OUT/remedies" "$@"
+    hydra.sweep.dir="$OUT/remedies" "$@" ${SWEEP[@]+"${SWEEP[@]}"}
 fi
 if has report; then
   inspo-report "$OUT/sweep"
