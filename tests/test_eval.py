@@ -12,9 +12,9 @@ from conftest import FAST
 from inspo.eval import (
     EvalConfig,
     RewardModelScorer,
+    cli,
     evaluate,
     log_wandb,
-    main,
     monte_carlo_kl,
     preference_accuracy,
     sample_logps,
@@ -151,7 +151,7 @@ def test_eval_stage_of_a_training_run_and_cli(tmp_path):
     assert on_disk["metrics"]["eval/win_rate"] == m["eval/win_rate"]
     assert len(json.loads((tmp_path / "run" / "eval" / "generations.json").read_text())) == 8
     # The CLI on the finished run reproduces the stage (same seed, same prompts).
-    again = main([str(tmp_path / "run"), "--n-prompts", "8", "--max-new-tokens", "8",
+    again = cli([str(tmp_path / "run"), "--n-prompts", "8", "--max-new-tokens", "8",
                   "--no-progress", "--out", str(tmp_path / "cli")])  # fmt: skip
     assert again["eval/win_rate"] == m["eval/win_rate"]
     assert again["eval/kl"] == pytest.approx(m["eval/kl"], abs=1e-4)

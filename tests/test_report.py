@@ -11,7 +11,7 @@ import pytest
 
 from conftest import FAST, REPO
 from inspo.models import byte_tokenizer, tiny_llama
-from inspo.report import main, symmetric_kl
+from inspo.report import cli, symmetric_kl
 
 # group dpo/off: 3 runs (win rates 0.2, 0.4, 0.9); group dpo/inspo: 2 runs (0.6, 0.6).
 RUNS = {
@@ -45,7 +45,7 @@ def fake_sweep(root):
 
 def test_report_figures(tmp_path):
     fake_sweep(tmp_path)
-    report = main([str(tmp_path), "--out", str(tmp_path / "out")])
+    report = cli([str(tmp_path), "--out", str(tmp_path / "out")])
     groups = report["groups"]
     assert set(groups) == {"dpo/off", "dpo/inspo"}
     off, ins = groups["dpo/off"], groups["dpo/inspo"]
@@ -89,7 +89,7 @@ def test_symmetric_kl_hand_case():
 
 def test_group_by_extra_choice(tmp_path):
     fake_sweep(tmp_path)
-    report = main([str(tmp_path), "--group-by", "reference", "--no-divergence",
+    report = cli([str(tmp_path), "--group-by", "reference", "--no-divergence",
                    "--out", str(tmp_path / "o")])  # fmt: skip
     assert set(report["groups"]) == {
         "dpo/off/reference=policy_init", "dpo/off/reference=sync",
@@ -110,7 +110,7 @@ def test_reduced_real_sweep_and_report(tmp_path):
            "eval.progress=false", f"hydra.sweep.dir={sweep}",
            f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=900)
-    report = main([str(sweep)])
+    report = cli([str(sweep)])
     assert set(report["groups"]) == {"dpo/off", "dpo/inspo"}
     for g in report["groups"].values():
         assert len(g["runs"]) == 2

@@ -353,7 +353,13 @@ def run_name(cfg: DictConfig, run_dir: Path) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (returns None so the exit status is 0); see :func:`cli`."""
+    cli(argv)
+
+
+def cli(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse ``argv``, run, print, and return the results."""
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run folder of inspo-train")

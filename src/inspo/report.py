@@ -274,7 +274,13 @@ def log_wandb(report: dict[str, Any], plots: list[Path], project: str = "inspo")
     run.finish()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (returns None so the exit status is 0); see :func:`cli`."""
+    cli(argv)
+
+
+def cli(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, run, print, and return the results."""
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path)
