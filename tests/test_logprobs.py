@@ -70,3 +70,47 @@ def test_bf16_logits_are_scored_in_fp32():
     assert s16.dtype == torch.float32
     s32, _ = sequence_logps(logits.bfloat16().float(), ids, mask)
     torch.testing.assert_close(s16, s32)
+
+
+def test_lm_head_on_scored_rows_matches_full_logits_values_and_gradients(monkeypatch):
+    """hidden_sequence_logps (LM head tile by tile on scored positions, recomputed in backward)
+    equals full logits + sequence_logps, in value and in the gradients of hidden and weight."""
+    import inspo.logprobs as lp_mod
+    from inspo.logprobs import hidden_sequence_logps
+
+    monkeypatch.setattr(lp_mod, "TILE_ELEMENTS", 40)  # several tiles of 3 rows
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 13, (3, 8), generator=g)
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    mask[0, 3:], mask[1, 5:7], mask[2, 1:] = 1, 1, 1
+    sums, counts = hidden_sequence_logps(h, w, ids, mask)
+    ref_sums, ref_counts = sequence_logps(h @ w.T, ids, mask)
+    torch.testing.assert_close(sums, ref_sums)
+    assert counts.tolist() == ref_counts.tolist()
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    got = torch.autograd.grad((sums * weights).sum(), (h, w))
+    want = torch.autograd.grad((ref_sums * weights).sum(), (h, w))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_module_scores_the_same_with_and_without_the_scored_lm_head(tokenizer):
+    from inspo.batches import Encoder, PreferenceCollator, resolve_template
+    from inspo.models import tiny_llama
+    from inspo.module import PreferenceModule
+    from inspo.objectives import DPO
+
+    enc = Encoder(tokenizer, resolve_template("default"), max_length=64, max_prompt_length=32)
+    rows = [{**enc.encode("Q: abc? ", "yes", "no no", ["plain"]), "index": 0}]
+    view = PreferenceCollator(tokenizer.pad_token_id, ("plain",))(rows)["plain"]
+    model = tiny_llama(hidden_size=32, num_layers=2, num_heads=2, tokenizer=tokenizer)
+    module = PreferenceModule(model, DPO())
+    fast, logits = module.score_view(model, view)
+    assert logits is None  # the LM head ran on the scored positions only
+    module.scored_lm_head = False
+    full, logits = module.score_view(model, view)
+    assert logits is not None
+    torch.testing.assert_close(fast.chosen, full.chosen)
+    torch.testing.assert_close(fast.rejected, full.rejected)

@@ -44,3 +44,98 @@ def sequence_logps(
     lp = token_logps(logits[:, :-1], targets, chunk=chunk)
     lp = torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
     return lp.sum(-1), mask.sum(-1)
+
+
+# --------------------------------------------------------------------------- LM head on scored rows
+#: Elements of one [rows, vocab] logits tile in :class:`_LMHeadLogps` (64 MiB in float32).
+TILE_ELEMENTS = 1 << 24
+
+
+class _LMHeadLogps(torch.autograd.Function):
+    """log softmax(h @ W.T)[target] per row, tile by tile; backward recomputes each tile.
+
+    Never holds more than one [tile, vocab] block of logits (forward or backward), so memory is
+    O(rows × hidden + tile × vocab) instead of O(rows × vocab).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, tile: int) -> Tensor:
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least
+        out = hidden.new_empty(hidden.shape[0], dtype=acc)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], tile):
+            logits = (hidden[s : s + tile] @ weight.T).to(acc)
+            lse[s : s + tile] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, targets[s : s + tile, None]).squeeze(-1)
+            out[s : s + tile] = picked - lse[s : s + tile]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.tile = tile
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_out = grad_out.to(acc)
+        for s in range(0, hidden.shape[0], ctx.tile):
+            h, g = hidden[s : s + ctx.tile], grad_out[s : s + ctx.tile, None]
+            logits = (h @ weight.T).to(acc)
+            # d(logit[t] - lse)/d logits = onehot(t) - softmax
+            grad = torch.exp(logits - lse[s : s + ctx.tile, None]).mul_(-g)
+            grad.scatter_add_(1, targets[s : s + ctx.tile, None], g)
+            grad = grad.to(hidden.dtype)
+            if need_h:
+                grad_h[s : s + ctx.tile] = grad @ weight
+            if need_w:
+                grad_w.add_((grad.T @ h).to(acc))
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
+
+
+def lm_head_logps(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(hidden @ weight.T)[targets] for hidden [M, d], weight [V, d], targets [M]."""
+    tile = max(1, TILE_ELEMENTS // weight.shape[0])
+    return _LMHeadLogps.apply(hidden, weight, targets, tile)
+
+
+def hidden_sequence_logps(
+    hidden: Tensor, weight: Tensor, input_ids: Tensor, loss_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Like :func:`sequence_logps`, from the last hidden states [N, T, d] and the LM head's
+    weight [V, d]: the head is applied only at the positions that predict a scored token.
+
+    Prompts, reflective contexts and padding cost no LM-head work, and no [N, T, V] logits
+    exist, in forward or backward.
+    """
+    mask = loss_mask[:, 1:].to(torch.bool)
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    lp = lm_head_logps(hidden[:, :-1][mask], weight, input_ids[:, 1:][mask])
+    sums = torch.zeros(mask.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+    return sums, mask.sum(-1)
+
+
+#: Config fields that change the logits after the LM head's matmul; such models use full logits.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+    "logits_scaling",
+)  # fmt: skip
+
+
+def split_lm_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Tensor] | None:
+    """(decoder, LM-head weight) when ``model``'s logits are exactly ``decoder(...) @ W.T``;
+    None otherwise (wrappers, PEFT, FSDP-sharded roots, biased or scaled heads), in which case
+    the caller computes full logits."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel) or type(model).__name__.startswith("FSDP"):
+        return None
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or decoder in (None, model):
+        return None
+    config = model.config.get_text_config()
+    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
+        return None
+    return decoder, head.weight
