@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from inspo.logprobs import sequence_logps
+from inspo.logprobs import hidden_sequence_logps, sequence_logps, split_lm_head
 from inspo.models import freeze, frozen_copy
 from inspo.objectives import Objective, ObjectiveOutput, PairScores
 
@@ -126,7 +126,14 @@ class PreferenceModule(L.LightningModule):
         return tuple(sorted(views, key=("reflective", "plain").index))
 
     # ------------------------------------------------------------------ scoring
-    def _forward(self, model: PreTrainedModel, view: dict[str, Tensor]) -> Tensor:
+    #: Apply the LM head only at the positions that predict a scored token, on the decoder's
+    #: hidden states (inspo.logprobs.hidden_sequence_logps), when the model allows it
+    #: (inspo.logprobs.split_lm_head). Off: full logits, then chunked log-softmax.
+    scored_lm_head: bool = True
+
+    def _forward(
+        self, model: PreTrainedModel, view: dict[str, Tensor], output: str = "logits"
+    ) -> Tensor:
         # Positions count real tokens only, so left- and right-padded rows score the same.
         mask = view["attention_mask"]
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -135,16 +142,27 @@ class PreferenceModule(L.LightningModule):
             attention_mask=mask,
             position_ids=position_ids,
             use_cache=False,
-        ).logits
+        )[output]
 
     def score_view(
         self, model: PreTrainedModel, view: dict[str, Tensor], rows: slice | None = None
-    ) -> tuple[ViewScores, Tensor]:
-        """Score every sequence of ``view`` in one forward pass; returns scores and logits."""
+    ) -> tuple[ViewScores, Tensor | None]:
+        """Score every sequence of ``view`` in one forward pass; returns scores and logits
+        (None when only the scored positions went through the LM head)."""
         if rows is not None:
             view = {k: v[rows] for k, v in view.items()}
-        logits = self._forward(model, view)
-        sums, counts = sequence_logps(logits, view["input_ids"], view["loss_mask"], self.logp_chunk)
+        parts = split_lm_head(model) if self.scored_lm_head and self.distill_weight == 0 else None
+        if parts is not None:  # LM head only where a scored token is predicted: no full logits
+            logits = None
+            hidden = self._forward(parts[0], view, output="last_hidden_state")
+            sums, counts = hidden_sequence_logps(
+                hidden, parts[1], view["input_ids"], view["loss_mask"]
+            )
+        else:
+            logits = self._forward(model, view)
+            sums, counts = sequence_logps(
+                logits, view["input_ids"], view["loss_mask"], self.logp_chunk
+            )
         n = sums.shape[0]
         half = n // 2 if rows is None else n
         zeros = torch.zeros_like(sums[:half])
@@ -203,12 +221,14 @@ class PreferenceModule(L.LightningModule):
             if self.objective.pairwise
             else slice(0, batch[policy_view]["input_ids"].shape[0] // 2)
         )
-        pol, logits = self.score_view(self.policy, batch[policy_view], rows)
+        # The reference's no-grad forward runs first: its activations are freed before the
+        # policy's graph is built, so the peak is max(reference, policy), not their sum.
         ref = (
             self.reference_scores(batch, reference_view)
             if self.objective.requires_reference
             else None
         )
+        pol, logits = self.score_view(self.policy, batch[policy_view], rows)
         return self.objective(self.pair_scores(pol, ref, one_sided)), pol, logits
 
     # ------------------------------------------------------------------ steps
@@ -312,6 +332,13 @@ class PreferenceModule(L.LightningModule):
             )
 
     # ------------------------------------------------------------------ optimisation
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # Free the gradients right after the update (as HF's Trainer does). Lightning would
+        # zero them inside the next closure, after the forward: the next forward would then
+        # hold a model-sized block of stale gradients on top of its activations.
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
         params = [p for p in self.policy.parameters() if p.requires_grad]
