@@ -303,10 +303,3 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.val_split is None:
             return []
         return self._loader(self.val_split, self.views, self.eval_batch_size, shuffle=False)
-
-    def eval_prompts(self, split: str = "eval") -> list[str]:
-        """Prompts held out for generation (the synthetic task's ``eval`` split)."""
-        if not self.raw:
-            self.raw = self.source()
-        texts = (to_text(r, self.tokenizer) for r in self.raw[split])
-        return [t["prompt"] for t in texts if not isinstance(t, str)]

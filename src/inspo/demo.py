@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from inspo.eval import eval_prompts
 from inspo.evaluation import generate, length_controlled_win_rate, score, win_rate
 from inspo.models import load_policy, load_tokenizer
-from inspo.synthetic import SyntheticConfig, gold_reward, make_splits
+from inspo.synthetic import gold_reward
 from inspo.train import compose_config, run
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,13 @@ def plot(table: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``inspo-demo``); exits 0 on success."""
+    run_demo(argv)
+
+
+def run_demo(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the demo; returns what it writes to demo.json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder")
     parser.add_argument("--eval-prompts", type=int, default=256)
@@ -159,9 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summaries[name] = train_stage(name, stage, out)
 
     cfg = compose_config(["experiment=demo", *common], out / "eval")
-    data_cfg = {k: v for k, v in cfg.data.source.items() if k != "_target_"}
-    prompts = [r["prompt"] for r in make_splits(SyntheticConfig(**data_cfg))["eval"]]
-    prompts = prompts[: args.eval_prompts]
+    prompts = eval_prompts(cfg, load_tokenizer(None))[: args.eval_prompts]
     t_eval = time.perf_counter()
     results = evaluate_policies(
         out, prompts, args.eval_seed, args.max_new_tokens, args.eval_batch_size
