@@ -182,10 +182,10 @@ def test_other_kinds_drop_the_reference_from_checkpoints():
 def test_sync_resume_is_exact(tmp_path):
     """A run resumed from its step-3 checkpoint (as ``ckpt_path=last`` does) ends with the
     reference and policy of the uninterrupted 6-step run: the synced reference and the last
-    synced step are in the checkpoint. (3 steps = one epoch of 10 rows: Lightning restarts an
-    interrupted epoch from its start, so the checkpoint is taken at an epoch end.)"""
+    synced step are in the checkpoint. (3 steps = one epoch of 12 rows, so the checkpoint is
+    taken at an epoch end; mid-epoch resume is tested in tests/test_train.py.)"""
     dm = datamodule()
-    assert len(dm.datasets["train"]) == 10 and dm.batch_size == 4
+    assert len(dm.datasets["train"]) == 12 and dm.batch_size == 4
 
     def fit(max_steps, ckpt=None, save=False):
         policy = tiny(0)
