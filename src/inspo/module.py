@@ -108,22 +108,18 @@ class PreferenceModule(L.LightningModule):
     # ------------------------------------------------------------------ views
     @property
     def policy_view(self) -> str:
-        return "plain" if self.reflection == "off" else "reflective"
+        return policy_view(self.reflection)
 
     @property
     def reference_view(self) -> str:
-        if self.reflection == "inspo_one_sided":
-            return "plain"  # eq. 22 compares against S_ref(y_l | x)
-        return self.policy_view if self.reference_context == "reflective" else "plain"
+        return reference_view(self.reflection, self.reference_context)
 
     def train_views(self) -> tuple[str, ...]:
         """The views a training batch must carry."""
-        views = {self.policy_view}
-        if self.objective.requires_reference:
-            views.add(self.reference_view)
-        if self.standard_weight > 0 or self.distill_weight > 0:
-            views.add("plain")
-        return tuple(sorted(views, key=("reflective", "plain").index))
+        return train_views(
+            self.reflection, self.reference_context, self.objective.requires_reference,
+            self.standard_weight, self.distill_weight,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ scoring
     #: Apply the LM head only at the positions that predict a scored token, on the decoder's
@@ -409,6 +405,34 @@ class PreferenceModule(L.LightningModule):
         if self.reference is not None:
             self.reference.eval()  # dropout off in the reference, always
         return self
+
+
+def policy_view(reflection: str) -> str:
+    """The view the policy is scored on: ``plain`` (standard form) or ``reflective`` (InSPO)."""
+    return "plain" if reflection == "off" else "reflective"
+
+
+def reference_view(reflection: str, reference_context: str) -> str:
+    """The view the reference is scored on."""
+    if reflection == "inspo_one_sided":
+        return "plain"  # eq. 22 compares against S_ref(y_l | x)
+    return policy_view(reflection) if reference_context == "reflective" else "plain"
+
+
+def train_views(
+    reflection: str,
+    reference_context: str,
+    requires_reference: bool,
+    standard_weight: float = 0.0,
+    distill_weight: float = 0.0,
+) -> tuple[str, ...]:
+    """The views a training batch must carry; the data module builds exactly these."""
+    views = {policy_view(reflection)}
+    if requires_reference:
+        views.add(reference_view(reflection, reference_context))
+    if reflection != "off" and (standard_weight > 0 or distill_weight > 0):
+        views.add("plain")  # the standard loss and the distillation student see x alone
+    return tuple(v for v in ("reflective", "plain") if v in views)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.datamodule import PreferenceDataModule
 from inspo.models import load_policy, load_tokenizer
-from inspo.module import REFLECTIONS, OptimConfig, PreferenceModule, make_reference
+from inspo.module import REFLECTIONS, OptimConfig, PreferenceModule, make_reference, train_views
 from inspo.objectives import Objective
 from inspo.paths import config_dir
 from inspo.reference import prepare_reference, reference_callbacks, resolve_auto
@@ -73,20 +73,6 @@ def check_config(cfg: DictConfig, objective: Objective) -> None:
         )
 
 
-def train_views(cfg: DictConfig, objective: Objective) -> tuple[str, ...]:
-    """Which views a training batch carries (mirrors PreferenceModule.train_views)."""
-    r = cfg.reflection
-    if r.mode == "off":
-        return ("plain",)
-    views = {"reflective"}
-    needs_plain_ref = objective.requires_reference and (
-        r.mode == "inspo_one_sided" or cfg.reference.context == "plain"
-    )
-    if needs_plain_ref or r.standard_weight > 0 or r.distill_weight > 0:
-        views.add("plain")
-    return tuple(v for v in ("reflective", "plain") if v in views)
-
-
 def build_datamodule(cfg: DictConfig, tokenizer: Any, objective: Objective) -> PreferenceDataModule:
     d = cfg.data
     return PreferenceDataModule(
@@ -100,7 +86,13 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, objective: Objective) -> P
         max_prompt_length=d.max_prompt_length,
         template=cfg.reflection.template,
         reflection=cfg.reflection.mode != "off",
-        train_views=train_views(cfg, objective),
+        train_views=train_views(
+            cfg.reflection.mode,
+            cfg.reference.context,
+            objective.requires_reference,
+            cfg.reflection.standard_weight,
+            cfg.reflection.distill_weight,
+        ),
         strict=d.strict,
         num_workers=d.num_workers,
         seed=cfg.seed,
