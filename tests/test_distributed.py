@@ -200,6 +200,10 @@ def composed(*overrides: str):
 def test_multinode_and_slurm_launcher_compose():
     from hydra.utils import instantiate
 
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher",
+        reason="hydra-submitit-launcher (the slurm extra) is not installed",
+    )
     cfg = composed("hardware=multinode", "hydra/launcher=slurm", "trainer.num_nodes=4")
     assert cfg.trainer.num_nodes == 4 and cfg.trainer.devices == 8
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
