@@ -48,7 +48,13 @@ from transformers.utils import logging as hf_logging
 
 from inspo.datamodule import PreferenceDataModule
 from inspo.logprobs import hidden_sequence_logps, sequence_logps
-from inspo.models import byte_tokenizer, count_parameters, frozen_copy, tiny_llama
+from inspo.models import (
+    byte_tokenizer,
+    count_parameters,
+    enable_checkpointing,
+    frozen_copy,
+    tiny_llama,
+)
 from inspo.module import OptimConfig, PreferenceModule
 from inspo.objectives import DPO
 from inspo.reference import precompute_reference
@@ -97,6 +103,15 @@ CONFIGS = [
     ("inspo InSPO ctx=plain", "inspo", "inspo_plain"),
 ]
 BETA, LR, SEED = 0.1, 1e-5, 0
+# --checkpointing: activation (gradient) checkpointing of the policy, the same on both sides.
+# TRL 1.16's DPOConfig turns it on by default; inspo's default (model.gradient_checkpointing)
+# is off. "trl-default" reproduces the two defaults (not like-for-like).
+CHECKPOINTING = ["off"]
+
+
+def checkpointing(framework: str) -> bool:
+    mode = CHECKPOINTING[0]
+    return mode == "on" or (mode == "trl-default" and framework == "trl")
 
 
 # --------------------------------------------------------------------------- data
@@ -189,15 +204,18 @@ class StepClock(L.Callback):
         self.ref_tokens.append(int(ref_view))
 
 
-def run_inspo(size: Size, mode: str, workdir: str) -> dict:
+def run_inspo(size: Size, mode: str, profile: bool = False, *, workdir: str) -> dict:
     tok = byte_tokenizer()
     policy = tiny_llama(tokenizer=tok, seed=SEED, **size.model)
     reflection = "inspo" if mode.startswith("inspo") else "off"
     context = "plain" if mode == "inspo_plain" else "reflective"
+    reference = frozen_copy(policy)
+    if checkpointing("inspo"):  # as inspo.models.load_policy(gradient_checkpointing=True)
+        enable_checkpointing(policy)
     module = PreferenceModule(
         policy,
         DPO(beta=BETA),
-        frozen_copy(policy),
+        reference,
         reflection=reflection,
         reference_context=context,
         optim=OptimConfig(lr=LR),
@@ -220,6 +238,7 @@ def run_inspo(size: Size, mode: str, workdir: str) -> dict:
             module, module.reference, dm, workdir, model_id="bench", batch_size=size.batch
         )
     clock = StepClock(module)
+    profiler = PhaseProfiler(module, size) if profile else None
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -231,10 +250,73 @@ def run_inspo(size: Size, mode: str, workdir: str) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[clock],
+        callbacks=[clock] + ([profiler] if profiler else []),
     )
     trainer.fit(module, datamodule=dm)
-    return summarise(clock.ends, clock.tokens, clock.ref_tokens, size)
+    result = summarise(clock.ends, clock.tokens, clock.ref_tokens, size)
+    if profiler:
+        result["phases_ms"] = profiler.phases_ms()
+    return result
+
+
+# --------------------------------------------------------------------------- profile
+PHASES = ("training_step", "reference_scores", "score_view", "backward", "optimizer_step")
+
+
+class PhaseProfiler(L.Callback):
+    """torch.profiler over the measured steps, with the module's phases labelled.
+
+    The labels wrap the instance's own methods (``record_function``), so the step runs the
+    same code; the profile gives each phase's CPU time per step, and the rest of the step
+    (data loading, collation, callbacks, logging, Lightning's loop) is what remains.
+    ``score_view`` is the policy's forward (and, without a reference model, nothing else);
+    ``reference_scores`` the reference's; both sit inside ``training_step``.
+    """
+
+    def __init__(self, module: PreferenceModule, size: Size) -> None:
+        self.size, self.prof, self.steps = size, None, 0
+        for name in PHASES:
+            setattr(module, name, self._labelled(getattr(module, name), f"inspo/{name}"))
+
+    @staticmethod
+    def _labelled(fn, label: str):
+        def wrapped(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.size.warmup + 1:  # the steps summarise() measures
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.prof is not None:
+            self.steps += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.prof is not None:
+            self.wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+
+    def phases_ms(self) -> dict:
+        """Exclusive phases, ms per step. Lightning runs training_step and backward inside
+        optimizer_step's closure, and reference_scores calls score_view, so the phases are
+        differences of the nested labels."""
+        totals = {e.key: e.cpu_time_total / 1e3 for e in self.prof.key_averages()}
+        t = {p: totals.get(f"inspo/{p}", 0.0) / self.steps for p in PHASES}
+        step = self.wall * 1e3 / self.steps
+        return {
+            "reference forward": t["reference_scores"],
+            "policy forward": t["score_view"] - t["reference_scores"],
+            "loss and metrics": t["training_step"] - t["score_view"],
+            "backward": t["backward"],
+            "clip + AdamW + zero_grad": t["optimizer_step"] - t["training_step"] - t["backward"],
+            "data, hooks, logging (rest of the step)": step - t["optimizer_step"],
+            "step": step,
+        }
 
 
 # --------------------------------------------------------------------------- TRL
@@ -246,7 +328,7 @@ class TrlClock(TrainerCallback):
         self.ends.append(time.perf_counter())
 
 
-def run_trl(size: Size, mode: str, workdir: str) -> dict:
+def run_trl(size: Size, mode: str, *, workdir: str) -> dict:
     tok = byte_tokenizer()
     policy = tiny_llama(tokenizer=tok, seed=SEED, **size.model)
     precomputed = mode == "precomputed"
@@ -266,6 +348,7 @@ def run_trl(size: Size, mode: str, workdir: str) -> dict:
         save_strategy="no",
         logging_steps=10,
         max_grad_norm=1.0,
+        gradient_checkpointing=checkpointing("trl"),
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=SEED,
@@ -328,7 +411,7 @@ def _child(conn, fn, args) -> None:
     meter = RssPeak(every=0.01 if fn in (run_inspo, run_trl) else 0.0005)
     try:
         with tempfile.TemporaryDirectory() as d:
-            out = fn(*args, d) if fn in (run_inspo, run_trl) else fn(*args)
+            out = fn(*args, workdir=d) if fn in (run_inspo, run_trl) else fn(*args)
         peak = meter.stop()
         conn.send({"ok": True, "result": out, "peak_mem_mb": peak / 2**20})
     except Exception as e:  # reported, not raised: one failed config must not stop the run
@@ -372,8 +455,24 @@ def main() -> None:
     ap.add_argument("--logp-vocab", type=int, default=128_256)
     ap.add_argument("--steps", type=int, help="measured steps (default: per size)")
     ap.add_argument("--warmup", type=int, help="warm-up steps (default: per size)")
+    ap.add_argument(
+        "--checkpointing",
+        choices=("off", "on", "trl-default"),
+        default="off",
+        help="activation checkpointing of the policy, the same for both (default off); "
+        "trl-default: TRL's default (on) against inspo's (off)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the comparison: profile inspo's DPO live and precomputed steps "
+        "(torch.profiler, phases per step) on the first of --sizes",
+    )
     args = ap.parse_args()
     THREADS[0] = args.threads
+    CHECKPOINTING[0] = args.checkpointing
+    if args.profile:
+        return profile(SIZES[args.sizes.split(",")[0]], args)
 
     def pick(spec: str) -> list:
         return [c for c in CONFIGS if spec == "all" or c[0] in spec.split(",")]
@@ -388,7 +487,8 @@ def main() -> None:
 
     emit({"kind": "env", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
           "torch": torch.__version__, "trl": trl.__version__, "lightning": L.__version__,
-          "threads": args.threads, "loadavg": os.getloadavg()})  # fmt: skip
+          "threads": args.threads, "checkpointing": args.checkpointing,
+          "loadavg": os.getloadavg()})  # fmt: skip
     peaks: list[float] = []
     rows: dict[tuple[str, str], Row] = {}
     for size_name in args.sizes.split(","):
@@ -428,6 +528,27 @@ def main() -> None:
 
     print(table(rows, peak, mem, args.logp_vocab))
     out.close()
+
+
+def profile(size: Size, args) -> None:
+    """Phases of inspo's DPO step, live vs precomputed reference, alternating, medians."""
+    if args.steps or args.warmup:
+        size = replace(size, steps=args.steps or size.steps, warmup=args.warmup or size.warmup)
+    runs: dict[str, list[dict]] = {"live": [], "precomputed": []}
+    for _ in range(args.reps):
+        for mode in runs:
+            msg = in_child(run_inspo, size, mode, True)
+            if not msg["ok"]:
+                raise SystemExit(msg["error"])
+            runs[mode].append(msg["result"]["phases_ms"])
+            print(json.dumps({"kind": "profile", "size": size.name, "mode": mode,
+                              **msg["result"]}), flush=True)  # fmt: skip
+    med = {m: {k: statistics.median(r[k] for r in v) for k in v[0]} for m, v in runs.items()}
+    print(f"\ninspo DPO step phases, {size.name}, ms per step (torch.profiler CPU time, median "
+          f"of {args.reps}; training_step includes the forwards and the loss):\n")  # fmt: skip
+    print("| phase | live | precomputed |\n|---|---|---|")
+    for k in med["live"]:
+        print(f"| {k} | {med['live'][k]:.1f} | {med['precomputed'][k]:.1f} |")
 
 
 def table(rows: dict, peak: float, mem: dict, vocab: int) -> str:

@@ -96,6 +96,14 @@ def load_tokenizer(name_or_path: str | None, **kwargs: Any) -> PreTrainedTokeniz
     return tok
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing: recompute each layer's activations in backward (memory for
+    time). transformers ≥ 5.2 renamed gradient_checkpointing_* to activation_checkpointing_*."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
+    model.config.use_cache = False
+
+
 def load_policy(
     name_or_path: str | None = None,
     tiny: dict[str, Any] | None = None,
@@ -122,8 +130,7 @@ def load_policy(
     if name_or_path is None and attn_implementation:
         model.set_attn_implementation(attn_implementation)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        enable_checkpointing(model)
     if lora:
         model = add_lora(model, **lora)
     return model
