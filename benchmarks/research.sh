@@ -1,101 +1,129 @@
 #!/usr/bin/env bash
 # The research result on the embedded task, in one command (issue 5):
-#   SFT → the research sweep (DPO/IPO × standard/InSPO
-#   × 6 Ψ × REFERENCES × SEEDS) → the remedies (InSPO-DPO with one SPEC §6 remedy at a time,
-#   against InSPO-DPO and DPO, × SEEDS; the sft_fraction remedy first trains its own SFT start
-#   with reflective-layout rows) → inspo-report on both. Each preference run ends with
-#   the evaluation stage.
+#   1. sft:      the SFT start, and a second one with reflective-layout rows (sft_fraction)
+#   2. sweep:    DPO and IPO × standard/InSPO × the six Ψ × REFERENCES × SWEEP_SEEDS
+#   3. remedies: InSPO-DPO (logistic Ψ, policy_init) with one SPEC §6 remedy at a time, and the
+#                two baselines it is judged against (InSPO-DPO and DPO), × SEEDS; a baseline
+#                run that the sweep already made (same config, same seed) is copied, not rerun
+#   4. report:   inspo-report on the sweep and on the remedies
+# Every preference run ends with the evaluation stage (gold win rate vs the SFT start, LC win
+# rate, lengths, KL).
 #
 #   benchmarks/research.sh                 # the README's grid, 2 workers, logs/research/<time>
-#   REFERENCES="policy_init sync" SEEDS="0 1 2" benchmarks/research.sh   # a bigger grid
-#   OUT=DIR STAGES="sweep report" benchmarks/research.sh eval.n_prompts=256
-#                                          # a subset of stages; extra Hydra overrides go to
-#                                          # every training run
-# JOBS=2 splits each sweep across two processes with one thread each (on 2 cores this is
-# ~1.6× the throughput of one 2-thread process); JOBS=1 runs everything in one process.
+#   SWEEP_SEEDS="0 1" REFERENCES="policy_init sync" benchmarks/research.sh   # the full grid
+#   OUT=DIR STAGES="remedies report" benchmarks/research.sh eval.n_prompts=256
+#                       # a subset of stages; extra Hydra overrides go to every training run
+# JOBS=2 runs two processes with one thread each (on 2 cores, more throughput than one process
+# with two threads); JOBS=1 runs one at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-logs/research/$(date +%Y-%m-%d_%H-%M-%S)}
 STAGES=${STAGES:-"sft sweep remedies report"}
+SWEEP_SEEDS=${SWEEP_SEEDS:-0}
 SEEDS=${SEEDS:-"0 1"}
 REFERENCES=${REFERENCES:-policy_init}
 SFT_FRACTION=${SFT_FRACTION:-0.5}
 JOBS=${JOBS:-2}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+EXTRA=("$@")
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-csv() { echo "$*" | tr ' ' ','; }
+log() { echo "[research $(( ($(date +%s) - t0) / 60 )) min] $*"; }
 t0=$(date +%s)
 if [[ $JOBS -gt 1 ]]; then export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1; fi
 
-# Run the given functions, JOBS at a time, each started as soon as a slot frees; report the
-# ones that failed (their logs are in OUT) and fail at the end.
+# Run the given commands (each one string, word-split), JOBS at a time, each started as soon as
+# a slot frees; name the ones that failed (their logs are in OUT) and fail at the end.
 parallel() {
-  local job failed=()
+  local i failed=()
   rm -f "$OUT"/.failed_*
+  i=0
   for job in "$@"; do
     while [[ $(jobs -rp | wc -l) -ge $JOBS ]]; do wait -n || true; done
-    { "$job" || touch "$OUT/.failed_$job"; } &
+    # shellcheck disable=SC2086
+    { $job || touch "$OUT/.failed_$i"; } &
+    i=$((i + 1))
   done
   wait
-  for job in "$@"; do [[ -e $OUT/.failed_$job ]] && failed+=("$job"); done
-  if [[ ${#failed[@]} -gt 0 ]]; then echo "failed: ${failed[*]}" >&2; return 1; fi
+  i=0
+  for job in "$@"; do
+    [[ -e $OUT/.failed_$i ]] && failed+=("$job")
+    i=$((i + 1))
+  done
+  if [[ ${#failed[@]} -gt 0 ]]; then printf 'failed: %s\n' "${failed[@]}" >&2; return 1; fi
 }
-log() { echo "[research $(( ($(date +%s) - t0) / 60 )) min] $*"; }
 
-sft_plain() {
-  inspo-train experiment=sft logger=csv hydra.run.dir="$OUT/sft" "${EXTRA[@]+"${EXTRA[@]}"}" >"$OUT/sft.log" 2>&1
-}
-sft_reflective() {
-  inspo-train experiment=sft logger=csv reflection.sft_fraction="$SFT_FRACTION" \
-    hydra.run.dir="$OUT/sft_reflective" "${EXTRA[@]+"${EXTRA[@]}"}" >"$OUT/sft_reflective.log" 2>&1
-}
-# One process per objective; each sweeps forms × Ψ × references, a seed at a time, so a run
-# stopped early still holds whole seeds.
-sweep_objective() {
-  local obj=$1 seed
+train() {  # train LOG ARGS...: one inspo-train call, its output in OUT/LOG
+  local out=$1
   shift
-  for seed in $SEEDS; do
-    inspo-train -m experiment=research logger=csv objective="$obj" seed="$seed" \
-      reference="$(csv $REFERENCES)" model.name_or_path="$OUT/sft/policy" \
-      hydra.sweep.dir="$OUT/sweep/${obj}_seed$seed" "$@" >"$OUT/sweep_${obj}_seed$seed.log" 2>&1
-    log "sweep: $obj seed $seed done"
+  inspo-train logger=csv "$@" "${EXTRA[@]+"${EXTRA[@]}"}" >"$OUT/$out" 2>&1
+}
+sft() {  # sft NAME FRACTION
+  train "$1.log" experiment=sft reflection.sft_fraction="$2" hydra.run.dir="$OUT/$1"
+}
+# One process per objective; forms × Ψ × references in one multirun per seed.
+sweep() {  # sweep OBJECTIVE
+  local seed
+  for seed in $SWEEP_SEEDS; do
+    train "sweep_$1_seed$seed.log" -m experiment=research objective="$1" seed="$seed" \
+      reference="$(echo $REFERENCES | tr ' ' ,)" model.name_or_path="$OUT/sft/policy" \
+      hydra.sweep.dir="$OUT/sweep/$1_seed$seed"
+    log "sweep: $1 seed $seed done"
   done
 }
-sweep_dpo() { sweep_objective dpo "${EXTRA[@]+"${EXTRA[@]}"}"; }
-sweep_ipo() { sweep_objective ipo "${EXTRA[@]+"${EXTRA[@]}"}"; }
-
-# Remedies one at a time (a full factorial is 4× the runs): each variant × SEEDS, plus the two
-# baselines it is judged against (InSPO-DPO without remedies, and DPO) at the same settings.
+# remedy NAME SEED ARGS...: InSPO-DPO/DPO, logistic Ψ, policy_init reference, one seed.
 remedy() {
-  local name=$1
-  shift
-  inspo-train -m experiment=research logger=csv objective=dpo objective.scalarization=logistic \
-    reference=policy_init seed="$(csv $SEEDS)" hydra.sweep.dir="$OUT/remedies/$name" \
-    "$@" "${EXTRA[@]+"${EXTRA[@]}"}" >"$OUT/remedies_$name.log" 2>&1
-  log "remedies: $name done"
+  local name=$1 seed=$2 dir="$OUT/remedies/$1/seed$2"
+  shift 2
+  if [[ -e $dir/summary.json ]]; then return; fi
+  train "remedies_${name}_seed$seed.log" experiment=research objective=dpo \
+    objective.scalarization=logistic reference=policy_init seed="$seed" \
+    hydra.run.dir="$dir" "$@"
+  log "remedies: $name seed $seed done"
 }
-plain_sft="model.name_or_path=$OUT/sft/policy"
-remedy_dpo() { remedy dpo reflection=off "$plain_sft"; }
-remedy_inspo() { remedy inspo reflection=inspo "$plain_sft"; }
-remedy_plain_context() { remedy plain_context reflection=inspo reference.context=plain "$plain_sft"; }
-remedy_standard_weight() { remedy standard_weight reflection=inspo reflection.standard_weight=0.5 "$plain_sft"; }
-remedy_distill_weight() { remedy distill_weight reflection=inspo reflection.distill_weight=0.1 "$plain_sft"; }
-remedy_sft_fraction() {  # its own SFT start first (3× the plain SFT's time: longer rows)
-  [[ -d $OUT/sft_reflective/policy ]] || sft_reflective
-  remedy sft_fraction reflection=inspo model.name_or_path="$OUT/sft_reflective/policy"
+# A baseline the sweep already ran (same settings and seed) is copied instead of rerun.
+baseline() {  # baseline NAME SEED REFLECTION
+  local run
+  run=$(python - "$OUT/sweep" "$2" "$3" <<'EOF'
+import json, pathlib, sys
+root, seed, reflection = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+for p in sorted(root.glob("dpo_seed*/*/summary.json")):
+    c = json.loads(p.read_text())["choices"]
+    if (c["seed"], c["reflection"], c["scalarization"], c["reference"]) == (
+        seed, reflection, "logistic", "policy_init"
+    ) and c["standard_weight"] == 0 and c["distill_weight"] == 0:
+        print(p.parent)
+        break
+EOF
+)
+  if [[ -n $run && ! -e $OUT/remedies/$1/seed$2 ]]; then
+    mkdir -p "$OUT/remedies/$1"
+    cp -r "$run" "$OUT/remedies/$1/seed$2"
+    log "remedies: $1 seed $2 copied from $run"
+  fi
+  remedy "$1" "$2" reflection="$3" model.name_or_path="$OUT/sft/policy"
 }
 
-EXTRA=("$@")
+rc=0  # a failed run is named; the other stages and the report still run
 if has sft; then
-  sft_plain
+  parallel "sft sft 0.0" "sft sft_reflective $SFT_FRACTION" || rc=1
   log "sft done"
 fi
-rc=0  # a failed run is reported; the other stages and the report still run
-if has sweep; then parallel sweep_dpo sweep_ipo || rc=1; fi
+if has sweep; then parallel "sweep dpo" "sweep ipo" || rc=1; fi
 if has remedies; then
-  parallel remedy_sft_fraction remedy_inspo remedy_plain_context remedy_standard_weight \
-    remedy_distill_weight remedy_dpo || rc=1
+  plain="model.name_or_path=$OUT/sft/policy"
+  jobs_=()
+  for seed in $SEEDS; do
+    jobs_+=(
+      "remedy sft_fraction $seed reflection=inspo model.name_or_path=$OUT/sft_reflective/policy"
+      "remedy plain_context $seed reflection=inspo reference.context=plain $plain"
+      "remedy standard_weight $seed reflection=inspo reflection.standard_weight=0.5 $plain"
+      "remedy distill_weight $seed reflection=inspo reflection.distill_weight=0.1 $plain"
+      "baseline inspo $seed inspo"
+      "baseline dpo $seed off"
+    )
+  done
+  parallel "${jobs_[@]}" || rc=1
 fi
 if has report; then
   inspo-report "$OUT/sweep"

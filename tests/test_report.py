@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +73,10 @@ def test_report_figures(tmp_path):
     md = (out / "report.md").read_text()
     assert "| dpo/off | 0.5000 | 0.7000 | 0.3606 | 3 |" in md
     assert "| dpo/inspo | 0.6000 | 0.0000 | 0.0000 | 2 |" in md
+    # The summary: one row per group, mean (spread) of each headline metric present.
+    assert "| group | n | win rate | gold score | length | KL | divergence |" in md
+    assert "| dpo/off | 3 | 0.500 (0.700) | 0.000 (0.700) | 14.000 (10.000) | 0.050 (0.070) |" in md
+    assert "| dpo/inspo | 2 | 0.600 (0.000) |" in md
     for png in ("frontier.png", "winrate_length.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -118,3 +124,28 @@ def test_reduced_real_sweep_and_report(tmp_path):
         assert g["divergence"] >= 0 and g["divergence_pairs"] == 1
         assert g["varying"] == {"scalarization": ["hinge", "logistic"]}
     assert (sweep / "report.md").exists() and (sweep / "frontier.png").exists()
+
+
+@pytest.mark.slow
+def test_research_script_end_to_end(tmp_path):
+    """benchmarks/research.sh, every stage, on a cut-down grid: both SFT starts, the sweep
+    (one Ψ), the remedies with the seed-0 baselines copied from the sweep, both reports."""
+    out = tmp_path / "research"
+    env = {**os.environ, "OUT": str(out), "SEEDS": "0", "PATH": f"{Path(sys.executable).parent}:"
+           + os.environ["PATH"]}  # fmt: skip
+    fast = [a for a in FAST if a != "logger=csv"]  # research.sh sets the logger itself
+    args = [*fast, "trainer.max_steps=2", "objective.scalarization=logistic", "eval.n_prompts=8",
+            "eval.max_new_tokens=8", f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    done = subprocess.run(["bash", "benchmarks/research.sh", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (out / "sft/policy").is_dir() and (out / "sft_reflective/policy").is_dir()
+    sweep = json.loads((out / "sweep/report.json").read_text())
+    assert set(sweep["groups"]) == {"dpo/off", "dpo/inspo", "ipo/off", "ipo/inspo"}
+    remedies = json.loads((out / "remedies/report.json").read_text())
+    assert len(remedies["runs"]) == 6  # 4 remedies + InSPO-DPO and DPO baselines
+    assert done.stdout.count("copied from") == 2  # the baselines were not rerun
+    standard = json.loads((out / "remedies/standard_weight/seed0/summary.json").read_text())
+    assert standard["choices"]["standard_weight"] == 0.5
+    sft_fraction = json.loads((out / "remedies/sft_fraction/seed0/summary.json").read_text())
+    assert sft_fraction["choices"]["model"].endswith("sft_reflective/policy")

@@ -35,6 +35,16 @@ SKIP_METRICS = ("eval/seconds", "eval/n_prompts", "eval/win_rate_low", "eval/win
                 "eval/kl_se")  # fmt: skip
 EXTRA_METRICS = ("val/plain/rewards/accuracies", "val/rewards/accuracies")
 DEFAULT_GROUP = ("objective", "reflection")
+# The summary table's columns, when a sweep has them: what the InSPO claims are about.
+HEADLINE = (
+    ("eval/win_rate", "win rate"),
+    ("eval/lc_win_rate", "LC win rate"),
+    ("eval/score/policy", "gold score"),
+    ("eval/length/policy", "length"),
+    ("eval/kl", "KL"),
+    ("eval/valid/policy", "valid"),
+    ("eval/pref_accuracy/plain", "pref. acc."),
+)
 
 
 # --------------------------------------------------------------------------- reading
@@ -201,6 +211,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     for name, g in report["groups"].items():
         vary = "; ".join(f"{k}: {','.join(v)}" for k, v in g["varying"].items())
         lines.append(f"| {name} | {len(g['runs'])} | {fmt(g.get('divergence'))} | {vary} |")
+    lines += summary_table(report)
     for metric in report["metrics"]:
         lines += [
             "",
@@ -217,6 +228,24 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["", "![reward–KL frontier](frontier.png)", "",
               "![win rate vs length](winrate_length.png)", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def summary_table(report: dict[str, Any]) -> list[str]:
+    """One row per group: each headline metric as mean (spread) over the group's runs."""
+    cols = [(k, label) for k, label in HEADLINE if k in report["metrics"]]
+    if not cols:
+        return []
+    lines = ["", "## Summary: mean (spread = max − min) per group", ""]
+    lines.append("| group | n | " + " | ".join(label for _, label in cols) + " | divergence |")
+    lines.append("|---|---|" + "---|" * (len(cols) + 1))
+    for name, g in report["groups"].items():
+        cells = []
+        for k, _ in cols:
+            m = g["metrics"][k]
+            cells.append(f"{m['mean']:.3f} ({m['spread']:.3f})" if m["n"] else "—")
+        div = fmt(g.get("divergence"))
+        lines.append(f"| {name} | {len(g['runs'])} | " + " | ".join(cells) + f" | {div} |")
+    return lines
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
