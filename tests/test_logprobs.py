@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -114,3 +115,98 @@ def test_module_scores_the_same_with_and_without_the_scored_lm_head(tokenizer):
     assert logits is not None
     torch.testing.assert_close(fast.chosen, full.chosen)
     torch.testing.assert_close(fast.rejected, full.rejected)
+
+
+# ------------------------------------------------------------------ shared prompts
+def pair_view(tokenizer, pairs, views=("plain",), view="plain"):
+    from inspo.batches import Encoder, PreferenceCollator, resolve_template
+
+    enc = Encoder(tokenizer, resolve_template("default"), max_length=128, max_prompt_length=64)
+    rows = [{**enc.encode(p, c, r, list(views)), "index": i} for i, (p, c, r) in enumerate(pairs)]
+    return PreferenceCollator(tokenizer.pad_token_id, tuple(views))(rows)[view]
+
+
+PAIRS = [("Q: abc? ", "yes", "no no no"), ("Question: why is it so? ", "because", "x"),
+         ("Hi ", "a longer chosen answer", "short")]  # fmt: skip
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_scores_match_full_rows_values_and_gradients(tokenizer, attn):
+    """Context once per pair + KV cache tiled to both responses == each full row scored."""
+    from inspo.logprobs import (
+        hidden_sequence_logps,
+        shared_prompt_logps,
+        split_lm_head,
+        split_shared_prompt,
+    )
+    from inspo.models import tiny_llama
+
+    view = pair_view(tokenizer, PAIRS)
+    model = tiny_llama(hidden_size=32, num_layers=2, num_heads=2, tokenizer=tokenizer, seed=3)
+    model.set_attn_implementation(attn)
+    decoder, weight = split_lm_head(model)
+    split = split_shared_prompt(view)
+    assert split is not None
+    lengths = view["attention_mask"].sum(-1)
+    # contexts counted once per pair: B·|context| fewer tokens than the full rows
+    assert int(split["context_mask"].sum() + split["response_mask"].sum()) == int(
+        lengths.sum() - split["start"][:3].sum()
+    )
+    weights = torch.arange(1.0, 7.0)  # every row's score reaches the loss with its own weight
+
+    def grads(sums):
+        return torch.autograd.grad((sums * weights).sum(), list(model.parameters()))
+
+    mask = view["attention_mask"]
+    hidden = decoder(input_ids=view["input_ids"], attention_mask=mask,
+                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state  # fmt: skip
+    want, want_n = hidden_sequence_logps(hidden, weight, view["input_ids"], view["loss_mask"])
+    got, got_n = shared_prompt_logps(decoder, weight, split)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_n, want_n)
+    for g, w in zip(grads(got), grads(want), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_split_shared_prompt_declines_views_without_a_shared_context(tokenizer):
+    from inspo.logprobs import split_shared_prompt
+
+    # InSPO's reflective view: chosen is scored after the rejected response and vice versa.
+    reflective = pair_view(tokenizer, PAIRS, views=("plain", "reflective"), view="reflective")
+    assert split_shared_prompt(reflective) is None
+    plain = pair_view(tokenizer, PAIRS)
+    other = {k: v.clone() for k, v in plain.items()}
+    other["input_ids"][3, 2] += 1  # the rejected row of pair 0 now has another context token
+    assert split_shared_prompt(other) is None
+    empty = {k: v.clone() for k, v in plain.items()}
+    empty["loss_mask"][4] = 0  # a row that scores nothing
+    assert split_shared_prompt(empty) is None
+    assert split_shared_prompt(plain) is not None
+
+
+def test_module_shares_prompts_only_where_it_changes_nothing(tokenizer, monkeypatch):
+    """PreferenceModule: the same scores with and without sharing; sharing is used on the
+    plain view, and skipped under activation checkpointing (which drops the KV cache)."""
+    import inspo.module as module_lib
+    from inspo.models import enable_checkpointing, tiny_llama
+    from inspo.module import PreferenceModule
+    from inspo.objectives import DPO
+
+    view = pair_view(tokenizer, PAIRS)
+    model = tiny_llama(hidden_size=32, num_layers=2, num_heads=2, tokenizer=tokenizer).train()
+    module = PreferenceModule(model, DPO())
+    calls = []
+    real = module_lib.shared_prompt_logps
+    monkeypatch.setattr(module_lib, "shared_prompt_logps", lambda *a: calls.append(1) or real(*a))
+    shared, _ = module.score_view(model, view)
+    assert calls == [1]
+    module.share_prompt = False
+    full, _ = module.score_view(model, view)
+    assert calls == [1]
+    torch.testing.assert_close(shared.chosen, full.chosen, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.rejected, full.rejected, atol=1e-5, rtol=1e-5)
+    module.share_prompt = True
+    enable_checkpointing(model)
+    checkpointed, _ = module.score_view(model, view)
+    assert calls == [1]
+    torch.testing.assert_close(checkpointed.chosen, full.chosen, atol=1e-5, rtol=1e-5)

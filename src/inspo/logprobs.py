@@ -139,3 +139,82 @@ def split_lm_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Tensor] | No
     if any(getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
         return None
     return decoder, head.weight
+
+
+# --------------------------------------------------------------------------- shared prompts
+def split_shared_prompt(view: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """A pair view whose chosen row i and rejected row B+i share their context token for
+    token, split into the context once per pair and the 2B responses (both right-padded);
+    None when any pair's contexts differ (reflective views, per-side truncation) or a row
+    scores nothing.
+
+    ``view`` is right-padded, chosen rows then rejected rows, with ``loss_mask`` 1 exactly on
+    the response tokens ``[start, length)`` (inspo.batches.pad_view).
+    """
+    ids, att, scored = view["input_ids"], view["attention_mask"], view["loss_mask"]
+    n, width = ids.shape
+    if n % 2 or n == 0 or not bool(scored.any(-1).all()):
+        return None
+    b = n // 2
+    start = scored.argmax(-1)  # first response token = context length
+    if not torch.equal(start[:b], start[b:]) or int(start.min()) < 1:
+        return None
+    p = int(start.max())
+    cols = torch.arange(p, device=ids.device)
+    in_ctx = cols[None] < start[:b, None]
+    if not torch.equal(ids[:b, :p][in_ctx], ids[b:, :p][in_ctx]):
+        return None
+    # Contexts stay right-padded, as in the view: a left pad would be a query row that sees no
+    # key at all, which eager attention turns into NaN (and 0 · NaN reaches the real rows).
+    context, context_mask = ids[:b, :p], (cols[None] < start[:b, None]).long()
+    length = att.sum(-1)
+    r = int((length - start).max())
+    jr = torch.arange(r, device=ids.device)
+    response = ids.gather(1, (start[:, None] + jr[None]).clamp(max=width - 1))
+    response_mask = (jr[None] < (length - start)[:, None]).long()
+    return {"context": context, "context_mask": context_mask, "response": response,
+            "response_mask": response_mask, "start": start}  # fmt: skip
+
+
+def shared_prompt_logps(
+    decoder: torch.nn.Module, weight: Tensor, split: dict[str, Tensor]
+) -> tuple[Tensor, Tensor] | None:
+    """Sequence log-probs of a pair view with each context run once per pair, not twice.
+
+    The context goes through ``decoder`` once (its KV cache kept, with gradients), the cache is
+    tiled to the 2B rows, and the responses run on top of it: the same numbers as scoring the
+    full rows (the response attends to the same keys and values at the same positions), for
+    B·|context| fewer tokens of forward and backward. Returns None when the decoder's cache is
+    not a plain per-layer key/value cache (then the caller scores the full rows).
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    ctx, ctx_mask = split["context"], split["context_mask"]
+    b = ctx.shape[0]
+    out = decoder(
+        input_ids=ctx,
+        attention_mask=ctx_mask,
+        position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+    )
+    cache = out.past_key_values
+    plain = isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers)
+    if not plain:  # sliding-window, linear-attention or quantised layers: not tiled here
+        return None
+    rows = torch.cat([torch.arange(b, device=ctx.device)] * 2)
+    cache.batch_select_indices(rows)  # chosen rows then rejected rows, as in the view
+    response, response_mask = split["response"], split["response_mask"]
+    positions = split["start"][:, None] + torch.arange(response.shape[1], device=ctx.device)
+    hidden = decoder(
+        input_ids=response,
+        attention_mask=torch.cat([ctx_mask[rows], response_mask], dim=1),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    # The context's last hidden state predicts the first response token.
+    last = out.last_hidden_state[torch.arange(b, device=ctx.device), split["start"][:b] - 1]
+    hidden = torch.cat([last[rows, None], hidden], dim=1)
+    targets = torch.cat([response[:, :1], response], dim=1)  # column 0 is never scored
+    scored = torch.cat([torch.zeros_like(response_mask[:, :1]), response_mask], dim=1)
+    return hidden_sequence_logps(hidden, weight, targets, scored)

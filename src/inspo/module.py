@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from inspo.logprobs import hidden_sequence_logps, sequence_logps, split_lm_head
+from inspo.logprobs import (
+    hidden_sequence_logps,
+    sequence_logps,
+    shared_prompt_logps,
+    split_lm_head,
+    split_shared_prompt,
+)
 from inspo.models import freeze, frozen_copy
 from inspo.objectives import Objective, ObjectiveOutput, PairScores
 
@@ -126,6 +132,11 @@ class PreferenceModule(L.LightningModule):
     #: hidden states (inspo.logprobs.hidden_sequence_logps), when the model allows it
     #: (inspo.logprobs.split_lm_head). Off: full logits, then chunked log-softmax.
     scored_lm_head: bool = True
+    #: Run a pair's shared context once, not twice, when chosen and rejected rows of a view
+    #: carry the same context (the plain view): the context's KV cache is reused by both
+    #: responses (inspo.logprobs.shared_prompt_logps). Same numbers, fewer tokens. Needs the
+    #: scored-LM-head path and a plain KV cache; off under activation checkpointing.
+    share_prompt: bool = True
 
     def _forward(
         self, model: PreTrainedModel, view: dict[str, Tensor], output: str = "logits"
@@ -150,10 +161,14 @@ class PreferenceModule(L.LightningModule):
         parts = split_lm_head(model) if self.scored_lm_head and self.distill_weight == 0 else None
         if parts is not None:  # LM head only where a scored token is predicted: no full logits
             logits = None
-            hidden = self._forward(parts[0], view, output="last_hidden_state")
-            sums, counts = hidden_sequence_logps(
-                hidden, parts[1], view["input_ids"], view["loss_mask"]
-            )
+            scored = self._shared_prompt_scores(*parts, view) if rows is None else None
+            if scored is not None:
+                sums, counts = scored
+            else:
+                hidden = self._forward(parts[0], view, output="last_hidden_state")
+                sums, counts = hidden_sequence_logps(
+                    hidden, parts[1], view["input_ids"], view["loss_mask"]
+                )
         else:
             logits = self._forward(model, view)
             sums, counts = sequence_logps(
@@ -165,6 +180,15 @@ class PreferenceModule(L.LightningModule):
         if rows is not None:  # only chosen rows were scored (non-pairwise objectives)
             return ViewScores(sums, zeros, counts, torch.ones_like(counts)), logits
         return ViewScores(sums[:half], sums[half:], counts[:half], counts[half:]), logits
+
+    def _shared_prompt_scores(
+        self, decoder: torch.nn.Module, weight: Tensor, view: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor] | None:
+        checkpointed = getattr(decoder, "gradient_checkpointing", False) and decoder.training
+        if not self.share_prompt or checkpointed:  # checkpointing drops the KV cache
+            return None
+        split = split_shared_prompt(view)
+        return None if split is None else shared_prompt_logps(decoder, weight, split)
 
     @torch.no_grad()
     def reference_scores(self, batch: dict[str, Any], view: str) -> ViewScores:
