@@ -113,14 +113,20 @@ if has sweep; then parallel "sweep dpo" "sweep ipo" || rc=1; fi
 if has remedies; then
   plain="model.name_or_path=$OUT/sft/policy"
   jobs_=()
+  # The remedies that the first look (README) left open first, then the rest, so that a run
+  # cut short still answers the main question.
   for seed in $SEEDS; do
     jobs_+=(
       "remedy sft_fraction $seed reflection=inspo model.name_or_path=$OUT/sft_reflective/policy"
       "remedy plain_context $seed reflection=inspo reference.context=plain $plain"
-      "remedy standard_weight $seed reflection=inspo reflection.standard_weight=0.5 $plain"
-      "remedy distill_weight $seed reflection=inspo reflection.distill_weight=0.1 $plain"
       "baseline inspo $seed inspo"
       "baseline dpo $seed off"
+    )
+  done
+  for seed in $SEEDS; do
+    jobs_+=(
+      "remedy standard_weight $seed reflection=inspo reflection.standard_weight=0.5 $plain"
+      "remedy distill_weight $seed reflection=inspo reflection.distill_weight=0.1 $plain"
     )
   done
   parallel "${jobs_[@]}" || rc=1
