@@ -47,7 +47,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
 from inspo.datamodule import PreferenceDataModule
-from inspo.logprobs import hidden_sequence_logps, sequence_logps
+from inspo.logprobs import hidden_sequence_logps, sequence_logps, split_shared_prompt
 from inspo.models import (
     byte_tokenizer,
     count_parameters,
@@ -198,10 +198,17 @@ class StepClock(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.ends.append(time.perf_counter())
         m = self.module
-        self.tokens.append(int(batch[m.policy_view]["attention_mask"].sum()))
+        self.tokens.append(computed_tokens(m, batch[m.policy_view]))
         live = "reference_scores" not in batch
-        ref_view = batch[m.reference_view]["attention_mask"].sum() if live else 0
-        self.ref_tokens.append(int(ref_view))
+        self.ref_tokens.append(computed_tokens(m, batch[m.reference_view]) if live else 0)
+
+
+def computed_tokens(module: PreferenceModule, view: dict) -> int:
+    """Tokens that went through the model: with a shared prompt, each pair's context once."""
+    split = split_shared_prompt(view) if module.share_prompt else None
+    if split is None:
+        return int(view["attention_mask"].sum())
+    return int(split["context_mask"].sum() + split["response_mask"].sum())
 
 
 def run_inspo(size: Size, mode: str, profile: bool = False, *, workdir: str) -> dict:
