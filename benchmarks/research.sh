@@ -11,7 +11,7 @@
 #
 #   benchmarks/research.sh                 # the README's grid, 2 workers, logs/research/<time>
 #   SWEEP_SEEDS="0 1" REFERENCES="policy_init sync" benchmarks/research.sh   # the full grid
-#   OUT=DIR STAGES="remedies report" benchmarks/research.sh eval.n_prompts=256
+#   OUT=DIR STAGES="remedies report" SECONDARY_SEEDS=0 benchmarks/research.sh eval.n_prompts=256
 #                       # a subset of stages; extra Hydra overrides go to every training run
 # JOBS=2 runs two processes with one thread each (on 2 cores, more throughput than one process
 # with two threads); JOBS=1 runs one at a time.
@@ -21,6 +21,7 @@ OUT=${OUT:-logs/research/$(date +%Y-%m-%d_%H-%M-%S)}
 STAGES=${STAGES:-"sft sweep remedies report"}
 SWEEP_SEEDS=${SWEEP_SEEDS:-0}
 SEEDS=${SEEDS:-"0 1"}
+SECONDARY_SEEDS=${SECONDARY_SEEDS:-$SEEDS}  # for standard_weight and distill_weight
 REFERENCES=${REFERENCES:-policy_init}
 SFT_FRACTION=${SFT_FRACTION:-0.5}
 JOBS=${JOBS:-2}
@@ -123,7 +124,7 @@ if has remedies; then
       "baseline dpo $seed off"
     )
   done
-  for seed in $SEEDS; do
+  for seed in $SECONDARY_SEEDS; do
     jobs_+=(
       "remedy standard_weight $seed reflection=inspo reflection.standard_weight=0.5 $plain"
       "remedy distill_weight $seed reflection=inspo reflection.distill_weight=0.1 $plain"
