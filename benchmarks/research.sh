@@ -13,6 +13,7 @@
 #   SWEEP_SEEDS="0 1" REFERENCES="policy_init sync" benchmarks/research.sh   # the full grid
 #   OUT=DIR STAGES="remedies report" SECONDARY_SEEDS=0 benchmarks/research.sh eval.n_prompts=256
 #                       # a subset of stages; extra Hydra overrides go to every training run
+#   SWEEP_ARGS="objective.scalarization=logistic,hinge" benchmarks/research.sh   # sweep only
 # JOBS=2 runs two processes with one thread each (on 2 cores, more throughput than one process
 # with two threads); JOBS=1 runs one at a time.
 set -euo pipefail
@@ -22,6 +23,7 @@ STAGES=${STAGES:-"sft sweep remedies report"}
 SWEEP_SEEDS=${SWEEP_SEEDS:-0}
 SEEDS=${SEEDS:-"0 1"}
 SECONDARY_SEEDS=${SECONDARY_SEEDS:-$SEEDS}  # for standard_weight and distill_weight
+read -r -a SWEEP_ARGS <<<"${SWEEP_ARGS:-}"   # Hydra overrides for the sweep stage only
 REFERENCES=${REFERENCES:-policy_init}
 SFT_FRACTION=${SFT_FRACTION:-0.5}
 JOBS=${JOBS:-2}
@@ -57,7 +59,8 @@ parallel() {
 train() {  # train LOG ARGS...: one inspo-train call, its output in OUT/LOG
   local out=$1
   shift
-  inspo-train logger=csv "$@" "${EXTRA[@]+"${EXTRA[@]}"}" >"$OUT/$out" 2>&1
+  # "$@" first: it may start with -m, which Hydra's parser takes only before the overrides
+  inspo-train "$@" logger=csv "${EXTRA[@]+"${EXTRA[@]}"}" >"$OUT/$out" 2>&1
 }
 sft() {  # sft NAME FRACTION
   train "$1.log" experiment=sft reflection.sft_fraction="$2" hydra.run.dir="$OUT/$1"
@@ -68,7 +71,7 @@ sweep() {  # sweep OBJECTIVE
   for seed in $SWEEP_SEEDS; do
     train "sweep_$1_seed$seed.log" -m experiment=research objective="$1" seed="$seed" \
       reference="$(echo $REFERENCES | tr ' ' ,)" model.name_or_path="$OUT/sft/policy" \
-      hydra.sweep.dir="$OUT/sweep/$1_seed$seed"
+      hydra.sweep.dir="$OUT/sweep/$1_seed$seed" "${SWEEP_ARGS[@]+"${SWEEP_ARGS[@]}"}"
     log "sweep: $1 seed $seed done"
   done
 }

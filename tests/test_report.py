@@ -131,11 +131,12 @@ def test_research_script_end_to_end(tmp_path):
     """benchmarks/research.sh, every stage, on a cut-down grid: both SFT starts, the sweep
     (one Ψ), the remedies with the seed-0 baselines copied from the sweep, both reports."""
     out = tmp_path / "research"
-    env = {**os.environ, "OUT": str(out), "SEEDS": "0", "PATH": f"{Path(sys.executable).parent}:"
-           + os.environ["PATH"]}  # fmt: skip
+    env = {**os.environ, "OUT": str(out), "SEEDS": "0",
+           "SWEEP_ARGS": "objective.scalarization=logistic",  # the sweep's runs only
+           "PATH": f"{Path(sys.executable).parent}:" + os.environ["PATH"]}  # fmt: skip
     fast = [a for a in FAST if a != "logger=csv"]  # research.sh sets the logger itself
-    args = [*fast, "trainer.max_steps=2", "objective.scalarization=logistic", "eval.n_prompts=8",
-            "eval.max_new_tokens=8", f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    args = [*fast, "trainer.max_steps=2", "eval.n_prompts=8", "eval.max_new_tokens=8",
+            f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     done = subprocess.run(["bash", "benchmarks/research.sh", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
