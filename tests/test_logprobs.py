@@ -181,6 +181,8 @@ def test_split_shared_prompt_declines_views_without_a_shared_context(tokenizer):
     empty = {k: v.clone() for k, v in plain.items()}
     empty["loss_mask"][4] = 0  # a row that scores nothing
     assert split_shared_prompt(empty) is None
+    left = {k: v.flip(-1) for k, v in plain.items()}  # left-padded rows
+    assert split_shared_prompt(left) is None
     assert split_shared_prompt(plain) is not None
 
 

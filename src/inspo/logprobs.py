@@ -155,6 +155,9 @@ def split_shared_prompt(view: dict[str, Tensor]) -> dict[str, Tensor] | None:
     n, width = ids.shape
     if n % 2 or n == 0 or not bool(scored.any(-1).all()):
         return None
+    length = att.sum(-1)
+    if not torch.equal(att.bool(), torch.arange(width, device=ids.device) < length[:, None]):
+        return None  # not right-padded (left padding, holes): positions would not line up
     b = n // 2
     start = scored.argmax(-1)  # first response token = context length
     if not torch.equal(start[:b], start[b:]) or int(start.min()) < 1:
@@ -167,7 +170,6 @@ def split_shared_prompt(view: dict[str, Tensor]) -> dict[str, Tensor] | None:
     # Contexts stay right-padded, as in the view: a left pad would be a query row that sees no
     # key at all, which eager attention turns into NaN (and 0 · NaN reaches the real rows).
     context, context_mask = ids[:b, :p], (cols[None] < start[:b, None]).long()
-    length = att.sum(-1)
     r = int((length - start).max())
     jr = torch.arange(r, device=ids.device)
     response = ids.gather(1, (start[:, None] + jr[None]).clamp(max=width - 1))
