@@ -212,3 +212,22 @@ def test_module_shares_prompts_only_where_it_changes_nothing(tokenizer, monkeypa
     checkpointed, _ = module.score_view(model, view)
     assert calls == [1]
     torch.testing.assert_close(checkpointed.chosen, full.chosen, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_declines_sliding_window_caches_before_any_forward(tokenizer):
+    """A decoder whose own cache would not be plain per-layer K/V (sliding window) is left to
+    the full-row path, without a wasted context forward."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from inspo.logprobs import shared_prompt_logps, split_lm_head, split_shared_prompt
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                           sliding_window=4)  # fmt: skip
+    decoder, weight = split_lm_head(MistralForCausalLM(config))
+    calls = []
+    decoder.register_forward_hook(lambda *a: calls.append(1))
+    split = split_shared_prompt(pair_view(tokenizer, PAIRS))
+    assert split is not None
+    assert shared_prompt_logps(decoder, weight, split) is None
+    assert calls == []

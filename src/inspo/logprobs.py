@@ -169,7 +169,7 @@ def split_shared_prompt(view: dict[str, Tensor]) -> dict[str, Tensor] | None:
         return None
     # Contexts stay right-padded, as in the view: a left pad would be a query row that sees no
     # key at all, which eager attention turns into NaN (and 0 · NaN reaches the real rows).
-    context, context_mask = ids[:b, :p], (cols[None] < start[:b, None]).long()
+    context, context_mask = ids[:b, :p], in_ctx.long()
     r = int((length - start).max())
     jr = torch.arange(r, device=ids.device)
     response = ids.gather(1, (start[:, None] + jr[None]).clamp(max=width - 1))
@@ -186,23 +186,26 @@ def shared_prompt_logps(
     The context goes through ``decoder`` once (its KV cache kept, with gradients), the cache is
     tiled to the 2B rows, and the responses run on top of it: the same numbers as scoring the
     full rows (the response attends to the same keys and values at the same positions), for
-    B·|context| fewer tokens of forward and backward. Returns None when the decoder's cache is
-    not a plain per-layer key/value cache (then the caller scores the full rows).
+    B·|context| fewer tokens of forward and backward. Returns None, before any forward, when
+    the decoder's config asks for anything but a plain per-layer key/value cache (then the
+    caller scores the full rows).
     """
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
+    # The cache the decoder would build for itself, built here so that its layer kinds are
+    # known before any work is done.
+    cache = DynamicCache(config=decoder.config)
+    if not all(type(x) is DynamicLayer for x in cache.layers):
+        return None  # sliding-window or linear-attention layers: not tiled here
     ctx, ctx_mask = split["context"], split["context_mask"]
     b = ctx.shape[0]
     out = decoder(
         input_ids=ctx,
         attention_mask=ctx_mask,
         position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
         use_cache=True,
     )
-    cache = out.past_key_values
-    plain = isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers)
-    if not plain:  # sliding-window, linear-attention or quantised layers: not tiled here
-        return None
     rows = torch.cat([torch.arange(b, device=ctx.device)] * 2)
     cache.batch_select_indices(rows)  # chosen rows then rejected rows, as in the view
     response, response_mask = split["response"], split["response_mask"]
