@@ -177,9 +177,10 @@ def test_reflective_form_moves_toward_the_chosen_response(model0, batch, ref_sco
     assert before_loss.item() == pytest.approx(loss, rel=1e-9)  # precomputed = live reference
 
 
-def test_reflective_rdpo_penalises_a_longer_chosen_response(model0, batch):
-    """R-DPO's length term: with α > 0 the loss is higher than DPO's when |y_w| > |y_l|
-    (rows 0 and 2 have the longer chosen response), never lower (the authors' sign flipped)."""
+def test_reflective_rdpo_discounts_a_longer_chosen_response(model0, batch):
+    """R-DPO's length term in the reflective form: with α > 0 a pair whose chosen response is
+    longer (rows 0 and 2) has a lower loss than under DPO, and one whose chosen response is
+    shorter a higher loss, so the longer-chosen pairs push less (Park et al.'s sign)."""
     from inspo.objectives import DPO, RDPO
 
     policy = frozen_copy(model0)
@@ -191,5 +192,5 @@ def test_reflective_rdpo_penalises_a_longer_chosen_response(model0, batch):
         _, out_d, _, _ = dpo.compute_loss(batch)
     longer = pol.chosen_length > pol.rejected_length
     assert longer.any() and (~longer).any()
-    assert torch.all(out_r.losses[longer] > out_d.losses[longer])
-    assert torch.all(out_r.losses[~longer] < out_d.losses[~longer])
+    assert torch.all(out_r.losses[longer] < out_d.losses[longer])
+    assert torch.all(out_r.losses[~longer] > out_d.losses[~longer])

@@ -457,7 +457,7 @@ PSI_CASES = {
     ),
     "rdpo": (
         lambda p: O.RDPO(scalarization=p, alpha=0.05),
-        lambda P: P(0.15 - 0.05 * (4 - 6)),
+        lambda P: P(0.15 + 0.05 * (4 - 6)),
     ),
     "sigmoid_norm": (lambda p: O.SigmoidNorm(scalarization=p), lambda P: P(0.1 * (RB_W - RB_L))),
     "orpo": (
@@ -505,7 +505,7 @@ def test_hand_computed_classic_forms():
         O.IPO(): (hb - 1 / (2 * b)) ** 2,
         O.SLiC(): max(0.0, 1 - b * h),
         O.SimPO(): -math.log(sig(2.0 * (SB_W - SB_L) - 1.0)),
-        O.RDPO(): -math.log(sig(b * h - 0.01 * (4 - 6))),
+        O.RDPO(): -math.log(sig(b * h + 0.01 * (4 - 6))),
         O.SigmoidNorm(): -math.log(sig(b * hb)),
         O.CDPO(): -0.9 * math.log(sig(b * h)) - 0.1 * math.log(sig(-b * h)),
         O.Robust(): (-0.9 * math.log(sig(b * h)) + 0.1 * math.log(sig(-b * h))) / 0.8,
@@ -626,10 +626,10 @@ def test_sft_raises_chosen_log_prob():
 
 
 @pytest.mark.parametrize("obj", [O.IPO(), O.ORPO(), O.RDPO(), O.SimPO()], ids=repr)
-def test_spec_sign_errors_not_reproduced(obj):
-    """SPEC §3: the authors' IPO / ORPO / R-DPO / SimPO had sign errors. Ours lower the loss by
-    raising the chosen and lowering the rejected response (gradient signs), including from a
-    start where the rejected response is ahead."""
+def test_gradients_raise_the_chosen_and_lower_the_rejected(obj):
+    """The InSPO authors' reflective IPO, ORPO and SimPO had sign errors (R-DPO did not). Ours
+    lower the loss by raising the chosen and lowering the rejected response (gradient signs),
+    including from a start where the rejected response is ahead."""
     for start in (X, dict(pw=-14.0, pl=-8.0, rw=-12.0, rl=-9.0, lw=4, ll=6)):
         s = pair(**start, grad=True)
         obj(s).losses.sum().backward()
@@ -637,14 +637,65 @@ def test_spec_sign_errors_not_reproduced(obj):
         assert s.policy_rejected.grad.item() > 0, obj
 
 
-def test_rdpo_penalises_a_longer_chosen_response():
+def test_rdpo_gives_a_longer_chosen_response_a_smaller_gradient():
+    """Park et al.: the length term explains part of a pair whose chosen response is longer,
+    so that pair pushes less; a pair whose chosen response is shorter pushes more."""
     obj = O.RDPO(alpha=0.05)
-    losses = [obj(pair(-10.0, -12.0, -11.0, -11.5, 5 + d, 5)).losses.item() for d in range(-3, 4)]
-    assert all(a < b for a, b in itertools.pairwise(losses))
-    # and equal lengths reduce it to DPO
+    grads, losses = [], []
+    for d in range(-3, 4):
+        s = pair(-10.0, -12.0, -11.0, -11.5, 5 + d, 5, grad=True)
+        out = obj(s)
+        out.losses.sum().backward()
+        grads.append(-s.policy_chosen.grad.item())
+        losses.append(out.losses.item())
+    assert all(g > 0 for g in grads)
+    assert all(a > b for a, b in itertools.pairwise(grads))
+    assert all(a > b for a, b in itertools.pairwise(losses))
+    # equal lengths reduce it to DPO
     assert obj(pair(-10.0, -12.0, -11.0, -11.5, 5, 5)).losses.item() == pytest.approx(
         O.DPO()(pair(-10.0, -12.0, -11.0, -11.5, 5, 5)).losses.item()
     )
+
+
+def fitted_length_slope(objective: O.Objective, n: int = 20000, seed: int = 0) -> float:
+    """Fit a log-ratio r(y) = a·quality(y) + b·|y| by minimising ``objective`` on pairs whose
+    labels depend on quality alone (lengths drawn independently), and return β·b: the implicit
+    reward's slope per token of length."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, n, generator=g, dtype=D)
+    length = torch.randint(5, 60, (2, n), generator=g).to(D)
+    first_wins = torch.rand(n, generator=g, dtype=D) < torch.sigmoid(2.0 * (q[0] - q[1]))
+    w, l_ = (~first_wins).long(), first_wins.long()  # row 0 is the first response
+    idx = torch.arange(n)
+    qw, ql, lw, ll = q[w, idx], q[l_, idx], length[w, idx], length[l_, idx]
+    theta = torch.zeros(2, dtype=D, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        rw, rl = theta[0] * qw + theta[1] * lw, theta[0] * ql + theta[1] * ll
+        zero = torch.zeros_like(rw)
+        loss = objective(O.PairScores(rw, rl, zero, zero, lw, ll)).losses.mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert theta[0].item() > 0  # quality was learnt
+    return objective.beta * theta[1].item()
+
+
+def test_rdpo_does_not_teach_length_and_dpo_stays_neutral():
+    """On labels independent of length, DPO's fitted reward is length-neutral; R-DPO's penalises
+    length, by about α per token, so the effect grows with α. The old sign (β·h − α·Δ|y|)
+    gave a slope of +α: the policy learnt to be longer."""
+    beta = 0.1
+    dpo = fitted_length_slope(O.DPO(beta=beta))
+    assert abs(dpo) < 2e-3
+    slopes = [fitted_length_slope(O.RDPO(beta=beta, alpha=a)) for a in (0.01, 0.03, 0.1)]
+    assert all(s < -5e-3 for s in slopes)
+    assert slopes[0] > slopes[1] > slopes[2]  # more negative as α grows
+    for a, s in zip((0.01, 0.03, 0.1), slopes, strict=True):
+        assert s == pytest.approx(-a, abs=2e-3)
 
 
 # =========================================================================== 4. errors, configs

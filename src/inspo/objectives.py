@@ -301,10 +301,14 @@ class SimPO(MarginObjective):
 
 
 class RDPO(MarginObjective):
-    """R-DPO: L = −log σ(β·h − α·(|y_w| − |y_l|)): a longer chosen response is penalised.
+    """R-DPO: L = −log σ(β·h + α·(|y_w| − |y_l|)), so the policy does not learn length.
 
     Park et al., "Disentangling Length from Quality in Direct Preference Optimization", 2024.
-    No TRL equivalent.
+    From max E[r(x, y)] − α|y| − β·KL, the implicit reward is β·log(π/π_ref) + α|y|. A pair
+    whose chosen response is the longer one is then already partly explained by length, so
+    it gets a smaller gradient; a pair whose chosen response is shorter gets a larger one.
+    Fitted on labels that do not depend on length, the policy's log-ratio comes out with a
+    length slope of about −α/β: it penalises length. No TRL equivalent.
     """
 
     def __init__(
@@ -319,7 +323,7 @@ class RDPO(MarginObjective):
 
     def margin(self, s: PairScores) -> Tensor:
         length_gap = (s.chosen_length - s.rejected_length).to(s.policy_chosen.dtype)
-        return super().margin(s) - self.alpha * length_gap
+        return super().margin(s) + self.alpha * length_gap
 
 
 class SigmoidNorm(MarginObjective):
