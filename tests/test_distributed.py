@@ -239,3 +239,37 @@ def test_fsdp2_strategy_data_parallel_size_is_the_world(monkeypatch):
     strategy._data_parallel_size, strategy._tensor_parallel_size = "auto", 3
     with pytest.raises(ValueError, match="not divisible"):
         strategy.setup_environment()
+
+
+def _bco_rank(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from inspo.objectives import BCOPair, PairScores
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+
+    def all_mean(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / dist.get_world_size()
+
+    obj = BCOPair(beta=1.0, running_mean=True)
+    obj.all_mean = all_mean
+    for step in range(3):  # chosen rewards 10·r + step, rejected 0: batch means differ by rank
+        v = torch.full((4,), 10.0 * rank + step, requires_grad=True)
+        zero = torch.zeros(4)
+        obj(PairScores(v, zero, zero, zero, torch.ones(4), torch.ones(4)))
+    Path(out, f"{rank}.json").write_text(json.dumps(obj.state_dict()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_bco_running_mean_is_one_value_over_processes(tmp_path):
+    """TRL gathers BCO's reward mean across processes; a per-rank δ would differ by rank."""
+    torch.multiprocessing.spawn(
+        _bco_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    states = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    # Batch means (10·r + step)/2 per rank; over both ranks 2.5 + step/2; δ is their running
+    # mean over the 3 steps, 3.0 on both ranks (per rank it would be 0.5 and 5.5).
+    assert states[0] == states[1] == {"delta": pytest.approx(3.0), "count": 3}

@@ -778,3 +778,28 @@ def test_configs_instantiate_with_the_constructor_defaults(path):
                 default = sig_.parameters[k].default
                 assert v == default or (default is None and v == obj.scalarization), (k, v)
     assert torch.isfinite(obj(random_pairs(3, seed=0)).losses).all()
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.7])
+@pytest.mark.parametrize("case", ["sft", "rpo"])
+def test_batch_token_mean_matches_trl_on_a_batch(trl, case, beta):
+    """``token_mean="batch"`` is TRL's sft reduction (all chosen tokens of the batch weigh the
+    same): equal loss and gradients on a batch of unequal lengths; the per-pair default is not."""
+    s = random_pairs(6, seed=5)
+    assert len(set(s.chosen_length.tolist())) > 1
+    if case == "sft":
+        make = lambda tm: O.SFT(token_mean=tm)  # noqa: E731
+        loss_types, weights = ["sft"], None
+    else:
+        make = lambda tm: O.Combo(  # noqa: E731
+            [{"objective": O.DPO(beta=beta), "weight": 1.0},
+             {"objective": O.SFT(token_mean=tm), "weight": 0.5}]
+        )  # fmt: skip
+        loss_types, weights = ["sigmoid", "sft"], [1.0, 0.5]
+    ref = drive_trl_dpo(trl, loss_types, s, weights, beta=beta)
+    got = ours(make("batch"), s)
+    assert_close(got["loss"], ref["loss"])
+    for g_ours, g_trl in zip(got["grads"], ref["grads"], strict=True):
+        assert_close(g_ours, g_trl)
+    per_pair = ours(make("pair"), s)
+    assert abs(per_pair["loss"].item() - ref["loss"].item()) > 1e-3

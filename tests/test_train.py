@@ -103,3 +103,15 @@ def test_bad_rows_are_counted_not_fatal(tmp_path):
     assert skipped == {
         "empty_prompt": 1, "empty_response": 1, "identical_responses": 1, "malformed_json": 1,
     }  # fmt: skip
+
+
+def test_resume_continues_bco_running_mean(tmp_path):
+    """BCO-pair's running reward mean δ is training state: a resumed run continues it, so it
+    ends where the uninterrupted run ends (it restarted from 0 when it was not checkpointed)."""
+    common = ["objective=bco_pair", "objective.running_mean=true", "trainer.max_steps=6",
+              "checkpoint.every_n_train_steps=1"]  # fmt: skip
+    full = train(tmp_path / "full", *common)
+    train(tmp_path / "cut", *common, "trainer.max_steps=3")
+    resumed = train(tmp_path / "cut", *common, "ckpt_path=last")
+    assert full["metrics"]["val/delta"] != 0.0
+    assert resumed["metrics"]["val/delta"] == pytest.approx(full["metrics"]["val/delta"], rel=1e-6)

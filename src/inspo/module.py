@@ -411,7 +411,13 @@ class PreferenceModule(L.LightningModule):
     #: reference changes during training, so a resumed run continues from the synced weights.
     reference_in_checkpoint: bool = False
 
+    def setup(self, stage: str) -> None:
+        # Objectives with running statistics (BCO-pair's δ) average them over all processes.
+        strategy = self.trainer.strategy
+        self.objective.all_mean = lambda t: strategy.reduce(t, reduce_op="mean")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["objective_state"] = self.objective.state_dict()
         # A frozen reference is rebuilt from its source, so it is not stored (except for sync).
         sd = checkpoint.get("state_dict")
         if sd is not None and not self.reference_in_checkpoint:
@@ -419,6 +425,7 @@ class PreferenceModule(L.LightningModule):
                 del sd[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.objective.load_state_dict(checkpoint.get("objective_state", {}))
         sd = checkpoint.get("state_dict")
         if sd is not None and self.reference is not None:
             for key, value in self.reference.state_dict().items():

@@ -109,6 +109,18 @@ class Objective:
     def __call__(self, s: PairScores) -> ObjectiveOutput:
         return self.loss(s)
 
+    # State that training carries (BCO-pair's running reward mean): kept in checkpoints, and
+    # averaged over data-parallel processes through ``all_mean``, which the training module
+    # binds to its strategy (identity on one process).
+    all_mean: Callable[[Tensor], Tensor] = staticmethod(lambda t: t)
+
+    def state_dict(self) -> dict[str, float]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+
     def loss(self, s: PairScores) -> ObjectiveOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -402,11 +414,13 @@ class BCOPair(Objective):
     Jung et al., "Binary Classifier Optimization for Large Language Model Alignment", 2024.
     TRL 1.16: ``loss_type="bco_pair"``, which has **no** reward shift (δ = 0); this is the
     default (``running_mean=False``), so values match TRL 1.16. With ``running_mean=True`` the
-    object keeps the paper's shift as state, exactly as TRL ≤ 0.x did with ``RunningMoments``:
-    at each call with grad enabled (training), the batch mean of the rewards
-    m = mean(β·r(y_w) ∪ β·r(y_l)) updates δ ← δ + (m − δ)/n (n = number of updates so far,
-    i.e. δ is the running mean of batch means), *then* the loss uses the updated δ. Under
-    ``torch.no_grad`` (evaluation) δ is read, not updated. Classic Ψ = logistic.
+    object keeps the paper's shift as state, as TRL ≤ 0.x did with ``RunningMoments``: at each
+    call with grad enabled (training), the batch mean of the rewards m = mean(β·r(y_w) ∪
+    β·r(y_l)), averaged over data-parallel processes (``all_mean``, as TRL gathers it), updates
+    δ ← δ + (m − δ)/n (n = number of updates so far: δ is the running mean of batch means),
+    *then* the loss uses the updated δ. Under ``torch.no_grad`` (evaluation) δ is read, not
+    updated. δ and n are training state: saved in checkpoints, so a resumed run continues them.
+    Classic Ψ = logistic.
     """
 
     def __init__(
@@ -422,13 +436,20 @@ class BCOPair(Objective):
         rw, rl = self.log_ratios(s)
         cw, cl = self.beta * rw, self.beta * rl
         if self.running_mean and torch.is_grad_enabled():
-            m = float(torch.cat([cw, cl]).mean().detach())
+            m = float(self.all_mean(torch.cat([cw, cl]).mean().detach()))
             self.count += 1
             self.delta += (m - self.delta) / self.count
         delta = self.delta if self.running_mean else 0.0
         psi = self.scalarization
         losses = scalarize(psi, cw - delta) + scalarize(psi, -(cl - delta))
         return self.output(losses, s, delta=torch.full_like(cw, delta))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"delta": self.delta, "count": self.count} if self.running_mean else {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.delta = float(state.get("delta", 0.0))
+        self.count = int(state.get("count", 0))
 
 
 # --------------------------------------------------------------------------- fixed forms
@@ -538,25 +559,42 @@ def _nll_mean(s: PairScores) -> Tensor:
 
 
 class SFT(Objective):
-    """Supervised fine-tuning: the token-mean NLL of the chosen response, −S(y_w)/|y_w|.
+    """Supervised fine-tuning: the negative log-likelihood of the chosen response.
 
-    Used for the SFT stage and as an auxiliary term. Reference-free and not pairwise. TRL:
-    ``loss_type="sft"`` (which averages over all chosen tokens of the batch; equal for B = 1).
+    Used for the SFT stage and as an auxiliary term (RPO). Reference-free and not pairwise.
+    ``token_mean`` says over what the token mean is taken:
+
+    - ``"pair"`` (default): each pair's own token mean, −S(y_w)/|y_w|, so a long and a short
+      response weigh the same in the batch mean;
+    - ``"batch"``: every chosen token of the batch weighs the same, −Σ S(y_w) / Σ |y_w|, as
+      TRL's ``loss_type="sft"`` (per device under data parallelism, as TRL). Its per-pair
+      losses are −S_i·B / Σ_j |y_j|, whose mean is that batch value.
+
+    The two agree when all chosen responses have the same length (or B = 1).
     """
 
     requires_reference = False
     pairwise = False
     score: Score = "mean"
 
-    def __init__(self, scalarization: str | None = None) -> None:
+    def __init__(
+        self, scalarization: str | None = None, token_mean: Literal["pair", "batch"] = "pair"
+    ) -> None:
         if scalarization is not None:
             raise ValueError(f"SFT takes no scalarization (got {scalarization!r})")
+        if token_mean not in ("pair", "batch"):
+            raise ValueError(f"SFT token_mean must be 'pair' or 'batch', got {token_mean!r}")
         self.beta = 1.0
+        self.token_mean = token_mean
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         nll = _nll_mean(s)
+        losses = nll
+        if self.token_mean == "batch":
+            tokens = s.chosen_length.sum().clamp(min=1).to(s.policy_chosen.dtype)
+            losses = -s.policy_chosen * s.policy_chosen.shape[0] / tokens
         zero = torch.zeros_like(nll)
-        return ObjectiveOutput(nll, (-nll).detach(), zero, {"nll": nll.detach()})
+        return ObjectiveOutput(losses, (-nll).detach(), zero, {"nll": nll.detach()})
 
 
 # --------------------------------------------------------------------------- combinations
@@ -589,6 +627,19 @@ class Combo(Objective):
         lead = next((o for o, _ in self.terms if o.pairwise), self.terms[0][0])
         self.score, self.beta, self.scalarization = lead.score, lead.beta, lead.scalarization
         self._lead = lead
+
+    def state_dict(self) -> dict[str, dict]:
+        return {str(k): o.state_dict() for k, (o, _) in enumerate(self.terms) if o.state_dict()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for k, (o, _) in enumerate(self.terms):
+            o.load_state_dict(state.get(str(k), {}))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name == "all_mean":  # the terms average over the same processes
+            for o, _ in getattr(self, "terms", ()):
+                o.all_mean = value
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         losses, metrics, lead_out = 0.0, {}, None
