@@ -104,6 +104,26 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False
 
 
+def turn_off_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every dropout off, as TRL does by default: ``nn.Dropout`` modules, and the float
+    rates that attention modules read at call time (``attention_dropout`` in Llama, Qwen2,
+    Mistral, Gemma, ...), which ``nn.Dropout``-only code misses; the config too, so that
+    copies and saved checkpoints agree. With dropout on, the margin at step 0 is noise and two
+    forward passes of one batch disagree."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in config.to_dict().items():
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(config, name, 0.0)
+    return model
+
+
 def load_policy(
     name_or_path: str | None = None,
     tiny: dict[str, Any] | None = None,
@@ -114,8 +134,11 @@ def load_policy(
     tokenizer: PreTrainedTokenizerBase | None = None,
     revision: str | None = None,
     lora: dict[str, Any] | None = None,
+    disable_dropout: bool = True,
 ) -> PreTrainedModel:
-    """Build the policy: ``tiny_llama(**tiny)`` when no path is given, else ``from_pretrained``."""
+    """Build the policy: ``tiny_llama(**tiny)`` when no path is given, else ``from_pretrained``.
+
+    Dropout is off unless ``disable_dropout=False`` (see :func:`turn_off_dropout`)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown model.dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if name_or_path is None:
@@ -129,6 +152,8 @@ def load_policy(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if name_or_path is None and attn_implementation:
         model.set_attn_implementation(attn_implementation)
+    if disable_dropout:
+        turn_off_dropout(model)
     if gradient_checkpointing:
         enable_checkpointing(model)
     if lora:
