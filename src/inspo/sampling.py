@@ -1,0 +1,295 @@
+"""Sampling responses from a causal LM, explicitly and reproducibly.
+
+Everything that shapes the samples is in :class:`SamplingConfig`; the model's
+``generation_config`` (a checkpoint's ``repetition_penalty``, ``no_repeat_ngram_size``,
+``min_length``, ``top_k``, ...) is never read, so the samples are draws from the distribution
+the config names and nothing else. That matters for anything computed from them: a Monte-Carlo
+KL(π_θ ‖ π_ref) is unbiased only for samples from π_θ itself (temperature 1, no top-k/top-p).
+
+- Prompts are laid out as in training, ``[bos] + tokenizer(prompt, add_special_tokens=False)``,
+  left-padded, with positions from the attention mask.
+- Each prompt is prefilled once; its KV cache is repeated for its ``n`` samples.
+- Noise comes from private generators, one per (seed, prompt index, sample index): the samples
+  depend neither on the global RNG nor on the batch size, and two models sampled with the same
+  seed draw the same uniforms (inverse-CDF draws in vocabulary order), so their samples are
+  coupled where the models agree.
+- Every sample carries its summed log-probability under the model's own distribution
+  (temperature 1, unprocessed) and under the distribution actually sampled from, both taken from
+  the logits of the decoding steps.
+
+:func:`sample` works on text prompts; :func:`sample_ids` on token ids (what an online training
+loop holds).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample: the complete list (nothing else is read from the model).
+
+    Processing order: temperature, then top-k, then top-p. ``temperature=0`` is greedy
+    decoding (top-k, top-p and the seed are then irrelevant); ``top_k=0`` and ``top_p=1`` are off.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling config {self}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def pure(self) -> bool:
+        """True when the samples are draws from the model's own distribution."""
+        return self.temperature == 1 and self.top_p == 1 and self.top_k == 0
+
+    def as_pure(self) -> SamplingConfig:
+        """The same lengths and seed, sampling from the model's own distribution."""
+        return replace(self, temperature=1.0, top_p=1.0, top_k=0)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response.
+
+    ``ids`` ends with the EOS token when ``finished``; otherwise ``max_new_tokens`` ran out.
+    ``logp`` = Σ_t log π(y_t | x, y_<t) under the model's unprocessed distribution;
+    ``sampler_logp`` is the same sum under the distribution sampled from (0 for greedy).
+    """
+
+    ids: list[int]
+    text: str
+    finished: bool
+    logp: float
+    sampler_logp: float
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """``[bos] + prompt`` token ids, the layout of training."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    config: SamplingConfig,
+    *,
+    n: int = 1,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> list[list[Sample]]:
+    """``n`` responses to each prompt, ``result[i][j]`` the j-th for ``prompts[i]``; stops at
+    the tokenizer's EOS; texts decoded with special tokens skipped."""
+    groups = sample_ids(
+        model, prompt_ids(tokenizer, prompts), config, n=n,
+        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+        batch_size=batch_size, progress=progress, desc=desc,
+    )  # fmt: skip
+    return [
+        [replace(s, text=tokenizer.decode(s.ids, skip_special_tokens=True)) for s in group]
+        for group in groups
+    ]
+
+
+@torch.no_grad()
+def sample_ids(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    *,
+    n: int = 1,
+    eos_token_ids: Collection[int],
+    pad_token_id: int,
+    batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "sampling",
+) -> list[list[Sample]]:
+    """``n`` responses to each token-id prompt (texts left empty).
+
+    ``batch_size`` counts decoded rows: ``batch_size // n`` prompts (at least one) per batch.
+    ``prompts[i]``'s j-th sample uses the noise of (``config.seed``, i, j), so an online loop
+    that wants fresh samples each step passes a fresh seed.
+    """
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    was_training = model.training
+    model.eval()
+    per_batch = max(1, batch_size // n)
+    starts = range(0, len(prompts), per_batch)
+    out: list[list[Sample]] = []
+    try:
+        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            rows = [list(p) for p in prompts[start : start + per_batch]]
+            out += _sample_batch(model, rows, range(start, start + len(rows)), config, n,
+                                 set(eos_token_ids), pad_token_id)  # fmt: skip
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _sample_batch(
+    model: PreTrainedModel,
+    rows: list[list[int]],
+    indices: range,
+    config: SamplingConfig,
+    n: int,
+    eos: set[int],
+    pad: int,
+) -> list[list[Sample]]:
+    device = next(model.parameters()).device
+    ids, att = _left_pad(rows, pad, device)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
+    cache = DynamicCache(config=model.config)
+    logits = _next_logits(model, ids, att, pos, cache)
+    # The prompt is prefilled once; its n samples share its keys and values.
+    cache.batch_repeat_interleave(n)
+    logits, att = logits.repeat_interleave(n, 0), att.repeat_interleave(n, 0)
+    pos = pos[:, -1:].repeat_interleave(n, 0)
+    noise = None if config.greedy else _noise(config, indices, n).to(device)
+    eos_ids = torch.tensor(sorted(eos), device=device)
+    n_rows = len(rows) * n
+    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    finished, length = torch.zeros_like(done), torch.zeros(n_rows, dtype=torch.long, device=device)
+    logp = torch.zeros(n_rows, dtype=torch.float64, device=device)
+    qlogp = torch.zeros_like(logp)
+    steps = []
+    for t in range(config.max_new_tokens):
+        token, lp, qp = _choose(logits, config, None if noise is None else noise[:, t])
+        live = ~done
+        token = token.masked_fill(done, pad)
+        logp += torch.where(live, lp, 0.0)
+        qlogp += torch.where(live, qp, 0.0)
+        length += live.long()
+        finished |= live & torch.isin(token, eos_ids)
+        done |= finished
+        steps.append(token)
+        if t + 1 == config.max_new_tokens or bool(done.all()):
+            break
+        # Finished rows keep decoding pad tokens (ignored) so the batch stays rectangular.
+        att = torch.cat([att, att.new_ones(n_rows, 1)], dim=-1)
+        pos = pos + 1
+        logits = _next_logits(model, token[:, None], att, pos, cache)
+    tokens = torch.stack(steps, dim=1).tolist()
+    flat = [
+        Sample(tokens[r][:k], "", bool(f), float(a), float(b))
+        for r, (k, f, a, b) in enumerate(
+            zip(length.tolist(), finished.tolist(), logp.tolist(), qlogp.tolist(), strict=True)
+        )
+    ]
+    return [flat[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
+def _left_pad(
+    rows: list[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so that every row's next token follows its own last prompt token."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+        att[i, width - len(r) :] = 1
+    return ids.to(device), att.to(device)
+
+
+def _next_logits(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    att: torch.Tensor,
+    pos: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """Float32 logits of the next token, [rows, vocab], extending ``cache`` in place."""
+    # Only the last position's logits are needed; models that can skip the others save a
+    # [rows, prompt length, vocab] tensor at prefill.
+    keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    out = model(input_ids=ids, attention_mask=att, position_ids=pos, past_key_values=cache,
+                use_cache=True, **keep)  # fmt: skip
+    return out.logits[:, -1].float()
+
+
+def _takes_logits_to_keep(model: PreTrainedModel) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _noise(config: SamplingConfig, indices: range, n: int) -> torch.Tensor:
+    """Uniforms [rows, max_new_tokens] in float64, row (i, j) from its own generator."""
+    out = torch.empty((len(indices) * n, config.max_new_tokens), dtype=torch.float64)
+    for r, (i, j) in enumerate((i, j) for i in indices for j in range(n)):
+        gen = torch.Generator().manual_seed(_row_seed(config.seed, i, j))
+        out[r] = torch.rand(config.max_new_tokens, generator=gen, dtype=torch.float64)
+    return out
+
+
+def _row_seed(seed: int, prompt: int, sample: int) -> int:
+    # SeedSequence mixes the three integers, so nearby (seed, i, j) give unrelated streams.
+    state = np.random.SeedSequence([seed, prompt, sample]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1  # torch seeds must fit in a signed 64-bit integer
+
+
+def _choose(
+    logits: torch.Tensor, config: SamplingConfig, u: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, log π(token), log q(token)) per row: π the model's distribution, q the one
+    sampled from. ``u`` holds one uniform per row; None means greedy."""
+    logp = logits.log_softmax(-1)
+    if u is None:
+        token = logits.argmax(-1)
+        zero = logits.new_zeros(logits.shape[0], dtype=torch.float64)  # greedy: q(token) = 1
+        return token, _at(logp, token), zero
+    logq = sampler_logprobs(logits, config)
+    token = _inverse_cdf(logq, u)
+    return token, _at(logp, token), _at(logq, token)
+
+
+def _at(logprobs: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    return logprobs.gather(-1, token[:, None]).squeeze(-1).double()
+
+
+def sampler_logprobs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """log q(· | ·) [rows, vocab] of the distribution sampled from: logits / temperature, then
+    the top-k (ties at the k-th value kept), then the smallest top-p nucleus; −inf outside."""
+    scaled = logits / config.temperature
+    if 0 < config.top_k < scaled.shape[-1]:
+        kth = scaled.topk(config.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if config.top_p < 1:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = probs.cumsum(-1) - probs >= config.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled.log_softmax(-1)
+
+
+def _inverse_cdf(logq: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token whose CDF interval (in vocabulary order) holds ``u``; never a zero-mass one."""
+    cdf = logq.double().exp().cumsum(-1)
+    total = cdf[:, -1:]
+    # u < 1, but u·total can round up to total; keep it strictly below the last step.
+    v = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, v, right=True).squeeze(-1)
