@@ -8,17 +8,21 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+import inspo.eval
 from conftest import FAST
 from inspo.eval import (
     EvalConfig,
     RewardModelScorer,
     cli,
+    eval_stage,
     evaluate,
     log_wandb,
     monte_carlo_kl,
     preference_accuracy,
+    resolve_device,
     sample_logps,
 )
+from inspo.evaluation import length_controlled_win_rate, win_rate
 from inspo.models import tiny_llama
 from inspo.synthetic import make_prompt
 
@@ -28,6 +32,19 @@ SMALL = EvalConfig(n_prompts=6, max_new_tokens=6, batch_size=4, seed=3, progress
 
 def other_model(tokenizer, seed=1):
     return tiny_llama(tokenizer=tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=seed)
+
+
+def sharp_model(tokenizer, seed):
+    """A tiny model with peaked next-token distributions (scaled final norm), like a trained
+    one: sampler settings then visibly change the samples."""
+    model = other_model(tokenizer, seed)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)
+    return model
+
+
+def no_score(prompts, responses):
+    return [0.0] * len(responses)
 
 
 def test_sample_logps_match_token_by_token(small_model, tokenizer):
@@ -62,6 +79,8 @@ def test_evaluate_against_itself_ties_everything(small_model, tokenizer, tmp_pat
     assert [r["policy"] for r in rows] == [r["reference"] for r in rows]
     assert metrics["eval/win_rate"] == 0.5
     assert metrics["eval/kl"] == 0.0
+    # Equal lengths everywhere: length cannot be regressed out; the LC rate is the raw one.
+    assert (metrics["eval/lc_win_rate"], metrics["eval/lc_identified"]) == (0.5, 0.0)
     assert metrics["eval/length/policy"] == metrics["eval/length/reference"]
     assert metrics["eval/score/policy"] == metrics["eval/score/reference"]
     assert metrics["eval/win_rate_low"] < 0.5 < metrics["eval/win_rate_high"]
@@ -130,6 +149,117 @@ def test_wandb_table(small_model, tokenizer):
     table = logged["eval/samples"]
     assert table.columns == ["prompt", "policy", "reference", "policy_score", "reference_score"]
     assert len(table.data) == 4
+
+
+def test_the_checkpoints_generation_config_changes_nothing(tokenizer, tmp_path):
+    """A checkpoint's sampling defaults must move neither the samples nor eval/kl."""
+    ecfg = EvalConfig(n_prompts=6, max_new_tokens=12, batch_size=4, seed=0, progress=False)
+    runs = []
+    for defaults in ({}, {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2,
+                          "min_length": 5, "top_k": 3}):  # fmt: skip
+        policy, reference = sharp_model(tokenizer, 0), sharp_model(tokenizer, 1)
+        for model in (policy, reference):
+            model.generation_config.update(**defaults)
+        runs.append(evaluate(policy, reference, tokenizer, PROMPTS, ecfg, scorer=no_score))
+    (plain, plain_rows), (loaded, loaded_rows) = runs
+    assert loaded_rows == plain_rows
+    assert loaded["eval/kl"] == plain["eval/kl"] and loaded["eval/kl_se"] == plain["eval/kl_se"]
+    assert plain["eval/kl"] > 1.0  # the policies differ: a shifted sample set would show
+
+
+def test_kl_is_estimated_on_temperature_1_samples(tokenizer, tmp_path):
+    policy, reference = sharp_model(tokenizer, 0), sharp_model(tokenizer, 1)
+    pure = EvalConfig(n_prompts=6, max_new_tokens=12, batch_size=4, seed=0, progress=False)
+    tempered = EvalConfig(**{**pure.__dict__, "temperature": 0.5, "top_k": 20, "top_p": 0.9})
+    got = {}
+    for name, ecfg in (("pure", pure), ("tempered", tempered)):
+        out = tmp_path / name
+        metrics, rows = evaluate(policy, reference, tokenizer, PROMPTS, ecfg, scorer=no_score,
+                                 out_dir=out)  # fmt: skip
+        got[name] = (metrics, rows, json.loads((out / "metrics.json").read_text()))
+    assert got["pure"][2]["kl_samples"] == "eval"
+    assert got["tempered"][2]["kl_samples"] == "separate temperature-1 samples"
+    # The tempered eval samples differ, but the KL comes from the same temperature-1 draws.
+    assert [r["policy"] for r in got["tempered"][1]] != [r["policy"] for r in got["pure"][1]]
+    assert got["tempered"][0]["eval/kl"] == got["pure"][0]["eval/kl"]
+    assert got["tempered"][0]["eval/kl_se"] == got["pure"][0]["eval/kl_se"]
+
+
+# --------------------------------------------------------------------------- LC win rate
+def test_lc_win_rate_with_a_constant_length_gap_is_the_raw_rate_flagged():
+    scores, baseline = [1.0] * 18 + [0.0] * 2, [0.5] * 20
+    lengths = [40.0 + i for i in range(20)]
+    lc = length_controlled_win_rate(scores, baseline, lengths, [n - 28 for n in lengths])
+    assert win_rate(scores, baseline).rate == pytest.approx(0.9)
+    assert lc.rate == pytest.approx(0.9) and lc.identified is False
+
+
+def test_lc_win_rate_removes_an_edge_that_comes_from_length_only():
+    # The policy wins exactly when it is longer (ties at equal length), and is longer more
+    # often than not: a raw win rate of 15.5/21, none of it from anything but length.
+    gaps = [float(g) for g in range(-10, 31, 2)]
+    scores = [1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gaps]
+    base = [20.0] * len(gaps)
+    lc = length_controlled_win_rate(scores, [0.5] * len(gaps), [20.0 + g for g in gaps], base)
+    raw = win_rate(scores, [0.5] * len(gaps)).rate
+    assert raw == pytest.approx(15.5 / 21)
+    assert lc.identified and abs(lc.rate - 0.5) < 0.05
+    # A policy that wins 90% at every length difference keeps (about) its edge.
+    scores = [0.0 if i % 10 == 0 else 1.0 for i in range(len(gaps))]
+    lc = length_controlled_win_rate(scores, [0.5] * len(gaps), [20.0 + g for g in gaps], base)
+    assert lc.identified and lc.rate > 0.85
+
+
+# --------------------------------------------------------------------------- device
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert EvalConfig().device == "auto"
+
+
+def spy_on_resolve_device(monkeypatch):
+    calls = []
+    real = inspo.eval.resolve_device
+
+    def spy(spec):
+        calls.append(spec)
+        return real(spec)
+
+    monkeypatch.setattr(inspo.eval, "resolve_device", spy)
+    return calls
+
+
+def test_the_stage_and_the_cli_resolve_the_same_device(tmp_path, tokenizer, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from inspo.train import compose_config
+
+    overrides = [*FAST, "eval.n_prompts=4", "eval.max_new_tokens=4", "eval.progress=false"]
+    cfg = compose_config(overrides, tmp_path / "run")
+    policy = tiny_llama(tokenizer=tokenizer, **{**cfg.model.tiny, "seed": 5})
+    calls = spy_on_resolve_device(monkeypatch)
+    stage = eval_stage(cfg, policy, tokenizer, {}, tmp_path / "run")
+    assert calls == ["auto"]
+    info = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert info["device"] == str(resolve_device("auto")) and info["config"]["device"] == "auto"
+    # The CLI on the same run: the same resolver, from eval.device or --device.
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                   run / ".hydra" / "config.yaml")  # fmt: skip
+    policy.save_pretrained(run / "policy")
+    tokenizer.save_pretrained(run / "policy")
+    again = cli([str(run), "--no-progress", "--out", str(tmp_path / "cli")])
+    assert calls == ["auto", "auto"]
+    assert again["eval/kl"] == pytest.approx(stage["eval/kl"], abs=1e-6)  # the same evaluation
+    cli([str(run), "--no-progress", "--device", "cpu", "--top-k", "5", "--out", str(run / "o")])
+    assert calls[-1] == "cpu"
+    info = json.loads((run / "o" / "metrics.json").read_text())
+    assert (info["device"], info["config"]["top_k"]) == ("cpu", 5)
+    assert info["kl_samples"] == "separate temperature-1 samples"
 
 
 @pytest.mark.slow

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from inspo.eval import eval_prompts
-from inspo.evaluation import generate, length_controlled_win_rate, score, win_rate
+from inspo.evaluation import length_controlled_win_rate, score, win_rate
 from inspo.models import load_policy, load_tokenizer
+from inspo.sampling import SamplingConfig, sample
 from inspo.synthetic import gold_reward
 from inspo.train import compose_config, run
 
@@ -51,13 +52,13 @@ def evaluate_policies(
 ) -> dict[str, Any]:
     """Sample every policy on the same prompts with the same seed; score with the gold reward."""
     results: dict[str, Any] = {}
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed)
     for name in ("sft", *POLICIES):
         path = str(out / name / "policy")
         model, tok = load_policy(path), load_tokenizer(path)
-        samples = generate(
-            model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            seed=seed, desc=f"sampling {name}",
-        )  # fmt: skip
+        groups = sample(model, tok, prompts, sampling, batch_size=batch_size, progress=True,
+                        desc=f"sampling {name}")  # fmt: skip
+        samples = [g[0].text for g in groups]
         results[name] = {
             "samples": samples,
             "gold": score(gold_reward, prompts, samples),
@@ -77,12 +78,12 @@ def summarise(results: dict[str, Any], summaries: dict[str, Any]) -> dict[str, A
         }
         if name != "sft":
             wr = win_rate(r["gold"], base["gold"])
+            lc = length_controlled_win_rate(r["gold"], base["gold"], r["length"], base["length"])
             row |= {
                 "win_rate_vs_sft": wr.rate,
                 "win_rate_ci95": [wr.low, wr.high],
-                "lc_win_rate_vs_sft": length_controlled_win_rate(
-                    r["gold"], base["gold"], r["length"], base["length"]
-                ),
+                "lc_win_rate_vs_sft": lc.rate,
+                "lc_identified": lc.identified,  # False: no length variation, rate is the raw one
             }
             m = summaries[name]["metrics"]
             row["pref_accuracy_plain"] = m.get("val/plain/rewards/accuracies")

@@ -1,4 +1,4 @@
-"""inspo-eval: evaluate a trained policy the way it is used, from the prompt alone (SPEC §5).
+"""inspo-eval: evaluate a trained policy the way it is used, from the prompt alone.
 
 For a run folder (``.hydra/config.yaml``, ``policy/``, ``summary.json``), or as the last stage of
 a training run (``eval.generate=true``), it reports under ``eval/...``:
@@ -6,21 +6,26 @@ a training run (``eval.generate=true``), it reports under ``eval/...``:
 - ``eval/pref_accuracy/plain`` and ``eval/pref_accuracy/reflective``: held-out preference
   accuracy (fraction of val pairs with h > 0) of the plain-context policy and, for reflective
   runs, of the reflective one, taken from the run's final validation;
-- generation from π_θ(· | x) on the eval prompts (temperature, top-p, max new tokens, seed),
-  and the same for the reference policy (by default the *initial* policy, the same for every
-  reference kind so that runs compare): ``eval/score/{policy,reference}`` (gold reward of the
-  synthetic task or a reward model's score), ``eval/win_rate`` with its Wilson 95% interval
-  (``eval/win_rate_low``, ``eval/win_rate_high``), ``eval/lc_win_rate`` (length-controlled),
-  ``eval/length/{policy,reference}`` (mean response length in bytes),
+- samples from π_θ(· | x) on the eval prompts (:mod:`inspo.sampling`: temperature, top-p,
+  top-k, max new tokens, seed; never the checkpoint's ``generation_config``), and the same for
+  the reference policy (by default the *initial* policy, the same for every reference kind so
+  that runs compare): ``eval/score/{policy,reference}`` (gold reward of the synthetic task or a
+  reward model's score), ``eval/win_rate`` with its Wilson 95% interval (``eval/win_rate_low``,
+  ``eval/win_rate_high``), ``eval/lc_win_rate`` (length-controlled) with ``eval/lc_identified``
+  (0.0 when the length difference does not vary: ``eval/lc_win_rate`` is then the raw win
+  rate), ``eval/length/{policy,reference}`` (mean response length in bytes),
   ``eval/valid/{policy,reference}`` (synthetic task: share of valid responses);
-- ``eval/kl``: Monte-Carlo KL(π_θ ‖ π_ref) = mean over the policy's own samples of
-  Σ_t [log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)] (EOS included), with ``eval/kl_se``;
-  unbiased at temperature 1 and top-p 1;
+- ``eval/kl``: Monte-Carlo KL(π_θ ‖ π_ref) over responses (capped at max new tokens) = mean
+  over samples y ~ π_θ(· | x) of Σ_t [log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)] (EOS
+  included), with ``eval/kl_se``. The samples must come from π_θ itself: the eval samples when
+  the sampling is pure (temperature 1, top-p 1, top-k 0), else a separate temperature-1 sample
+  set with the same seed; ``metrics.json`` says which (``kl_samples``);
 - ``eval/generations.json`` and ``eval/reference_generations.json`` in AlpacaEval's format
   (a list of ``{"instruction", "output", "generator"}``), and ``eval/samples.json``.
 
     inspo-eval RUN_DIR                              # writes RUN_DIR/eval/, updates summary.json
     inspo-eval RUN_DIR --scorer PATH_TO_RM --n-prompts 64 --temperature 0.7 --top-p 0.9
+    inspo-eval RUN_DIR --device cuda:1               # default: eval.device (auto: cuda if any)
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from inspo.evaluation import generate, length_controlled_win_rate, win_rate
+from inspo.evaluation import length_controlled_win_rate, win_rate
 from inspo.logprobs import sequence_logps
+from inspo.sampling import SamplingConfig, sample
 
 
 @dataclass
@@ -51,18 +57,34 @@ class EvalConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     batch_size: int = 64
     seed: int = 1234
     scorer: str = "gold"  # gold (synthetic task) | a path/name of a sequence-classification RM
     reference: str | None = None  # null: the initial policy (model.*); else a path/name
     n_table: int = 16  # sample generations kept in the wandb table / samples.json
     progress: bool = True
+    device: str = "auto"  # auto: cuda when available, else cpu; or any torch device string
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> EvalConfig:
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
         known = {k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens, seed=self.seed,
+        )  # fmt: skip
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Where evaluation runs: ``auto`` is the CUDA device when there is one, else the CPU;
+    anything else is taken as a torch device string (``cpu``, ``cuda:1``, ``mps``)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
 
 
 # --------------------------------------------------------------------------- scorers
@@ -216,22 +238,26 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Sample policy and reference on ``prompts`` with the same seed; score; compare; KL.
 
-    Returns (``eval/...`` metrics, sample rows) and, with ``out_dir``, writes the AlpacaEval
-    files and ``samples.json`` there.
+    Runs where the models are (see :func:`resolve_device`). Returns (``eval/...`` metrics,
+    sample rows) and, with ``out_dir``, writes the AlpacaEval files, ``samples.json`` and
+    ``metrics.json`` (with the device and the samples the KL was estimated on) there.
     """
     t0 = time.perf_counter()
     prompts = list(prompts)[: ecfg.n_prompts]
     scorer = scorer or make_scorer(ecfg.scorer, tokenizer)
-    kw = dict(
-        max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_p=ecfg.top_p,
-        batch_size=ecfg.batch_size, seed=ecfg.seed, progress=ecfg.progress, return_ids=True,
-    )  # fmt: skip
-    pol_text, pol_ids = generate(policy, tokenizer, prompts, desc="sampling policy", **kw)
-    ref_text, _ = generate(reference, tokenizer, prompts, desc="sampling reference", **kw)
+    sampling = ecfg.sampling()
+    pol_ids, pol_text = _draw(policy, tokenizer, prompts, sampling, ecfg, "sampling policy")
+    _, ref_text = _draw(reference, tokenizer, prompts, sampling, ecfg, "sampling reference")
     pol_score, ref_score = scorer(prompts, pol_text), scorer(prompts, ref_text)
     pol_len = [len(s.encode()) for s in pol_text]
     ref_len = [len(s.encode()) for s in ref_text]
     wr = win_rate(pol_score, ref_score)
+    lc = length_controlled_win_rate(pol_score, ref_score, pol_len, ref_len)
+    # The KL estimate is unbiased only on draws from π_θ itself, not from a tempered or
+    # truncated sampler; the same seed keeps the two sample sets comparable.
+    kl_samples = "eval" if sampling.pure else "separate temperature-1 samples"
+    if not sampling.pure:
+        pol_ids, _ = _draw(policy, tokenizer, prompts, sampling.as_pure(), ecfg, "sampling for KL")
     kl, kl_se = monte_carlo_kl(policy, reference, tokenizer, prompts, pol_ids, ecfg.batch_size)
     n = len(prompts)
     metrics = {
@@ -241,7 +267,8 @@ def evaluate(
         "eval/win_rate": wr.rate,
         "eval/win_rate_low": wr.low,
         "eval/win_rate_high": wr.high,
-        "eval/lc_win_rate": length_controlled_win_rate(pol_score, ref_score, pol_len, ref_len),
+        "eval/lc_win_rate": lc.rate,
+        "eval/lc_identified": float(lc.identified),
         "eval/length/policy": sum(pol_len) / n,
         "eval/length/reference": sum(ref_len) / n,
         "eval/kl": kl,
@@ -267,11 +294,30 @@ def evaluate(
                 prompts, ref_text, reference_generator
             ),
             "samples.json": rows,
-            "metrics.json": {"metrics": metrics, "config": asdict(ecfg)},
+            "metrics.json": {
+                "metrics": metrics,
+                "config": asdict(ecfg),
+                "device": str(next(policy.parameters()).device),
+                "kl_samples": kl_samples,
+            },
         }
         for name, obj in dump.items():
             (out / name).write_text(json.dumps(obj, indent=2) + "\n")
     return metrics, rows
+
+
+def _draw(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    ecfg: EvalConfig,
+    desc: str,
+) -> tuple[list[list[int]], list[str]]:
+    """One sample per prompt: (token ids, texts)."""
+    groups = sample(model, tokenizer, prompts, sampling, batch_size=ecfg.batch_size,
+                    progress=ecfg.progress, desc=desc)  # fmt: skip
+    return [g[0].ids for g in groups], [g[0].text for g in groups]
 
 
 def log_wandb(run: Any, metrics: dict[str, float], rows: list[dict], n_table: int) -> None:
@@ -328,11 +374,16 @@ def reference_policy(
 
 def eval_stage(cfg: DictConfig, policy: PreTrainedModel, tokenizer: Any, metrics: dict,
                run_dir: Path, logger: Any = None) -> dict[str, float]:  # fmt: skip
-    """The evaluation stage of a training run (``eval.generate=true``): returns ``eval/...``."""
+    """The evaluation stage of a training run (``eval.generate=true``): returns ``eval/...``.
+
+    Runs on ``eval.device`` as ``inspo-eval`` does, and puts the policy back where it was.
+    """
     ecfg = EvalConfig.from_cfg(cfg.eval)
-    was_training = policy.training
+    was_training, home = policy.training, next(policy.parameters()).device
     prompts = eval_prompts(cfg, tokenizer)
-    reference = reference_policy(cfg, ecfg, tokenizer).to(next(policy.parameters()).device)
+    device = resolve_device(ecfg.device)
+    policy.to(device)
+    reference = reference_policy(cfg, ecfg, tokenizer).to(device)
     try:
         out, rows = evaluate(
             policy, reference, tokenizer, prompts, ecfg,
@@ -340,7 +391,7 @@ def eval_stage(cfg: DictConfig, policy: PreTrainedModel, tokenizer: Any, metrics
             val_metrics=metrics, reflection=cfg.reflection.mode,
         )  # fmt: skip
     finally:
-        policy.train(was_training)
+        policy.to(home).train(was_training)
     if logger is not None and type(logger).__name__ == "WandbLogger":
         log_wandb(logger.experiment, out, rows, ecfg.n_table)
     return out
@@ -370,9 +421,11 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None, help="0: off")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="default RUN_DIR/eval")
+    parser.add_argument("--device", default=None, help="auto (cuda if available) | cpu | cuda:N")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--wandb", action="store_true", help="log to a new wandb run")
     args = parser.parse_args(argv)
@@ -383,7 +436,7 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     ecfg = EvalConfig.from_cfg(cfg.get("eval") or {})
     for key in ("reference", "scorer", "n_prompts", "max_new_tokens", "temperature", "top_p",
-                "batch_size", "seed"):  # fmt: skip
+                "top_k", "batch_size", "seed", "device"):  # fmt: skip
         value = getattr(args, key)
         if value is not None:
             setattr(ecfg, key, value)
@@ -391,13 +444,15 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     policy_path = args.policy or str(run_dir / "policy")
     tokenizer = load_tokenizer(policy_path)
-    policy = load_policy(policy_path)
-    reference = reference_policy(cfg, ecfg, tokenizer)
+    device = resolve_device(ecfg.device)
+    policy = load_policy(policy_path).to(device)
+    reference = reference_policy(cfg, ecfg, tokenizer).to(device)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    out_dir = args.out or run_dir / "eval"
     metrics, rows = evaluate(
         policy, reference, tokenizer, eval_prompts(cfg, tokenizer), ecfg,
-        out_dir=args.out or run_dir / "eval", generator=run_name(cfg, run_dir),
+        out_dir=out_dir, generator=run_name(cfg, run_dir),
         val_metrics=summary.get("metrics"), reflection=cfg.reflection.mode,
     )  # fmt: skip
     if summary and args.policy is None:
@@ -411,6 +466,8 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
         run.finish()
     for k, v in metrics.items():
         print(f"{k:32s} {v:.4f}")
+    info = json.loads((out_dir / "metrics.json").read_text())
+    print(f"device {info['device']}; eval/kl samples: {info['kl_samples']}; wrote {out_dir}")
     return metrics
 
 
