@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from conftest import FAST, REPO
-from inspo.models import byte_tokenizer, tiny_llama
+from inspo.models import byte_tokenizer, load_policy, tiny_llama
 from inspo.report import cli, symmetric_kl
 
 # group dpo/off: 3 runs (win rates 0.2, 0.4, 0.9); group dpo/inspo: 2 runs (0.6, 0.6).
@@ -45,6 +47,24 @@ def fake_sweep(root):
         tok.save_pretrained(d / "policy")
 
 
+@torch.no_grad()
+def hand_symmetric_kl(model_a, model_b, tok, inputs):
+    """KL(a‖b) + KL(b‖a) of the next-token distributions at each response position of
+    ``inputs`` (the prompt's last position for an empty response), averaged over positions;
+    written with F.kl_div, apart from inspo.report."""
+    values = []
+    for prompt, response in inputs:
+        x = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+        y = tok(response, add_special_tokens=False)["input_ids"] if response else []
+        ids = torch.tensor([x + y])
+        la, lb = (m(input_ids=ids).logits[0].log_softmax(-1) for m in (model_a, model_b))
+        for t in range(len(x) - 1, len(x) - 1 + max(len(y), 1)):
+            kl_ab = F.kl_div(lb[t], la[t], log_target=True, reduction="sum")  # KL(a‖b)
+            kl_ba = F.kl_div(la[t], lb[t], log_target=True, reduction="sum")
+            values.append(float(kl_ab + kl_ba))
+    return sum(values) / len(values)
+
+
 def test_report_figures(tmp_path):
     fake_sweep(tmp_path)
     report = cli([str(tmp_path), "--out", str(tmp_path / "out")])
@@ -67,6 +87,14 @@ def test_report_figures(tmp_path):
     # Identical policies (same seed): divergence exactly 0; different ones: > 0.
     assert ins["divergence"] == 0.0 and ins["divergence_pairs"] == 1
     assert off["divergence"] > 0 and off["divergence_pairs"] == 3
+    # dpo/off holds seeds 0, 0, 1: pairs (0, 0), (0, 1), (0, 1), so the mean is ⅔ of the
+    # symmetric KL between seed 0 and seed 1 on the reference's samples.
+    tok = byte_tokenizer()
+    seed0, seed1 = (tiny_llama(tokenizer=tok, hidden_size=32, num_layers=2, num_heads=2, seed=s)
+                    for s in (0, 1))  # fmt: skip
+    inputs = [("Word with b, k, t: ", "bakoti"), ("Word with d, f, g: ", "")]
+    d01 = hand_symmetric_kl(seed0, seed1, tok, inputs)
+    assert off["divergence"] == pytest.approx(2 / 3 * d01, rel=1e-5)
     out = tmp_path / "out"
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["groups"]["dpo/off"]["metrics"]["eval/win_rate"]["spread"] == pytest.approx(0.7)
@@ -79,6 +107,34 @@ def test_report_figures(tmp_path):
     assert "| dpo/inspo | 2 | 0.600 (0.000) |" in md
     for png in ("frontier.png", "winrate_length.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({png})" in md
+    assert "eval.generate=true" not in md  # nothing is missing
+
+
+def test_plots_only_with_their_data(tmp_path):
+    """A sweep without the evaluation stage has nothing to plot: no empty frames, and the
+    report says which setting produces them; a sweep with only some metrics gets those plots."""
+    runs = {"a": {}, "b": {"eval/win_rate": 0.6, "eval/length/policy": 9.0}}
+    for name, extra in runs.items():
+        (tmp_path / name).mkdir()
+        choices = {"objective": "DPO", "objective_config": "dpo", "reflection": "off"}
+        metrics = {"val/plain/rewards/accuracies": 0.7, **extra}
+        (tmp_path / name / "summary.json").write_text(
+            json.dumps({"choices": choices, "metrics": metrics})
+        )
+    out = tmp_path / "no_eval"
+    cli([str(tmp_path / "a"), "--no-divergence", "--out", str(out)])
+    md = (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))
+    assert "](frontier.png)" not in md and "](winrate_length.png)" not in md
+    assert md.count("eval.generate=true") == 2
+    # Win rate and length but no KL: the win-rate plot only.
+    out = tmp_path / "partial"
+    cli([str(tmp_path), "--no-divergence", "--out", str(out)])
+    md = (out / "report.md").read_text()
+    assert sorted(p.name for p in out.glob("*.png")) == ["winrate_length.png"]
+    assert "](winrate_length.png)" in md and "](frontier.png)" not in md
+    assert md.count("eval.generate=true") == 1 and "`eval/kl`" in md
 
 
 def test_symmetric_kl_hand_case():
@@ -118,11 +174,18 @@ def test_reduced_real_sweep_and_report(tmp_path):
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=900)
     report = cli([str(sweep)])
     assert set(report["groups"]) == {"dpo/off", "dpo/inspo"}
+    gens = json.loads(next(sweep.rglob("reference_generations.json")).read_text())
+    inputs = [(g["instruction"], g["output"]) for g in gens]
+    tok = byte_tokenizer()
     for g in report["groups"].values():
         assert len(g["runs"]) == 2
         assert g["metrics"]["eval/win_rate"]["n"] == 2
-        assert g["divergence"] >= 0 and g["divergence_pairs"] == 1
         assert g["varying"] == {"scalarization": ["hinge", "logistic"]}
+        # Two different Ψ moved the same start differently: their divergence, by hand.
+        a, b = (load_policy(str(sweep / run / "policy")) for run in g["runs"])
+        want = hand_symmetric_kl(a, b, tok, inputs)
+        assert want > 0 and g["divergence_pairs"] == 1
+        assert g["divergence"] == pytest.approx(want, rel=1e-4)
     assert (sweep / "report.md").exists() and (sweep / "frontier.png").exists()
 
 

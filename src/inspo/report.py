@@ -1,4 +1,4 @@
-"""inspo-report: the invariance report of a sweep (SPEC §3 "Invariance, made measurable").
+"""inspo-report: the invariance report of a sweep (invariance, made measurable).
 
 Reads every run under SWEEP_DIR (each folder with a ``summary.json``; its ``.hydra/config.yaml``
 and ``policy/`` when present), groups runs by objective family × reflection (plus any
@@ -14,6 +14,8 @@ and ``policy/`` when present), groups runs by objective family × reflection (pl
   last position alone when there is none). Smaller spread / divergence = more invariance.
 - ``frontier.png``: gold (or RM) score of the policy's samples against Monte-Carlo
   KL(π_θ ‖ π_ref), one point per run; ``winrate_length.png``: win rate against mean length.
+  Both need the evaluation stage's metrics (``eval.generate=true``); a plot without data is
+  not drawn, and ``report.md`` says so instead.
 
     inspo-report logs/train/multiruns/2026-11-22_12-00-00
     inspo-report SWEEP_DIR --group-by standard_weight --wandb
@@ -26,6 +28,7 @@ import itertools
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,24 @@ HEADLINE = (
     ("eval/valid/policy", "valid"),
     ("eval/pref_accuracy/plain", "pref. acc."),
 )
+
+
+@dataclass(frozen=True)
+class Plot:
+    file: str
+    x: str  # metric on the x axis
+    y: str
+    x_label: str
+    y_label: str
+    title: str
+
+
+PLOTS = (
+    Plot("frontier.png", "eval/kl", "eval/score/policy", "KL(π_θ ‖ π_ref) (MC, nats)",
+         "score of the policy's samples", "reward–KL frontier"),
+    Plot("winrate_length.png", "eval/length/policy", "eval/win_rate", "mean length (bytes)",
+         "win rate vs reference", "win rate vs mean length"),
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- reading
@@ -225,9 +246,28 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {fmt(s['mean'])} | {fmt(s['spread'])} | {fmt(s['std'])} | {s['n']} |"
             )
-    lines += ["", "![reward–KL frontier](frontier.png)", "",
-              "![win rate vs length](winrate_length.png)", ""]  # fmt: skip
+    lines += plot_lines(report)
     return "\n".join(lines)
+
+
+def points(report: dict[str, Any], plot: Plot, group: str | None = None) -> list[tuple]:
+    """(x, y) of every run (of ``group``) that has both metrics."""
+    rs = [r for r in report["runs"] if group is None or r["group"] == group]
+    pts = [(r["metrics"].get(plot.x), r["metrics"].get(plot.y)) for r in rs]
+    return [(x, y) for x, y in pts if x is not None and y is not None]
+
+
+def plot_lines(report: dict[str, Any]) -> list[str]:
+    """Links to the plots that have data; for the others, what produces their data."""
+    lines = [""]
+    for p in PLOTS:
+        if points(report, p):
+            lines += [f"![{p.title}]({p.file})", ""]
+        else:
+            lines += [f"No {p.title} plot (`{p.file}`): no run has `{p.x}` and `{p.y}`. "
+                      "They come from the evaluation stage: train with `eval.generate=true`, "
+                      "or run `inspo-eval RUN_DIR` on each run.", ""]  # fmt: skip
+    return lines
 
 
 def summary_table(report: dict[str, Any]) -> list[str]:
@@ -249,39 +289,31 @@ def summary_table(report: dict[str, Any]) -> list[str]:
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
+    """Draws each of :data:`PLOTS` that has data (an empty frame says nothing); returns them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = [
-        ("frontier.png", "eval/kl", "eval/score/policy", "KL(π_θ ‖ π_ref) (MC, nats)",
-         "score of the policy's samples", "reward–KL frontier"),
-        ("winrate_length.png", "eval/length/policy", "eval/win_rate", "mean length (bytes)",
-         "win rate vs reference", "win rate vs mean length"),
-    ]  # fmt: skip
     paths = []
     groups = list(report["groups"])
     markers = "os^vDP*Xh"
-    for fname, xk, yk, xl, yl, title in specs:
+    for p in (p for p in PLOTS if points(report, p)):
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for i, gname in enumerate(groups):
-            rs = [r for r in report["runs"] if r["group"] == gname]
-            pts = [(r["metrics"].get(xk), r["metrics"].get(yk)) for r in rs]
-            pts = [(x, y) for x, y in pts if x is not None and y is not None]
+            pts = points(report, p, gname)
             if pts:
                 ax.scatter(*zip(*pts, strict=True), label=gname, marker=markers[i % len(markers)])
-        if yk == "eval/win_rate":
+        if p.y == "eval/win_rate":
             ax.axhline(0.5, color="grey", ls="--", lw=1)
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        ax.set_title(title)
-        if groups:
-            ax.legend(fontsize=7)
+        ax.set_xlabel(p.x_label)
+        ax.set_ylabel(p.y_label)
+        ax.set_title(p.title)
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
+        fig.savefig(out / p.file, dpi=110)
         plt.close(fig)
-        paths.append(out / fname)
+        paths.append(out / p.file)
     return paths
 
 
