@@ -239,3 +239,6 @@ def test_config_validation_and_purity():
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -1}, {"max_new_tokens": 0}):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+    with pytest.raises(ValueError, match="empty prompt"):
+        sample_ids(six_token_llama(0), [[BOS], []], SamplingConfig(), eos_token_ids=[EOS],
+                   pad_token_id=PAD)  # fmt: skip

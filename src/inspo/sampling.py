@@ -102,10 +102,13 @@ def sample(
     desc: str = "sampling",
 ) -> list[list[Sample]]:
     """``n`` responses to each prompt, ``result[i][j]`` the j-th for ``prompts[i]``; stops at
-    the tokenizer's EOS; texts decoded with special tokens skipped."""
+    the tokenizer's EOS; texts decoded with special tokens skipped. ``batch_size`` counts
+    decoded rows, as in :func:`sample_ids`."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     groups = sample_ids(
         model, prompt_ids(tokenizer, prompts), config, n=n,
-        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=[] if eos is None else [eos], pad_token_id=pad,
         batch_size=batch_size, progress=progress, desc=desc,
     )  # fmt: skip
     return [
@@ -135,6 +138,8 @@ def sample_ids(
     """
     if n < 1:
         raise ValueError("n must be at least 1")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt: nothing to condition the first token on")
     was_training = model.training
     model.eval()
     per_batch = max(1, batch_size // n)
@@ -159,18 +164,11 @@ def _sample_batch(
     eos: set[int],
     pad: int,
 ) -> list[list[Sample]]:
-    device = next(model.parameters()).device
-    ids, att = _left_pad(rows, pad, device)
-    pos = (att.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
-    cache = DynamicCache(config=model.config)
-    logits = _next_logits(model, ids, att, pos, cache)
-    # The prompt is prefilled once; its n samples share its keys and values.
-    cache.batch_repeat_interleave(n)
-    logits, att = logits.repeat_interleave(n, 0), att.repeat_interleave(n, 0)
-    pos = pos[:, -1:].repeat_interleave(n, 0)
+    """Decode ``n`` samples of each row of one batch, step by step on one KV cache."""
+    cache, logits, att, pos = _prefill(model, rows, n, pad)
+    device, n_rows = logits.device, logits.shape[0]
     noise = None if config.greedy else _noise(config, indices, n).to(device)
-    eos_ids = torch.tensor(sorted(eos), device=device)
-    n_rows = len(rows) * n
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     done = torch.zeros(n_rows, dtype=torch.bool, device=device)
     finished, length = torch.zeros_like(done), torch.zeros(n_rows, dtype=torch.long, device=device)
     logp = torch.zeros(n_rows, dtype=torch.float64, device=device)
@@ -192,14 +190,28 @@ def _sample_batch(
         att = torch.cat([att, att.new_ones(n_rows, 1)], dim=-1)
         pos = pos + 1
         logits = _next_logits(model, token[:, None], att, pos, cache)
+    columns = (length.tolist(), finished.tolist(), logp.tolist(), qlogp.tolist())
     tokens = torch.stack(steps, dim=1).tolist()
     flat = [
         Sample(tokens[r][:k], "", bool(f), float(a), float(b))
-        for r, (k, f, a, b) in enumerate(
-            zip(length.tolist(), finished.tolist(), logp.tolist(), qlogp.tolist(), strict=True)
-        )
+        for r, (k, f, a, b) in enumerate(zip(*columns, strict=True))
     ]
     return [flat[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
+def _prefill(
+    model: PreTrainedModel, rows: list[list[int]], n: int, pad: int
+) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over the prompts, then everything repeated for their ``n`` samples:
+    (cache, next-token logits, attention mask, last positions), ``len(rows) * n`` rows each."""
+    ids, att = _left_pad(rows, pad, next(model.parameters()).device)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
+    cache = DynamicCache(config=model.config)
+    logits = _next_logits(model, ids, att, pos, cache)
+    # Sample j of prompt i is row i·n + j: repeat_interleave keeps each prompt's rows together.
+    cache.batch_repeat_interleave(n)
+    last = pos[:, -1:].repeat_interleave(n, 0)
+    return cache, logits.repeat_interleave(n, 0), att.repeat_interleave(n, 0), last
 
 
 def _left_pad(
