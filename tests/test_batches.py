@@ -103,3 +103,33 @@ def test_encode_batch_equals_encode(tokenizer):
                          ["plain", "reflective"])  # fmt: skip
         assert {k: v[i] for k, v in batch.items()} == one
     assert torch.is_tensor(torch.as_tensor(batch["plain_chosen"][0]))
+
+
+def test_token_cache_is_keyed_on_the_chat_template(tmp_path, tokenizer):
+    """Changing only the tokenizer's chat template (which the chat reflective template renders
+    with) gives new tokens, never the stale cached ones."""
+    from inspo.datamodule import PreferenceDataModule
+
+    rows = [{"prompt": f"Capital of {c}?", "chosen": "Paris.", "rejected": "Lyon."} for c in "ABCD"]
+
+    def reflective_context(chat_template: str) -> str:
+        tokenizer.chat_template = chat_template
+        source = lambda: {"train": rows}
+        dm = PreferenceDataModule(
+            source, tokenizer, val_split=None, template="chat", reflection=True,
+            cache_dir=str(tmp_path),
+        )  # fmt: skip
+        dm.setup()
+        row = dm.datasets["train"][0]
+        return tokenizer.decode(row["reflective_chosen"][: row["reflective_chosen_start"]])
+
+    turns = "{% for m in messages %}"
+    end = "{% endfor %}{% if add_generation_prompt %}"
+    first = reflective_context(
+        turns + "<|{{ m['role'] }}|>{{ m['content'] }}" + end + "<|bot|>{% endif %}"
+    )
+    second = reflective_context(
+        turns + "[{{ m['role'] }}] {{ m['content'] }}" + end + "[bot] {% endif %}"
+    )
+    assert first.endswith("<|bot|>") and second.endswith("[bot] ")
+    assert len(list(tmp_path.glob("train-*.arrow"))) == 2

@@ -13,6 +13,7 @@ that is 1 exactly on the scored response tokens (EOS included).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import string
 from collections.abc import Sequence
@@ -82,6 +83,16 @@ def resolve_template(name_or_text: str) -> Template:
             " (or a format string with {prompt} and {other})"
         )
     return Template(name_or_text)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything about a tokenizer that changes token ids: its serialised vocabulary,
+    merges and normalisation rules, its special tokens and its chat template (which the
+    ``chat`` reflective template renders with). Keys token and reference-score caches."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    parts = [rules, tokenizer.special_tokens_map, tokenizer.chat_template]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- tokenisation

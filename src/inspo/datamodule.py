@@ -22,7 +22,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from inspo.batches import Encoder, PreferenceCollator, resolve_template
+from inspo.batches import Encoder, PreferenceCollator, resolve_template, tokenizer_fingerprint
 from inspo.datareport import DataReport
 from inspo.formats import ERROR, to_text
 
@@ -172,7 +172,7 @@ class PreferenceDataModule(L.LightningDataModule):
             if split not in self.raw:
                 raise ValueError(f"split {split!r} not in the data; found {sorted(self.raw)}")
             self.datasets[split] = self._build(split, self.raw[split])
-        log.info("%s", self.report)
+        log.debug("%s", self.report)
 
     def _build(self, split: str, rows: Sequence[dict]) -> Dataset:
         rep = self.report.split(split)
@@ -258,11 +258,9 @@ class PreferenceDataModule(L.LightningDataModule):
         key = _fingerprint(
             _code_version(),  # a change to the encoding code invalidates every cached file
             rows,
-            self.tokenizer.name_or_path,
-            len(self.tokenizer),
-            self.tokenizer.bos_token_id,
-            self.tokenizer.eos_token_id,
+            tokenizer_fingerprint(self.tokenizer),
             self.encoder.template.text,
+            self.encoder.template.chat,
             self.encoder.max_length,
             self.encoder.max_prompt_length,
             self.views,

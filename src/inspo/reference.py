@@ -41,7 +41,7 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from inspo.batches import PreferenceCollator
+from inspo.batches import PreferenceCollator, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,9 @@ def cache_key(
     return _sha(
         model_id,
         dtype,
-        datamodule.tokenizer.name_or_path,
-        len(datamodule.tokenizer),
+        tokenizer_fingerprint(datamodule.tokenizer),
         enc.template.text,
+        enc.template.chat,
         enc.max_length,
         enc.max_prompt_length,
         list(views),
