@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from inspo.paths import config_dir
-from inspo.train import build_objective, compose_config
+from inspo.train import ConfigError, build_objective, compose_config
 
 CONF = config_dir()
 GROUPS = ["objective", "reflection", "reference", "model", "data", "hardware", "logger"]
@@ -30,15 +30,49 @@ def test_config_dir_is_the_repository_conf():
     assert {"train.yaml"} <= {p.name for p in CONF.iterdir()}
 
 
+def stated(path: Path) -> dict:
+    """The values an option file sets itself: no defaults list, no Hydra settings, and no
+    interpolations or ??? (those resolve elsewhere)."""
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    data.pop("defaults", None)
+    data.pop("hydra", None)
+
+    def concrete(v):
+        if isinstance(v, dict):
+            return {k: concrete(x) for k, x in v.items() if concrete(x) is not _SKIP}
+        if isinstance(v, str) and ("${" in v or v == "???"):
+            return _SKIP
+        return v
+
+    return concrete(data)
+
+
+_SKIP = object()
+
+
+def assert_applied(expected: dict, composed: dict, where: str) -> None:
+    for key, value in expected.items():
+        assert key in composed, f"{where}: {key} missing"
+        if isinstance(value, dict) and isinstance(composed[key], dict):
+            assert_applied(value, composed[key], f"{where}.{key}")
+        else:
+            assert composed[key] == value, f"{where}.{key}: {composed[key]!r} != {value!r}"
+
+
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g in GROUPS for o in options(g)], ids=lambda x: str(x)
 )
 def test_every_option_composes(tmp_path, group, option):
+    """Choosing an option puts exactly what its file states into the composed config."""
     cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])], tmp_path)
+    composed = OmegaConf.to_container(cfg, resolve=False)
+    expected = stated(CONF / group / f"{option}.yaml")
     if group == "hardware":  # a _global_ package: it sets trainer.* and strategy
-        assert "accelerator" in cfg.trainer and "strategy" in cfg
+        assert_applied(expected, composed, group)
+        assert "accelerator" in cfg.trainer
         return
-    assert OmegaConf.to_container(cfg, resolve=False)[group] is not None
+    assert expected, f"{group}/{option}.yaml states nothing"
+    assert_applied(expected, composed[group], group)
 
 
 @pytest.mark.parametrize("objective", options("objective"))
@@ -50,8 +84,10 @@ def test_every_objective_config_instantiates(tmp_path, objective):
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(tmp_path, experiment):
+    """An experiment's own settings win over the groups it is composed with."""
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
-    assert cfg.task_name
+    expected = stated(CONF / "experiment" / f"{experiment}.yaml")
+    assert_applied(expected, OmegaConf.to_container(cfg, resolve=False), experiment)
 
 
 def test_unknown_option_names_the_valid_choices(tmp_path):
@@ -70,7 +106,7 @@ def test_misspelt_key_fails(tmp_path):
 
 def test_misspelt_objective_parameter_fails_before_any_model(tmp_path):
     cfg = compose_config(["+objective.betaa=0.2"], tmp_path)
-    with pytest.raises(Exception, match="betaa"):
+    with pytest.raises(ConfigError, match="DPO takes no parameter 'betaa'; valid: beta, scal"):
         build_objective(cfg)
 
 

@@ -788,10 +788,10 @@ def test_batch_token_mean_matches_trl_on_a_batch(trl, case, beta):
     s = random_pairs(6, seed=5)
     assert len(set(s.chosen_length.tolist())) > 1
     if case == "sft":
-        make = lambda tm: O.SFT(token_mean=tm)  # noqa: E731
+        make = lambda tm: O.SFT(token_mean=tm)
         loss_types, weights = ["sft"], None
     else:
-        make = lambda tm: O.Combo(  # noqa: E731
+        make = lambda tm: O.Combo(
             [{"objective": O.DPO(beta=beta), "weight": 1.0},
              {"objective": O.SFT(token_mean=tm), "weight": 0.5}]
         )  # fmt: skip

@@ -91,3 +91,26 @@ def test_reduced_scalarization_sweep_end_to_end(tmp_path):
         assert (run / ".hydra" / "config.yaml").exists()
     assert seen == {(p, r) for p in ("logistic", "hinge") for r in ("off", "inspo")}
     assert groups == {"ablate_scalarization_multirun"}  # one wandb group: the sweep folder's name
+
+
+def test_an_ad_hoc_multirun_groups_its_wandb_runs_and_names_each_by_its_choices(tmp_path):
+    """`inspo-train -m objective=dpo reflection=off,inspo logger=wandb` with no preset: the jobs
+    share the group named after the sweep folder, and each run's name says its choices."""
+    from hydra.utils import instantiate
+
+    from inspo.reference import resolve_auto
+    from inspo.train import build_objective, compose_config, run_name
+
+    sweep = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/2026-11-23_10-00-00"]
+    cfg = compose_config(["logger=wandb", "objective=ipo", "reflection=inspo", "seed=3", *sweep],
+                         tmp_path / "0")  # fmt: skip
+    assert cfg.wandb_group == "2026-11-23_10-00-00"
+    resolve_auto(cfg, build_objective(cfg))
+    cfg.run_name = run_name(cfg)
+    assert cfg.run_name == "ipo-squared-inspo-policy_init-seed3"
+    logger = instantiate(cfg.logger)  # lazily initialised: no wandb run is started here
+    assert logger._wandb_init["group"] == "2026-11-23_10-00-00"
+    assert logger._wandb_init["name"] == "ipo-squared-inspo-policy_init-seed3"
+    # A single run belongs to no group unless it names one.
+    single = compose_config(["logger=wandb"], tmp_path / "single")
+    assert single.wandb_group is None

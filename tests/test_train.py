@@ -30,6 +30,7 @@ def test_few_steps_write_the_run_folder(tmp_path, reflection):
     if reflection == "inspo":  # reflective and plain contexts are different evaluations
         assert m["val/logps/chosen"] != m["val/plain/logps/chosen"]
     assert on_disk["choices"]["reflection"] == reflection
+    assert on_disk["status"] == "finished"
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / ".hydra" / "config.yaml").exists()
     report = json.loads((tmp_path / "data_report.json").read_text())
@@ -115,3 +116,31 @@ def test_resume_continues_bco_running_mean(tmp_path):
     resumed = train(tmp_path / "cut", *common, "ckpt_path=last")
     assert full["metrics"]["val/delta"] != 0.0
     assert resumed["metrics"]["val/delta"] == pytest.approx(full["metrics"]["val/delta"], rel=1e-6)
+
+
+def test_summary_keeps_train_metrics_and_validates_once_at_the_end(tmp_path):
+    """The final train/* metrics reach summary.json, and a run whose last step validated does not
+    validate again (trainer.validate after fit cleared train/* and ran a second pass)."""
+    summary = train(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4",
+                    "trainer.check_val_every_n_epoch=null")  # fmt: skip
+    m = summary["metrics"]
+    assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/rewards/margins"])
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",").index("val/loss")
+    assert sum(1 for r in rows[1:] if r.split(",")[col]) == 1
+    # When the last step did not validate, the run validates once more at its end.
+    summary = train(tmp_path / "b", "trainer.max_steps=3", "trainer.val_check_interval=2",
+                    "trainer.check_val_every_n_epoch=null")  # fmt: skip
+    rows = (tmp_path / "b" / "csv" / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",").index("val/loss")
+    assert sum(1 for r in rows[1:] if r.split(",")[col]) == 2
+    assert math.isfinite(summary["metrics"]["train/loss"])
+
+
+def test_reference_free_objective_needs_no_reference_flag(tmp_path):
+    """reference=auto is the default: naming a reference-free objective means no reference."""
+    summary = train(tmp_path, "objective=simpo", "trainer.max_steps=1")
+    assert summary["choices"]["reference"] == "none"
+    assert train(tmp_path / "b", "trainer.max_steps=1")["choices"]["reference"] == "policy_init"
+    with pytest.raises(ConfigError, match="reference-free but reference=model"):
+        train(tmp_path / "c", "objective=simpo", "reference=model", "reference.name_or_path=x")

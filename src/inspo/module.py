@@ -41,6 +41,10 @@ REFLECTIONS = ("off", "inspo", "inspo_one_sided")
 CONTEXTS = ("reflective", "plain")
 
 
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient: training stops at once, on every process."""
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
@@ -110,6 +114,7 @@ class PreferenceModule(L.LightningModule):
         self.distill_weight = distill_weight if reflection != "off" else 0.0
         self.optim = optim or OptimConfig()
         self.logp_chunk = logp_chunk
+        self._last_reference: ViewScores | None = None
 
     # ------------------------------------------------------------------ views
     @property
@@ -248,6 +253,7 @@ class PreferenceModule(L.LightningModule):
             if self.objective.requires_reference
             else None
         )
+        self._last_reference = ref  # for the message when a loss turns out non-finite
         pol, logits = self.score_view(self.policy, batch[policy_view], rows)
         return self.objective(self.pair_scores(pol, ref, one_sided)), pol, logits
 
@@ -280,7 +286,30 @@ class PreferenceModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        loss, out, pol, extra = self.compute_loss(batch)
+        if not self._finite_everywhere([loss]):
+            raise NonFiniteError(
+                f"non-finite loss at step {self.global_step} (objective {self.objective!r}); "
+                + describe_non_finite(out, pol, self._last_reference)
+            )
+        self.log_pair_metrics("train", loss, out, pol, extra)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if not self._finite_everywhere(grads):
+            raise NonFiniteError(
+                f"non-finite gradient at step {self.global_step} (objective {self.objective!r}) "
+                "with a finite loss; the weights were not updated"
+            )
+
+    def _finite_everywhere(self, tensors: list[Tensor]) -> bool:
+        """True when every tensor is finite on every process (one all-reduce; all processes
+        must stop together, or the others wait forever in the next collective)."""
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+        ok = torch.stack([torch.isfinite(t).all() for t in local]).all() if local else None
+        bad = torch.zeros((), device=self.device) if ok is None else (~ok).float()
+        return float(self.trainer.strategy.reduce(bad, reduce_op="sum")) == 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.reflection == "off":
@@ -436,6 +465,31 @@ class PreferenceModule(L.LightningModule):
         if self.reference is not None:
             self.reference.eval()  # dropout off in the reference, always
         return self
+
+
+def describe_non_finite(
+    out: ObjectiveOutput, policy: ViewScores, reference: ViewScores | None
+) -> str:
+    """Which inputs of the loss were not finite: policy or reference log-probs, the margin."""
+    checks = {
+        "policy log-probs of the chosen responses": policy.chosen,
+        "policy log-probs of the rejected responses": policy.rejected,
+        "the margin z": out.metrics.get("z"),
+    }
+    if reference is not None:
+        checks["reference log-probs of the chosen responses"] = reference.chosen
+        checks["reference log-probs of the rejected responses"] = reference.rejected
+    bad = [
+        f"{name} (pairs {torch.nonzero(~torch.isfinite(t)).flatten().tolist()})"
+        for name, t in checks.items()
+        if t is not None and not torch.isfinite(t).all()
+    ]
+    if bad:
+        return "not finite: " + "; ".join(bad)
+    return (
+        "its inputs (policy and reference log-probs, margin) are finite: the objective's own "
+        "arithmetic produced it"
+    )
 
 
 def policy_view(reflection: str) -> str:

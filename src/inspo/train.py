@@ -10,6 +10,7 @@ Every run writes to its Hydra run directory:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -27,7 +28,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.datamodule import PreferenceDataModule
 from inspo.models import load_policy, load_tokenizer
-from inspo.module import REFLECTIONS, OptimConfig, PreferenceModule, make_reference, train_views
+from inspo.module import (
+    REFLECTIONS,
+    NonFiniteError,
+    OptimConfig,
+    PreferenceModule,
+    make_reference,
+    train_views,
+)
 from inspo.objectives import Objective
 from inspo.paths import config_dir
 from inspo.reference import prepare_reference, reference_callbacks, resolve_auto
@@ -37,6 +45,14 @@ log = logging.getLogger(__name__)
 # `${basename:PATH}`: the sweep presets name their wandb group after the sweep folder, which every
 # job of one multirun shares (conf/experiment/ablate_*.yaml, objectives.yaml).
 OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)
+
+
+def _sweep_group(mode: Any, sweep_dir: Any) -> str | None:
+    """A multirun's jobs share the wandb group named after their sweep folder."""
+    return Path(str(sweep_dir)).name if str(mode).endswith("MULTIRUN") else None
+
+
+OmegaConf.register_new_resolver("sweep_group", _sweep_group, replace=True)
 
 REFERENCE_KINDS = (
     "policy_init", "model", "none", "sync", "precomputed", "adapter_disabled",
@@ -48,7 +64,23 @@ class ConfigError(ValueError):
 
 
 def build_objective(cfg: DictConfig) -> Objective:
-    objective = instantiate(cfg.objective)
+    """The objective of ``objective._target_``; a parameter it does not take is a ConfigError
+    that names the parameters it does take."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_class
+
+    try:
+        objective = instantiate(cfg.objective)
+    except InstantiationException as e:
+        if not isinstance(e.__cause__, TypeError) or "keyword argument" not in str(e.__cause__):
+            raise
+        cls = get_class(cfg.objective._target_)
+        params = [p for p in inspect.signature(cls).parameters if p not in ("self", "kwargs")]
+        given = [k for k in cfg.objective if k != "_target_" and k not in params]
+        raise ConfigError(
+            f"objective {cls.__name__} takes no parameter {', '.join(map(repr, given))}; "
+            f"valid: {', '.join(params)}"
+        ) from e
     if not isinstance(objective, Objective):
         raise ConfigError(f"objective._target_ must build an inspo Objective, got {objective!r}")
     return objective
@@ -118,12 +150,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         **trainer_kwargs,
         strategy=strategy,
         logger=logger,
-        callbacks=[checkpoint, *reference_callbacks(cfg)],
+        callbacks=[checkpoint, LastValidation(), *reference_callbacks(cfg)],
         default_root_dir=str(run_dir),
     )
 
 
 def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> PreferenceModule:
+    resolve_auto(cfg, objective)  # idempotent: callers outside run() may pass reference=auto
     m = OmegaConf.to_container(cfg.model, resolve=True)
     m.pop("tokenizer", None)
     policy = load_policy(tokenizer=tokenizer, **m)
@@ -205,8 +238,21 @@ def run_tags(cfg: DictConfig) -> list[str]:
     return [*user, *(f"{k}:{v}" for k, v in auto.items())]
 
 
-def final_metrics(trainer: L.Trainer, reflection: str) -> dict[str, float]:
+def run_name(cfg: DictConfig) -> str:
+    """``objective-Ψ-reflection-reference-seedN``: what a run is, readable in a wandb sweep."""
+    picked = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    objective = picked.get("objective") or cfg.objective._target_.rsplit(".", 1)[-1]
+    psi = cfg.objective.get("scalarization") or "none"
+    return f"{objective}-{psi}-{cfg.reflection.mode}-{cfg.reference.kind}-seed{cfg.seed}"
+
+
+def final_metrics(
+    trainer: L.Trainer, reflection: str, train: dict[str, float] | None = None
+) -> dict[str, float]:
+    """The last value of every logged metric; ``train`` holds the train/* metrics as they were
+    before a final ``trainer.validate`` (which clears them from ``callback_metrics``)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = {**(train or {}), **metrics}
     if reflection == "off":  # the standard form *is* the plain-context policy
         for k in [k for k in metrics if k.startswith("val/") and not k.startswith("val/plain/")]:
             metrics.setdefault("val/plain/" + k[len("val/") :], metrics[k])
@@ -264,6 +310,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg, objective)
     with open_dict(cfg):
         cfg.tags = run_tags(cfg)
+        cfg.run_name = cfg.get("run_name") or run_name(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     datamodule = build_datamodule(cfg, tokenizer, objective)
@@ -282,12 +329,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if ckpt == "last" and not (run_dir / "checkpoints" / "last.ckpt").exists():
         log.info("ckpt_path=last but no checkpoint in %s: starting fresh", run_dir)
         ckpt = None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    if datamodule.val_split is not None:
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except NonFiniteError as err:  # the last good checkpoint stays; no policy is written
+        failed = {
+            "status": "failed",
+            "error": str(err),
+            "metrics": final_metrics(trainer, cfg.reflection.mode),
+            "choices": run_choices(cfg),
+            "steps": trainer.global_step,
+            "run_dir": str(run_dir),
+        }
+        if trainer.is_global_zero:
+            write_json(run_dir / "summary.json", failed)
+        raise
+    train_metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
+    }
+    last_val = next(c for c in trainer.callbacks if isinstance(c, LastValidation))
+    if datamodule.val_split is not None and last_val.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
     summary = {
-        "metrics": final_metrics(trainer, cfg.reflection.mode),
+        "status": "finished",
+        "metrics": final_metrics(trainer, cfg.reflection.mode, train_metrics),
         "choices": run_choices(cfg),
         "steps": trainer.global_step,
         "run_dir": str(run_dir),
@@ -303,8 +368,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg, module.policy, tokenizer, summary["metrics"], run_dir, trainer.logger
         )
     if trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """JSON with NaN and ±inf as null: the file stays valid JSON for every reader."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    path.write_text(json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
+
+
+class LastValidation(L.Callback):
+    """Remembers the global step of the last validation, so a run validates once at its end."""
+
+    step = -1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
 
 
 def close_loggers() -> None:
@@ -316,11 +406,29 @@ def close_loggers() -> None:
         wandb.finish()
 
 
+def quiet_libraries() -> None:
+    """One progress bar per stage and the results: drop the libraries' tips, the per-load
+    weight bars and the warning about the frozen reference being in eval mode (it is meant
+    to be)."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Entry point; returns ``optimized_metric`` so Hydra sweepers can optimise it."""
     torch.set_float32_matmul_precision("high")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     try:
         summary = run(cfg)
     finally:

@@ -1,0 +1,90 @@
+"""A non-finite loss or gradient stops the run at once, says where, keeps the last good
+checkpoint, writes no policy, exits non-zero, and leaves summary.json valid JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import FAST
+from inspo.module import NonFiniteError, ViewScores, describe_non_finite
+from inspo.objectives import DPO, ObjectiveOutput
+from inspo.train import compose_config, run
+
+NAN_AFTER = '''
+import torch
+from inspo.objectives import DPO
+
+
+class NaNAfter(DPO):
+    """DPO whose training loss turns NaN after `after` steps."""
+
+    def __init__(self, after=3, **kwargs):
+        super().__init__(**kwargs)
+        self.after, self.calls = after, 0
+
+    def loss(self, s):
+        out = super().loss(s)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls > self.after:
+                out.losses = out.losses * float("nan")
+        return out
+'''
+
+
+class NaNGradient(DPO):
+    """A finite loss (0) whose gradient is NaN: sqrt at 0 has an infinite slope."""
+
+    def loss(self, s):
+        out = super().loss(s)
+        out.losses = out.losses + torch.sqrt(s.policy_chosen - s.policy_chosen.detach())
+        return out
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    (tmp_path / "nanmod.py").write_text(textwrap.dedent(NAN_AFTER))
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "inspo.train", "objective._target_=nanmod.NaNAfter",
+        "+objective.after=3", *FAST, "trainer.max_steps=8", "checkpoint.every_n_train_steps=1",
+        f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/c",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "non-finite loss at step 3" in res.stderr and "NaNAfter" in res.stderr
+    assert "objective's own arithmetic" in res.stderr  # its inputs were finite
+    summary = json.loads((run_dir / "summary.json").read_text())  # strict JSON: no NaN literal
+    assert summary["status"] == "failed" and summary["steps"] == 3
+    assert "non-finite loss at step 3" in summary["error"]
+    assert not (run_dir / "policy").exists()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_nan_gradient_stops_before_the_update(tmp_path):
+    overrides = [*FAST, "objective._target_=test_non_finite.NaNGradient", "trainer.max_steps=3"]
+    with pytest.raises(NonFiniteError, match="non-finite gradient at step 0"):
+        run(compose_config(overrides, tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and not (tmp_path / "policy").exists()
+
+
+def test_the_message_names_the_input_that_was_not_finite():
+    nan, one = torch.tensor([float("nan"), 0.0]), torch.zeros(2)
+    out = ObjectiveOutput(one, one, one, {"z": torch.tensor([0.0, float("inf")])})
+    pol = ViewScores(nan, one, one, one)
+    msg = describe_non_finite(out, pol, ViewScores(one, one, one, one))
+    assert "policy log-probs of the chosen responses (pairs [0])" in msg
+    assert "the margin z (pairs [1])" in msg and "reference" not in msg
+    msg = describe_non_finite(out, ViewScores(one, one, one, one), ViewScores(one, nan, one, one))
+    assert "reference log-probs of the rejected responses (pairs [0])" in msg
+    assert "policy" not in msg
