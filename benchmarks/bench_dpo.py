@@ -12,7 +12,7 @@ against the same machine under the same load.
 
 inspo's step is measured through its real code path, as ``inspo-train`` runs it: a Lightning
 ``Trainer`` (CSV logger, log_every_n_steps=10, gradient clipping 1.0, no progress bar) fitting a
-:class:`~inspo.module.PreferenceModule` on a :class:`~inspo.datamodule.PreferenceDataModule`
+:class:`~inspo.training.module.PreferenceModule` on a :class:`~inspo.data.datamodule.PreferenceDataModule`
 with AdamW. TRL's is ``DPOTrainer.train()`` (logging_steps=10, max_grad_norm=1.0, no tqdm).
 Step time = the interval between consecutive end-of-step callbacks (data loading, forward,
 backward, clipping, optimiser and logging included).
@@ -46,18 +46,18 @@ from lightning.pytorch.loggers import CSVLogger
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from inspo.datamodule import PreferenceDataModule
-from inspo.logprobs import hidden_sequence_logps, sequence_logps, split_shared_prompt
-from inspo.models import (
+from inspo.data.datamodule import PreferenceDataModule
+from inspo.models.scoring import hidden_sequence_logps, sequence_logps, split_shared_prompt
+from inspo.models.load import (
     byte_tokenizer,
     count_parameters,
     enable_checkpointing,
     frozen_copy,
     tiny_llama,
 )
-from inspo.module import OptimConfig, PreferenceModule
+from inspo.training.module import OptimConfig, PreferenceModule
 from inspo.objectives import DPO
-from inspo.reference import precompute_reference
+from inspo.training.reference import precompute_reference
 
 disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -217,7 +217,7 @@ def run_inspo(size: Size, mode: str, profile: bool = False, *, workdir: str) -> 
     reflection = "inspo" if mode.startswith("inspo") else "off"
     context = "plain" if mode == "inspo_plain" else "reflective"
     reference = frozen_copy(policy)
-    if checkpointing("inspo"):  # as inspo.models.load_policy(gradient_checkpointing=True)
+    if checkpointing("inspo"):  # as inspo.models.load.load_policy(gradient_checkpointing=True)
         enable_checkpointing(policy)
     module = PreferenceModule(
         policy,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from inspo.batches import Encoder, PreferenceCollator, resolve_template
-from inspo.models import load_policy, tiny_llama
-from inspo.module import PreferenceModule
+from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
+from inspo.models.load import load_policy, tiny_llama
+from inspo.training.module import PreferenceModule
 from inspo.objectives import DPO
 
 ROWS = [("Q: bkt? A:", "bakitu", "zz"), ("Q: a much longer prompt? A:", "ok", "nope, no")]

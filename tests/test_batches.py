@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from inspo.batches import Encoder, PreferenceCollator, Template, resolve_template
+from inspo.data.encode import Encoder, PreferenceCollator, Template, resolve_template
 
 
 def decode_masked(tok, view, i):
@@ -108,7 +108,7 @@ def test_encode_batch_equals_encode(tokenizer):
 def test_token_cache_is_keyed_on_the_chat_template(tmp_path, tokenizer):
     """Changing only the tokenizer's chat template (which the chat reflective template renders
     with) gives new tokens, never the stale cached ones."""
-    from inspo.datamodule import PreferenceDataModule
+    from inspo.data.datamodule import PreferenceDataModule
 
     rows = [{"prompt": f"Capital of {c}?", "chosen": "Paris.", "rejected": "Lyon."} for c in "ABCD"]
 

@@ -8,8 +8,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from inspo.paths import config_dir
-from inspo.train import ConfigError, build_objective, compose_config
+from inspo.config import config_dir
+from inspo.training.run import ConfigError, build_objective, compose_config
 
 CONF = config_dir()
 GROUPS = ["objective", "reflection", "reference", "model", "data", "hardware", "logger"]
@@ -111,7 +111,7 @@ def test_misspelt_objective_parameter_fails_before_any_model(tmp_path):
 
 
 def test_the_wheel_ships_every_config(tmp_path):
-    """A non-editable install finds its configs at inspo/conf (see inspo.paths)."""
+    """A non-editable install finds its configs at inspo/conf (see inspo.config)."""
     import subprocess
     import sys
     import zipfile

@@ -9,11 +9,11 @@ import json
 import pytest
 from datasets import Dataset
 
-from inspo import sources
-from inspo.datamodule import PreferenceDataModule
-from inspo.datareport import DataError
-from inspo.formats import split_implicit, to_text
-from inspo.sources import preference_data
+from inspo.data import sources
+from inspo.data.datamodule import PreferenceDataModule
+from inspo.data.report import DataError
+from inspo.data.rows import split_implicit, to_text
+from inspo.data.sources import preference_data
 
 CHAT = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
@@ -241,7 +241,7 @@ def test_data_configs_compose(name, monkeypatch):
     monkeypatch.setenv("INSPO_SHARED_DATA", "/data/shared")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"data={name}", "data.source.path=${oc.env:HOME}"])
-        assert cfg.data.source._target_ == "inspo.sources.preference_data"
+        assert cfg.data.source._target_ == "inspo.data.sources.preference_data"
         assert cfg.data.source.val_split == "val" and cfg.data.over_long == "truncate"
         if name == "hh_rlhf":
             cfg = compose("train", overrides=["data=hh_rlhf"])

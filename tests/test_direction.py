@@ -13,9 +13,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from inspo.batches import Encoder, PreferenceCollator, resolve_template
-from inspo.models import byte_tokenizer, frozen_copy, tiny_llama
-from inspo.module import PreferenceModule
+from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
+from inspo.models.load import byte_tokenizer, frozen_copy, tiny_llama
+from inspo.training.module import PreferenceModule
 from inspo.objectives import PSI_OBJECTIVES, SCALARIZATIONS, MarginObjective
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "objective"

@@ -1,6 +1,6 @@
 """Hardware presets: DDP and FSDP2 with 2 CPU processes (gloo), resume, multi-node configs.
 
-The end-to-end tests run ``python -m inspo.train`` in a subprocess exactly as a user would;
+The end-to-end tests run ``python -m inspo.training.run`` in a subprocess exactly as a user would;
 Lightning then re-launches the command for rank 1. ``hardware=gpu`` and GPU FSDP cannot run
 here (no GPU); they are covered by the composition tests only.
 """
@@ -20,8 +20,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import FAST
-from inspo.models import byte_tokenizer, tiny_llama
-from inspo.paths import config_dir
+from inspo.models.load import byte_tokenizer, tiny_llama
+from inspo.config import config_dir
 
 DIST = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4"]
 
@@ -31,7 +31,7 @@ def train(tmp_path: Path, name: str, *overrides: str, timeout: int = 300) -> Pat
     run_dir = tmp_path / name
     env = {**os.environ, "INSPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_MODE", None)
-    cmd = [sys.executable, "-m", "inspo.train", *FAST, *overrides, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "inspo.training.run", *FAST, *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -133,8 +133,8 @@ def gloo_world_of_one():
 def test_configure_model_shards_policy_and_reference_once(gloo_world_of_one, small_model):
     from torch.distributed.fsdp import FSDPModule
 
-    from inspo.models import frozen_copy
-    from inspo.module import PreferenceModule, decoder_layers
+    from inspo.models.load import frozen_copy
+    from inspo.training.module import PreferenceModule, decoder_layers
     from inspo.objectives import DPO
 
     plain = frozen_copy(small_model)
@@ -158,7 +158,7 @@ def test_configure_model_shards_policy_and_reference_once(gloo_world_of_one, sma
 def test_configure_model_bf16_mixed_computes_in_bf16_reduces_in_fp32(
     gloo_world_of_one, small_model
 ):
-    from inspo.module import PreferenceModule
+    from inspo.training.module import PreferenceModule
     from inspo.objectives import SimPO
 
     module = PreferenceModule(small_model, SimPO())  # reference-free: reference is None
@@ -174,7 +174,7 @@ def test_configure_model_bf16_mixed_computes_in_bf16_reduces_in_fp32(
 
 
 def test_configure_model_is_a_noop_without_a_mesh(small_model):
-    from inspo.module import PreferenceModule
+    from inspo.training.module import PreferenceModule
     from inspo.objectives import SimPO
 
     module = PreferenceModule(small_model, SimPO())
@@ -184,7 +184,7 @@ def test_configure_model_is_a_noop_without_a_mesh(small_model):
 
 
 def test_decoder_layers_fallback_to_model_layers(small_model):
-    from inspo.module import decoder_layers
+    from inspo.training.module import decoder_layers
 
     assert [type(m).__name__ for m in decoder_layers(small_model)] == ["LlamaDecoderLayer"] * 2
     small_model._no_split_modules = None
@@ -207,7 +207,7 @@ def test_multinode_and_slurm_launcher_compose():
     cfg = composed("hardware=multinode", "hydra/launcher=slurm", "trainer.num_nodes=4")
     assert cfg.trainer.num_nodes == 4 and cfg.trainer.devices == 8
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
-    assert cfg.strategy._target_ == "inspo.strategies.FSDP2Strategy"
+    assert cfg.strategy._target_ == "inspo.models.sharding.FSDP2Strategy"
     launcher = cfg.hydra.launcher
     slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher._target_ == slurm

@@ -7,8 +7,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import FAST
-from inspo.models import load_policy, turn_off_dropout
-from inspo.train import build_module, build_objective, compose_config
+from inspo.models.load import load_policy, turn_off_dropout
+from inspo.training.run import build_module, build_objective, compose_config
 
 
 def with_dropout(kind: str) -> torch.nn.Module:
@@ -47,7 +47,7 @@ def test_load_policy_and_the_training_module_disable_dropout_by_default(tmp_path
     policy = load_policy(str(tmp_path / "m"), disable_dropout=disable)
     assert two_passes_agree(policy) == disable
     # Through the config: model.disable_dropout (default true) reaches policy and reference.
-    from inspo.models import byte_tokenizer
+    from inspo.models.load import byte_tokenizer
 
     tok = byte_tokenizer()
     fast = [o for o in FAST if not o.startswith("model.")]

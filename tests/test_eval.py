@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-import inspo.eval
+import inspo.evaluation.stage
 from conftest import FAST
-from inspo.eval import (
+from inspo.evaluation.stage import (
     EvalConfig,
     RewardModelScorer,
     cli,
@@ -22,9 +22,9 @@ from inspo.eval import (
     resolve_device,
     sample_logps,
 )
-from inspo.evaluation import length_controlled_win_rate, win_rate
-from inspo.models import tiny_llama
-from inspo.synthetic import make_prompt
+from inspo.evaluation.metrics import length_controlled_win_rate, win_rate
+from inspo.models.load import tiny_llama
+from inspo.data.synthetic import make_prompt
 
 PROMPTS = [make_prompt(t) for t in ("bkt", "dfg", "hjl", "mnp", "rst", "vwz")]
 SMALL = EvalConfig(n_prompts=6, max_new_tokens=6, batch_size=4, seed=3, progress=False)
@@ -222,20 +222,20 @@ def test_resolve_device(monkeypatch):
 
 def spy_on_resolve_device(monkeypatch):
     calls = []
-    real = inspo.eval.resolve_device
+    real = inspo.evaluation.stage.resolve_device
 
     def spy(spec):
         calls.append(spec)
         return real(spec)
 
-    monkeypatch.setattr(inspo.eval, "resolve_device", spy)
+    monkeypatch.setattr(inspo.evaluation.stage, "resolve_device", spy)
     return calls
 
 
 def test_the_stage_and_the_cli_resolve_the_same_device(tmp_path, tokenizer, monkeypatch):
     from omegaconf import OmegaConf
 
-    from inspo.train import compose_config
+    from inspo.training.run import compose_config
 
     overrides = [*FAST, "eval.n_prompts=4", "eval.max_new_tokens=4", "eval.progress=false"]
     cfg = compose_config(overrides, tmp_path / "run")
@@ -264,7 +264,7 @@ def test_the_stage_and_the_cli_resolve_the_same_device(tmp_path, tokenizer, monk
 
 @pytest.mark.slow
 def test_eval_stage_of_a_training_run_and_cli(tmp_path):
-    from inspo.train import compose_config, run
+    from inspo.training.run import compose_config, run
 
     overrides = [*FAST, "trainer.max_steps=2", "eval.generate=true", "eval.n_prompts=8",
                  "eval.max_new_tokens=8", "eval.progress=false", "reflection=inspo",

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inspo.logprobs import sequence_logps, token_logps
+from inspo.models.scoring import sequence_logps, token_logps
 
 
 def direct(logits, input_ids, loss_mask):
@@ -76,8 +76,8 @@ def test_bf16_logits_are_scored_in_fp32():
 def test_lm_head_on_scored_rows_matches_full_logits_values_and_gradients(monkeypatch):
     """hidden_sequence_logps (LM head tile by tile on scored positions, recomputed in backward)
     equals full logits + sequence_logps, in value and in the gradients of hidden and weight."""
-    import inspo.logprobs as lp_mod
-    from inspo.logprobs import hidden_sequence_logps
+    import inspo.models.scoring as lp_mod
+    from inspo.models.scoring import hidden_sequence_logps
 
     monkeypatch.setattr(lp_mod, "TILE_ELEMENTS", 40)  # several tiles of 3 rows
     g = torch.Generator().manual_seed(0)
@@ -98,9 +98,9 @@ def test_lm_head_on_scored_rows_matches_full_logits_values_and_gradients(monkeyp
 
 
 def test_module_scores_the_same_with_and_without_the_scored_lm_head(tokenizer):
-    from inspo.batches import Encoder, PreferenceCollator, resolve_template
-    from inspo.models import tiny_llama
-    from inspo.module import PreferenceModule
+    from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
+    from inspo.models.load import tiny_llama
+    from inspo.training.module import PreferenceModule
     from inspo.objectives import DPO
 
     enc = Encoder(tokenizer, resolve_template("default"), max_length=64, max_prompt_length=32)
@@ -119,7 +119,7 @@ def test_module_scores_the_same_with_and_without_the_scored_lm_head(tokenizer):
 
 # ------------------------------------------------------------------ shared prompts
 def pair_view(tokenizer, pairs, views=("plain",), view="plain"):
-    from inspo.batches import Encoder, PreferenceCollator, resolve_template
+    from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
 
     enc = Encoder(tokenizer, resolve_template("default"), max_length=128, max_prompt_length=64)
     rows = [{**enc.encode(p, c, r, list(views)), "index": i} for i, (p, c, r) in enumerate(pairs)]
@@ -133,13 +133,13 @@ PAIRS = [("Q: abc? ", "yes", "no no no"), ("Question: why is it so? ", "because"
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prompt_scores_match_full_rows_values_and_gradients(tokenizer, attn):
     """Context once per pair + KV cache tiled to both responses == each full row scored."""
-    from inspo.logprobs import (
+    from inspo.models.scoring import (
         hidden_sequence_logps,
         shared_prompt_logps,
         split_lm_head,
         split_shared_prompt,
     )
-    from inspo.models import tiny_llama
+    from inspo.models.load import tiny_llama
 
     view = pair_view(tokenizer, PAIRS)
     model = tiny_llama(hidden_size=32, num_layers=2, num_heads=2, tokenizer=tokenizer, seed=3)
@@ -169,7 +169,7 @@ def test_shared_prompt_scores_match_full_rows_values_and_gradients(tokenizer, at
 
 
 def test_split_shared_prompt_declines_views_without_a_shared_context(tokenizer):
-    from inspo.logprobs import split_shared_prompt
+    from inspo.models.scoring import split_shared_prompt
 
     # InSPO's reflective view: chosen is scored after the rejected response and vice versa.
     reflective = pair_view(tokenizer, PAIRS, views=("plain", "reflective"), view="reflective")
@@ -189,9 +189,9 @@ def test_split_shared_prompt_declines_views_without_a_shared_context(tokenizer):
 def test_module_shares_prompts_only_where_it_changes_nothing(tokenizer, monkeypatch):
     """PreferenceModule: the same scores with and without sharing; sharing is used on the
     plain view, and skipped under activation checkpointing (which drops the KV cache)."""
-    import inspo.module as module_lib
-    from inspo.models import enable_checkpointing, tiny_llama
-    from inspo.module import PreferenceModule
+    import inspo.training.module as module_lib
+    from inspo.models.load import enable_checkpointing, tiny_llama
+    from inspo.training.module import PreferenceModule
     from inspo.objectives import DPO
 
     view = pair_view(tokenizer, PAIRS)
@@ -219,7 +219,7 @@ def test_shared_prompt_declines_sliding_window_caches_before_any_forward(tokeniz
     the full-row path, without a wasted context forward."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from inspo.logprobs import shared_prompt_logps, split_lm_head, split_shared_prompt
+    from inspo.models.scoring import shared_prompt_logps, split_lm_head, split_shared_prompt
 
     config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,

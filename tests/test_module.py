@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from inspo.batches import Encoder, PreferenceCollator, resolve_template
-from inspo.models import frozen_copy
-from inspo.module import PreferenceModule
+from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
+from inspo.models.load import frozen_copy
+from inspo.training.module import PreferenceModule
 from inspo.objectives import DPO, SFT
 
 ROWS = [

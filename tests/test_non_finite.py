@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import FAST
-from inspo.module import NonFiniteError, ViewScores, describe_non_finite
+from inspo.training.module import NonFiniteError, ViewScores, describe_non_finite
 from inspo.objectives import DPO, ObjectiveOutput
-from inspo.train import compose_config, run
+from inspo.training.run import compose_config, run
 
 NAN_AFTER = '''
 import torch
@@ -52,7 +52,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     (tmp_path / "nanmod.py").write_text(textwrap.dedent(NAN_AFTER))
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "inspo.train", "objective._target_=nanmod.NaNAfter",
+        sys.executable, "-m", "inspo.training.run", "objective._target_=nanmod.NaNAfter",
         "+objective.after=3", *FAST, "trainer.max_steps=8", "checkpoint.every_n_train_steps=1",
         f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/c",
     ]  # fmt: skip

@@ -10,13 +10,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
-import inspo.reference as R
-from inspo.datamodule import PreferenceDataModule
-from inspo.models import byte_tokenizer, frozen_copy, tiny_llama
-from inspo.module import PreferenceModule
+import inspo.training.reference as R
+from inspo.data.datamodule import PreferenceDataModule
+from inspo.models.load import byte_tokenizer, frozen_copy, tiny_llama
+from inspo.training.module import PreferenceModule
 from inspo.objectives import DPO, SimPO
-from inspo.sources import synthetic
-from inspo.train import ConfigError, check_config
+from inspo.data.sources import synthetic
+from inspo.training.run import ConfigError, check_config
 
 
 def datamodule(template="default", max_length=128, batch_size=4):

@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO
-from inspo.models import byte_tokenizer
-from inspo.reference import ReferenceSync, reference_callbacks, resolve_auto
-from inspo.train import build_datamodule, build_module, build_objective, check_config, run_tags
+from inspo.models.load import byte_tokenizer
+from inspo.training.reference import ReferenceSync, reference_callbacks, resolve_auto
+from inspo.training.run import build_datamodule, build_module, build_objective, check_config, run_tags
 
 TINY = ["model.tiny.hidden_size=16", "model.tiny.num_layers=1", "model.tiny.num_heads=2"]
 

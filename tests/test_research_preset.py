@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from inspo.train import build_objective, check_config, compose_config
+from inspo.training.run import build_objective, check_config, compose_config
 
 
 def grid(cfg):

@@ -1,4 +1,4 @@
-"""inspo.sampling: explicit, seeded sampling with a prefilled-once KV cache."""
+"""inspo.models.sampling: explicit, seeded sampling with a prefilled-once KV cache."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from inspo.models import tiny_llama
-from inspo.sampling import SamplingConfig, prompt_ids, sample, sample_ids
+from inspo.models.load import tiny_llama
+from inspo.models.sampling import SamplingConfig, prompt_ids, sample, sample_ids
 
 PROMPTS = ["Word with b, k, t: ", "a much longer prompt, to pad the others: ", "x"]
 # Defaults a real checkpoint may ship; none of them may change what the sampler draws.

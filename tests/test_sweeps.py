@@ -64,7 +64,7 @@ def test_reduced_scalarization_sweep_end_to_end(tmp_path):
     """Hydra multirun of the preset with 2 Ψ: 4 runs, each with summary.json and its choices."""
     sweep_dir = tmp_path / "multirun"
     cmd = [
-        sys.executable, "-m", "inspo.train", "-m", "experiment=ablate_scalarization",
+        sys.executable, "-m", "inspo.training.run", "-m", "experiment=ablate_scalarization",
         "objective.scalarization=logistic,hinge", *FAST, "trainer.max_steps=2",
         "save_policy=false", f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={tmp_path}/c",
     ]  # fmt: skip
@@ -98,8 +98,8 @@ def test_an_ad_hoc_multirun_groups_its_wandb_runs_and_names_each_by_its_choices(
     share the group named after the sweep folder, and each run's name says its choices."""
     from hydra.utils import instantiate
 
-    from inspo.reference import resolve_auto
-    from inspo.train import build_objective, compose_config, run_name
+    from inspo.training.reference import resolve_auto
+    from inspo.training.run import build_objective, compose_config, run_name
 
     sweep = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/2026-11-23_10-00-00"]
     cfg = compose_config(["logger=wandb", "objective=ipo", "reflection=inspo", "seed=3", *sweep],

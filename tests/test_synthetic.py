@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from inspo.synthetic import (
+from inspo.data.synthetic import (
     SyntheticConfig,
     gold_reward,
     is_valid,

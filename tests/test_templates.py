@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from inspo.batches import Encoder, resolve_template
-from inspo.formats import to_text
+from inspo.data.encode import Encoder, resolve_template
+from inspo.data.rows import to_text
 
 CHAT = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"

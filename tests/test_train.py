@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAST
-from inspo.train import ConfigError, compose_config, run
+from inspo.training.run import ConfigError, compose_config, run
 
 
 def train(tmp_path, *overrides, synthetic=True):

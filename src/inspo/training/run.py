@@ -26,9 +26,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from inspo.datamodule import PreferenceDataModule
-from inspo.models import load_policy, load_tokenizer
-from inspo.module import (
+from inspo.data.datamodule import PreferenceDataModule
+from inspo.models.load import load_policy, load_tokenizer
+from inspo.training.module import (
     REFLECTIONS,
     NonFiniteError,
     OptimConfig,
@@ -37,8 +37,8 @@ from inspo.module import (
     train_views,
 )
 from inspo.objectives import Objective
-from inspo.paths import config_dir
-from inspo.reference import prepare_reference, reference_callbacks, resolve_auto
+from inspo.config import config_dir
+from inspo.training.reference import prepare_reference, reference_callbacks, resolve_auto
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Single-process runs only (a sharded policy cannot generate on one rank): after a
     # multi-device run, evaluate the saved policy with `inspo-eval RUN_DIR`.
     if cfg.get("eval") and cfg.eval.generate and trainer.world_size == 1:
-        from inspo.eval import eval_stage  # generation, scores, win rates, KL (SPEC §5)
+        from inspo.evaluation.stage import eval_stage  # generation, scores, win rates, KL (SPEC §5)
 
         summary["metrics"] |= eval_stage(
             cfg, module.policy, tokenizer, summary["metrics"], run_dir, trainer.logger

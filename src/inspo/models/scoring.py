@@ -149,7 +149,7 @@ def split_shared_prompt(view: dict[str, Tensor]) -> dict[str, Tensor] | None:
     scores nothing.
 
     ``view`` is right-padded, chosen rows then rejected rows, with ``loss_mask`` 1 exactly on
-    the response tokens ``[start, length)`` (inspo.batches.pad_view).
+    the response tokens ``[start, length)`` (inspo.data.encode.pad_view).
     """
     ids, att, scored = view["input_ids"], view["attention_mask"], view["loss_mask"]
     n, width = ids.shape

@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from inspo.logprobs import (
+from inspo.models.scoring import (
     hidden_sequence_logps,
     sequence_logps,
     shared_prompt_logps,
     split_lm_head,
     split_shared_prompt,
 )
-from inspo.models import freeze, frozen_copy
+from inspo.models.load import freeze, frozen_copy
 from inspo.objectives import Objective, ObjectiveOutput, PairScores
 
 log = logging.getLogger(__name__)
@@ -134,12 +134,12 @@ class PreferenceModule(L.LightningModule):
 
     # ------------------------------------------------------------------ scoring
     #: Apply the LM head only at the positions that predict a scored token, on the decoder's
-    #: hidden states (inspo.logprobs.hidden_sequence_logps), when the model allows it
-    #: (inspo.logprobs.split_lm_head). Off: full logits, then chunked log-softmax.
+    #: hidden states (inspo.models.scoring.hidden_sequence_logps), when the model allows it
+    #: (inspo.models.scoring.split_lm_head). Off: full logits, then chunked log-softmax.
     scored_lm_head: bool = True
     #: Run a pair's shared context once, not twice, when chosen and rejected rows of a view
     #: carry the same context (the plain view): the context's KV cache is reused by both
-    #: responses (inspo.logprobs.shared_prompt_logps). Same numbers, fewer tokens. Needs the
+    #: responses (inspo.models.scoring.shared_prompt_logps). Same numbers, fewer tokens. Needs the
     #: scored-LM-head path and a plain KV cache; off under activation checkpointing.
     share_prompt: bool = True
 
@@ -532,14 +532,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def make_reference(policy: PreTrainedModel, kind: str, **kwargs: Any) -> PreTrainedModel | None:
     """The reference model for ``reference=kind`` (``policy_init``, ``model``, ``none``,
-    ``sync``, ``precomputed``: the model whose scores are cached, see inspo.reference)."""
+    ``sync``, ``precomputed``: the model whose scores are cached, see inspo.training.reference)."""
     if kind in ("none", "adapter_disabled"):  # adapter_disabled: the policy's own base model
         return None
     own = kind == "precomputed" and not kwargs.get("name_or_path")  # the initial policy's scores
     if kind in ("policy_init", "sync") or own:
         return frozen_copy(policy)
     if kind in ("model", "precomputed"):
-        from inspo.models import load_policy
+        from inspo.models.load import load_policy
 
         return freeze(load_policy(**kwargs))
     raise ValueError(

@@ -6,7 +6,7 @@ a training run (``eval.generate=true``), it reports under ``eval/...``:
 - ``eval/pref_accuracy/plain`` and ``eval/pref_accuracy/reflective``: held-out preference
   accuracy (fraction of val pairs with h > 0) of the plain-context policy and, for reflective
   runs, of the reflective one, taken from the run's final validation;
-- samples from π_θ(· | x) on the eval prompts (:mod:`inspo.sampling`: temperature, top-p,
+- samples from π_θ(· | x) on the eval prompts (:mod:`inspo.models.sampling`: temperature, top-p,
   top-k, max new tokens, seed; never the checkpoint's ``generation_config``), and the same for
   the reference policy (by default the *initial* policy, the same for every reference kind so
   that runs compare): ``eval/score/{policy,reference}`` (gold reward of the synthetic task or a
@@ -43,9 +43,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from inspo.evaluation import length_controlled_win_rate, win_rate
-from inspo.logprobs import sequence_logps
-from inspo.sampling import SamplingConfig, sample
+from inspo.evaluation.metrics import length_controlled_win_rate, win_rate
+from inspo.models.scoring import sequence_logps
+from inspo.models.sampling import SamplingConfig, sample
 
 
 @dataclass
@@ -138,7 +138,7 @@ def make_scorer(
 ) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
     """``gold``: the synthetic task's gold reward; anything else: a reward model path/name."""
     if scorer == "gold":
-        from inspo.synthetic import gold_reward
+        from inspo.data.synthetic import gold_reward
 
         return lambda ps, rs: [gold_reward(p, r) for p, r in zip(ps, rs, strict=True)]
     return RewardModelScorer(scorer, tokenizer)
@@ -276,7 +276,7 @@ def evaluate(
         "eval/n_prompts": float(n),
     }
     if ecfg.scorer == "gold":
-        from inspo.synthetic import is_valid
+        from inspo.data.synthetic import is_valid
 
         metrics["eval/valid/policy"] = sum(map(is_valid, pol_text)) / n
         metrics["eval/valid/reference"] = sum(map(is_valid, ref_text)) / n
@@ -334,7 +334,7 @@ def eval_prompts(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> list[st
     """The run's held-out eval prompts (``data.eval_split``, else the val split's prompts)."""
     from hydra.utils import instantiate
 
-    from inspo.formats import to_text
+    from inspo.data.rows import to_text
 
     raw = instantiate(cfg.data.source, _partial_=True)()
     split = cfg.data.get("eval_split")
@@ -353,7 +353,7 @@ def eval_prompts(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> list[st
 
 def initial_policy(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """The run's starting policy, rebuilt from ``model.*`` (the tiny model is seeded)."""
-    from inspo.models import load_policy
+    from inspo.models.load import load_policy
 
     m = OmegaConf.to_container(cfg.model, resolve=True)
     m.pop("tokenizer", None)
@@ -365,7 +365,7 @@ def initial_policy(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
 def reference_policy(
     cfg: DictConfig, ecfg: EvalConfig, tokenizer: PreTrainedTokenizerBase
 ) -> PreTrainedModel:
-    from inspo.models import load_policy
+    from inspo.models.load import load_policy
 
     if ecfg.reference:
         return load_policy(ecfg.reference)
@@ -430,7 +430,7 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--wandb", action="store_true", help="log to a new wandb run")
     args = parser.parse_args(argv)
 
-    from inspo.models import load_policy, load_tokenizer
+    from inspo.models.load import load_policy, load_tokenizer
 
     run_dir = args.run_dir
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")

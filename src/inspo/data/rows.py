@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from inspo.datareport import DataError
+from inspo.data.report import DataError
 
 ASSISTANT = "\n\nAssistant:"
 ERROR = "_error"

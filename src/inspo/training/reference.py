@@ -41,7 +41,7 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from inspo.batches import PreferenceCollator, tokenizer_fingerprint
+from inspo.data.encode import PreferenceCollator, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

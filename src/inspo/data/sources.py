@@ -1,7 +1,7 @@
 """Where preference rows come from. Each source is a callable returning ``{split: rows}``.
 
 A row is a mapping with ``chosen`` and ``rejected`` and, unless the prompt is implicit, ``prompt``
-(strings, or message lists for conversational data; :mod:`inspo.formats` turns every layout
+(strings, or message lists for conversational data; :mod:`inspo.data.rows` turns every layout
 into text). Sources are picked in ``conf/data/*.yaml`` by ``source._target_``, so a new source
 is a function anywhere on the Python path.
 
@@ -25,8 +25,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from inspo.datareport import DataError
-from inspo.synthetic import SyntheticConfig, make_splits
+from inspo.data.report import DataError
+from inspo.data.synthetic import SyntheticConfig, make_splits
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"
 
 
 def synthetic(**kwargs: Any) -> dict[str, list[dict]]:
-    """The embedded task (``inspo.synthetic``): splits ``sft``, ``train``, ``val``, ``eval``."""
+    """The embedded task (``inspo.data.synthetic``): splits ``sft``, ``train``, ``val``, ``eval``."""
     return make_splits(SyntheticConfig(**kwargs))
 
 
@@ -176,7 +176,7 @@ def select_columns(
     (``prompt_key`` other than ``prompt``) that no row has, is a start-up :class:`DataError`
     naming the expected and found columns. An absent ``prompt`` column means the prompt is
     implicit in the dialogues (HH-RLHF). Value types are checked per row later
-    (:mod:`inspo.formats`), so one bad row never fails the whole file.
+    (:mod:`inspo.data.rows`), so one bad row never fails the whole file.
     """
     found = _columns(rows)
     needed = {k: v for k, v in keys.items() if v}

@@ -1,4 +1,4 @@
-"""Comparing two policies' scored samples on the same prompts (sampling: :mod:`inspo.sampling`).
+"""Comparing two policies' scored samples on the same prompts (sampling: :mod:`inspo.models.sampling`).
 
 - ``win_rate``: wins (+½ per tie) of one set of scored samples over another on the same prompts,
   with a Wilson 95% interval.

@@ -213,7 +213,7 @@ class Encoder:
         cut repeated while the rendered sequence is still too long (retokenisation can differ
         by a few tokens from the sum of the parts).
         """
-        from inspo.formats import render_chat
+        from inspo.data.rows import render_chat
 
         history, user = msgs[:-1], self.ids(msgs[-1]["content"])
         dec = self.tokenizer.decode

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from inspo.eval import eval_prompts
-from inspo.evaluation import length_controlled_win_rate, score, win_rate
-from inspo.models import load_policy, load_tokenizer
-from inspo.sampling import SamplingConfig, sample
-from inspo.synthetic import gold_reward
-from inspo.train import compose_config, run
+from inspo.evaluation.stage import eval_prompts
+from inspo.evaluation.metrics import length_controlled_win_rate, score, win_rate
+from inspo.models.load import load_policy, load_tokenizer
+from inspo.models.sampling import SamplingConfig, sample
+from inspo.data.synthetic import gold_reward
+from inspo.training.run import compose_config, run
 
 log = logging.getLogger(__name__)
 

@@ -128,8 +128,8 @@ def divergence_inputs(runs: list[dict[str, Any]], n_prompts: int) -> list[tuple[
             return [(x["instruction"], x["output"]) for x in rows]
     for r in runs:
         if r["config"] is not None:
-            from inspo.eval import eval_prompts
-            from inspo.models import load_tokenizer
+            from inspo.evaluation.stage import eval_prompts
+            from inspo.models.load import load_tokenizer
 
             tok = load_tokenizer(str(r["dir"] / "policy"))
             return [(p, "") for p in eval_prompts(r["config"], tok)[:n_prompts]]
@@ -159,7 +159,7 @@ def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> float:
 
 def mutual_divergence(policy_dirs: list[Path], inputs: list[tuple[str, str]]) -> tuple[float, int]:
     """Mean symmetric KL over every pair of policies (nan with fewer than 2); and #pairs."""
-    from inspo.models import load_policy, load_tokenizer
+    from inspo.models.load import load_policy, load_tokenizer
 
     dirs = [d for d in policy_dirs if d.exists()]
     if len(dirs) < 2 or not inputs:

@@ -1,9 +1,9 @@
 """PreferenceDataModule: rows → checked, tokenised ``datasets.Dataset`` → pair/reflection batches.
 
-Rows are validated once (bad ones are counted in the :class:`~inspo.datareport.DataReport`,
+Rows are validated once (bad ones are counted in the :class:`~inspo.data.report.DataReport`,
 never silently dropped and never able to crash training), tokenised once with ``Dataset.map``
 (cached on disk under a key of the rows, tokenizer and layout), and padded per batch by
-:class:`~inspo.batches.PreferenceCollator`.
+:class:`~inspo.data.encode.PreferenceCollator`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from inspo.batches import Encoder, PreferenceCollator, resolve_template, tokenizer_fingerprint
-from inspo.datareport import DataReport
-from inspo.formats import ERROR, to_text
+from inspo.data.encode import Encoder, PreferenceCollator, resolve_template, tokenizer_fingerprint
+from inspo.data.report import DataReport
+from inspo.data.rows import ERROR, to_text
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ def _code_version() -> str:
     """A hash of the source that turns rows into token sequences."""
     import inspect
 
-    import inspo.batches
+    import inspo.data.encode
 
-    src = inspect.getsource(inspo.batches) + inspect.getsource(PreferenceDataModule)
+    src = inspect.getsource(inspo.data.encode) + inspect.getsource(PreferenceDataModule)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
@@ -100,7 +100,7 @@ class PreferenceDataModule(L.LightningDataModule):
     """Pair batches (``reflection=False``) or reflection batches (``reflection=True``).
 
     Args:
-        source: a callable returning ``{split: rows}`` (see :mod:`inspo.sources`).
+        source: a callable returning ``{split: rows}`` (see :mod:`inspo.data.sources`).
         tokenizer: the policy's tokenizer.
         train_views: the views the training step needs, e.g. ``("plain",)`` for the standard
             form, ``("reflective",)`` for InSPO with a reflective reference context, and
@@ -157,7 +157,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.sft_fraction = sft_fraction
         self.datasets: dict[str, Dataset] = {}
         self.raw: dict[str, Sequence[dict]] = {}
-        # {split: {view: {field: [N]}}}: precomputed reference scores (inspo.reference), added
+        # {split: {view: {field: [N]}}}: precomputed reference scores (inspo.training.reference), added
         # to each batch by row index as batch["reference_scores"].
         self.reference_scores: dict[str, dict] = {}
 
@@ -182,7 +182,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 break
             rep.rows_read += 1
             row_id = row.get("row_id", i) if isinstance(row, dict) else i
-            # Implicit-prompt and conversational layouts become text rows (inspo.formats).
+            # Implicit-prompt and conversational layouts become text rows (inspo.data.rows).
             text = to_text(row, self.tokenizer, keep_chat=self.encoder.template.chat)
             reason = text if isinstance(text, str) else check_row(text)
             if reason:
@@ -275,7 +275,7 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler = EpochShuffle(len(ds), self.seed) if shuffle and not distributed else None
         collate = PreferenceCollator(self.tokenizer.pad_token_id, views)
         if split in self.reference_scores:
-            from inspo.reference import WithReferenceScores
+            from inspo.training.reference import WithReferenceScores
 
             collate = WithReferenceScores(collate, self.reference_scores[split])
         return DataLoader(
