@@ -12,7 +12,7 @@ against the same machine under the same load.
 
 inspo's step is measured through its real code path, as ``inspo-train`` runs it: a Lightning
 ``Trainer`` (CSV logger, log_every_n_steps=10, gradient clipping 1.0, no progress bar) fitting a
-:class:`~inspo.training.module.PreferenceModule` on a :class:`~inspo.data.datamodule.PreferenceDataModule`
+``PreferenceModule`` on a ``PreferenceDataModule``
 with AdamW. TRL's is ``DPOTrainer.train()`` (logging_steps=10, max_grad_norm=1.0, no tqdm).
 Step time = the interval between consecutive end-of-step callbacks (data loading, forward,
 backward, clipping, optimiser and logging included).
@@ -47,7 +47,6 @@ from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
 from inspo.data.datamodule import PreferenceDataModule
-from inspo.models.scoring import hidden_sequence_logps, sequence_logps, split_shared_prompt
 from inspo.models.load import (
     byte_tokenizer,
     count_parameters,
@@ -55,8 +54,10 @@ from inspo.models.load import (
     frozen_copy,
     tiny_llama,
 )
-from inspo.training.module import OptimConfig, PreferenceModule
+from inspo.models.scoring import hidden_sequence_logps, sequence_logps, split_shared_prompt
 from inspo.objectives import DPO
+from inspo.training.module import PreferenceModule
+from inspo.training.optim import OptimConfig
 from inspo.training.reference import precompute_reference
 
 disable_progress_bar()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The research result on the embedded task, in one command (issue 5):
+# The research result on the embedded task, in one command:
 #   1. sft:      the SFT start, and a second one with reflective-layout rows (sft_fraction)
 #   2. sweep:    DPO and IPO × standard/InSPO × the six Ψ × REFERENCES × SWEEP_SEEDS
-#   3. remedies: InSPO-DPO (logistic Ψ, policy_init) with one SPEC §6 remedy at a time, and the
+#   3. remedies: InSPO-DPO (logistic Ψ, policy_init) with one remedy at a time, and the
 #                two baselines it is judged against (InSPO-DPO and DPO), × SEEDS; a baseline
 #                run that the sweep already made (same config, same seed) is copied, not rerun
 #   4. report:   inspo-report on the sweep and on the remedies
@@ -62,8 +62,10 @@ train() {  # train LOG ARGS...: one inspo-train call, its output in OUT/LOG
   # "$@" first: it may start with -m, which Hydra's parser takes only before the overrides
   inspo-train "$@" logger=csv "${EXTRA[@]+"${EXTRA[@]}"}" >"$OUT/$out" 2>&1
 }
-sft() {  # sft NAME FRACTION
-  train "$1.log" experiment=sft reflection.sft_fraction="$2" hydra.run.dir="$OUT/$1"
+sft() {  # sft NAME [FRACTION]: with a fraction, that share of rows laid out reflectively
+  local layout=()
+  if [[ -n ${2:-} ]]; then layout=(reflection=sft_layout reflection.sft_fraction="$2"); fi
+  train "$1.log" experiment=sft "${layout[@]+"${layout[@]}"}" hydra.run.dir="$OUT/$1"
 }
 # One process per objective; forms × Ψ × references in one multirun per seed.
 sweep() {  # sweep OBJECTIVE
@@ -95,7 +97,7 @@ for p in sorted(root.glob("dpo_seed*/*/summary.json")):
     c = json.loads(p.read_text())["choices"]
     if (c["seed"], c["reflection"], c["scalarization"], c["reference"]) == (
         seed, reflection, "logistic", "policy_init"
-    ) and c["standard_weight"] == 0 and c["distill_weight"] == 0:
+    ) and not c["standard_weight"] and not c["distill_weight"]:
         print(p.parent)
         break
 EOF
@@ -110,7 +112,7 @@ EOF
 
 rc=0  # a failed run is named; the other stages and the report still run
 if has sft; then
-  parallel "sft sft 0.0" "sft sft_reflective $SFT_FRACTION" || rc=1
+  parallel "sft sft" "sft sft_reflective $SFT_FRACTION" || rc=1
   log "sft done"
 fi
 if has sweep; then parallel "sweep dpo" "sweep ipo" || rc=1; fi
@@ -122,7 +124,7 @@ if has remedies; then
   for seed in $SEEDS; do
     jobs_+=(
       "remedy sft_fraction $seed reflection=inspo model.name_or_path=$OUT/sft_reflective/policy"
-      "remedy plain_context $seed reflection=inspo reference.context=plain $plain"
+      "remedy plain_context $seed reflection=inspo reflection.reference_context=plain $plain"
       "baseline inspo $seed inspo"
       "baseline dpo $seed off"
     )

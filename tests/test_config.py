@@ -8,8 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from inspo.config import config_dir
-from inspo.training.run import ConfigError, build_objective, compose_config
+from inspo.config import ConfigError, build_objective, compose_config, config_dir
 
 CONF = config_dir()
 GROUPS = ["objective", "reflection", "reference", "model", "data", "hardware", "logger"]

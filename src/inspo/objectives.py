@@ -2,11 +2,11 @@
 
 An objective sees only numbers: the policy's and the reference's summed log-probabilities of
 the chosen and the rejected response, and their lengths. It does not know in which context the
-responses were scored. InSPO (SPEC §3) is therefore a property of the batch, not of the loss:
+responses were scored. InSPO is therefore a property of the batch, not of the loss:
 the same class trains the standard form (context = prompt) and the reflective form (context =
 prompt + the other response).
 
-Conventions (SPEC §2):
+Conventions:
     S      summed log-prob of a response; S̄ = S / |y| when ``score == "mean"``
     r(y)   = S_θ(y) − S_ref(y)           (S_ref = 0 for reference-free objectives)
     h      = r(y_w) − r(y_l)
@@ -97,7 +97,7 @@ class Objective:
             then skips the reference forward and passes zeros (which are ignored anyway).
         pairwise: False when the rejected response is not used (SFT); the module then scores
             only the chosen sequences.
-        score: "sum" or "mean" (length-normalised, SPEC §1).
+        score: "sum" or "mean" (length-normalised: the sum over |y|).
     """
 
     requires_reference: ClassVar[bool] = True

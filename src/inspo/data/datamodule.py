@@ -9,73 +9,25 @@ never silently dropped and never able to crash training), tokenised once with ``
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from inspo.data.encode import Encoder, PreferenceCollator, resolve_template, tokenizer_fingerprint
+from inspo.data.collate import PreferenceCollator, WithReferenceScores
+from inspo.data.encode import Encoder, tokenizer_fingerprint
 from inspo.data.report import DataReport
-from inspo.data.rows import ERROR, to_text
+from inspo.data.rows import COLUMNS, check_row, to_text
+from inspo.data.sampler import EpochShuffle
+from inspo.data.templates import resolve_template
+from inspo.hashing import fingerprint
 
 log = logging.getLogger(__name__)
-
-COLUMNS = ("prompt", "chosen", "rejected")
-
-
-def check_row(row: Any) -> str | None:
-    """The reason a row cannot be used, or None. Cheap checks that need no tokenizer."""
-    if not isinstance(row, dict):
-        return "not_a_mapping"
-    if ERROR in row:  # a row the source could not read (malformed JSON, bad bytes, ...)
-        return row[ERROR]
-    values = [row.get(c) for c in COLUMNS]
-    if any(v is None for v in values):
-        return "missing_value"
-    if not all(isinstance(v, str) for v in values):
-        return "wrong_type"
-    prompt, chosen, rejected = values
-    if not prompt.strip():
-        return "empty_prompt"
-    if not chosen.strip() or not rejected.strip():
-        return "empty_response"
-    if chosen == rejected:
-        return "identical_responses"
-    return None
-
-
-class EpochShuffle(Sampler[int]):
-    """A permutation drawn from (seed, epoch) alone, never from the global RNG.
-
-    A resumed run therefore sees the same order as an uninterrupted one, and ``skip`` drops
-    the samples its interrupted epoch had already consumed, once, so a run resumed mid-epoch
-    continues exactly where it stopped. Lightning calls ``set_epoch`` at the start of every
-    epoch. (Under DDP, Lightning swaps in its own ``DistributedSampler``, which is seeded the
-    same way but restarts an interrupted epoch's permutation from its beginning.)
-    """
-
-    def __init__(self, n: int, seed: int, skip: int = 0) -> None:
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, skip
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        order, self.skip = order[self.skip :], 0
-        return iter(order)
-
-    def __len__(self) -> int:
-        return self.n
 
 
 @functools.cache
@@ -83,17 +35,9 @@ def _code_version() -> str:
     """A hash of the source that turns rows into token sequences."""
     import inspect
 
-    import inspo.data.encode
+    from inspo.data import encode, templates
 
-    src = inspect.getsource(inspo.data.encode) + inspect.getsource(PreferenceDataModule)
-    return hashlib.sha256(src.encode()).hexdigest()[:16]
-
-
-def _fingerprint(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+    return fingerprint(*(inspect.getsource(m) for m in (encode, templates, PreferenceDataModule)))
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -107,7 +51,8 @@ class PreferenceDataModule(L.LightningDataModule):
             ``("reflective", "plain")`` when the plain view is also needed (plain reference
             context, a mixed-in standard loss, self-distillation).
         reflection: whether reflective sequences are built at all. Validation batches then
-            carry both views, so the plain-context policy is always evaluated (SPEC §3).
+            carry both views, so the plain-context policy (the model at inference) is always
+            evaluated.
     """
 
     def __init__(
@@ -151,14 +96,14 @@ class PreferenceDataModule(L.LightningDataModule):
         if over_long not in ("truncate", "drop"):
             raise ValueError(f"data.over_long must be truncate or drop, got {over_long!r}")
         self.over_long = over_long
-        # SFT stage (reflection.sft_fraction, SPEC §6): this share of the training rows is laid
+        # SFT stage (reflection=sft_layout): this share of the training rows is laid
         # out reflectively, R(x, other) then the chosen response, so the SFT policy learns the
         # layout InSPO scores in. Rows are picked by a seeded draw over the row order.
         self.sft_fraction = sft_fraction
         self.datasets: dict[str, Dataset] = {}
         self.raw: dict[str, Sequence[dict]] = {}
-        # {split: {view: {field: [N]}}}: precomputed reference scores (inspo.training.reference), added
-        # to each batch by row index as batch["reference_scores"].
+        # {split: {view: {field: [N]}}}: precomputed reference scores (training.reference),
+        # added to each batch by row index as batch["reference_scores"].
         self.reference_scores: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ building
@@ -246,16 +191,19 @@ class PreferenceDataModule(L.LightningDataModule):
         enc["identical"] = [
             a[sa:] == b[sb:]
             for a, sa, b, sb in zip(
-                enc[f"{v}_chosen"], enc[f"{v}_chosen_start"],
-                enc[f"{v}_rejected"], enc[f"{v}_rejected_start"], strict=True,
+                enc[f"{v}_chosen"],
+                enc[f"{v}_chosen_start"],
+                enc[f"{v}_rejected"],
+                enc[f"{v}_rejected_start"],
+                strict=True,
             )
-        ]  # fmt: skip
+        ]
         return enc
 
     def _cache_file(self, split: str, rows: list[dict]) -> str | None:
         if self.cache_dir is None:
             return None
-        key = _fingerprint(
+        key = fingerprint(
             _code_version(),  # a change to the encoding code invalidates every cached file
             rows,
             tokenizer_fingerprint(self.tokenizer),
@@ -266,7 +214,7 @@ class PreferenceDataModule(L.LightningDataModule):
             self.views,
         )
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return str(self.cache_dir / f"{split}-{key}.arrow")
+        return str(self.cache_dir / f"{split}-{key[:16]}.arrow")
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, split: str, views: tuple[str, ...], batch_size: int, shuffle: bool):
@@ -275,8 +223,6 @@ class PreferenceDataModule(L.LightningDataModule):
         sampler = EpochShuffle(len(ds), self.seed) if shuffle and not distributed else None
         collate = PreferenceCollator(self.tokenizer.pad_token_id, views)
         if split in self.reference_scores:
-            from inspo.training.reference import WithReferenceScores
-
             collate = WithReferenceScores(collate, self.reference_scores[split])
         return DataLoader(
             ds,

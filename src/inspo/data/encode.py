@@ -1,88 +1,23 @@
-"""Pair batches and reflection batches (SPEC §4), and the reflective templates R(x, y') (§3).
+"""Text rows → the token sequences of each view, with truncation.
 
 A row (prompt x, chosen y_w, rejected y_l) is tokenised once into token sequences, each with the
 index where its scored response starts:
 
-    plain view       x + y_w            x + y_l                 (standard DPO-family context)
-    reflective view  R(x, y_l) + y_w    R(x, y_w) + y_l         (InSPO context)
-
-The collator pads every view to its longest sequence and stacks chosen rows first, then rejected
-rows, so the policy scores a whole view in one forward pass. Each view carries a ``loss_mask``
-that is 1 exactly on the scored response tokens (EOS included).
+    plain view       x + y_w            x + y_l                 (the standard form)
+    reflective view  R(x, y_l) + y_w    R(x, y_w) + y_l         (InSPO)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-VIEWS = ("plain", "reflective")
-
-# Named layouts for R(x, y'). Each is a format string over {prompt} and {other}; the scored
-# response follows the formatted text directly.
-TEMPLATES: dict[str, str] = {
-    # Readable: the alternative is marked as another answer, and the prompt (whose ending cues
-    # the response) sits right before the scored response, as in the plain view.
-    "default": "[another answer to the prompt below: {other}]\n{prompt}",
-    # The InSPO authors' plain concatenation x + y' + y.
-    "raw": "{prompt}{other}",
-}
-# For chat models (``chat`` or ``chat:<format string>``): this text becomes the content of the
-# last user turn, and the tokenizer's chat template renders the conversation up to the
-# assistant turn, which is the scored response.
-CHAT_TEMPLATE = "{prompt}\n\n[Another answer to this request, shown for reference only:]\n{other}"
-
-
-@dataclass(frozen=True)
-class Template:
-    """A reflective template split into literal text and the {prompt}/{other} slots."""
-
-    text: str
-    chat: bool = False  # rendered through the tokenizer's chat template (see CHAT_TEMPLATE)
-
-    def __post_init__(self) -> None:
-        fields = [f for _, f, _, _ in string.Formatter().parse(self.text) if f is not None]
-        if sorted(fields) != ["other", "prompt"]:
-            raise ValueError(
-                "a reflective template must contain {prompt} and {other} exactly once each; "
-                f"got fields {fields} in {self.text!r}"
-            )
-
-    def segments(self) -> list[tuple[str, str]]:
-        """[(kind, text)] with kind in {"text", "prompt", "other"}, in order."""
-        out: list[tuple[str, str]] = []
-        for literal, field, _, _ in string.Formatter().parse(self.text):
-            if literal:
-                out.append(("text", literal))
-            if field is not None:
-                out.append((field, ""))
-        return out
-
-
-def resolve_template(name_or_text: str) -> Template:
-    """A template by name (``default``, ``raw``, ``chat``), ``chat:<format string>``, or a
-    literal format string."""
-    if name_or_text == "chat":
-        return Template(CHAT_TEMPLATE, chat=True)
-    if name_or_text.startswith("chat:"):
-        return Template(name_or_text[len("chat:") :], chat=True)
-    if name_or_text in TEMPLATES:
-        return Template(TEMPLATES[name_or_text])
-    if "{" not in name_or_text:
-        raise ValueError(
-            f"unknown reflection template {name_or_text!r}; valid names: "
-            f"{', '.join([*TEMPLATES, 'chat'])}"
-            " (or a format string with {prompt} and {other})"
-        )
-    return Template(name_or_text)
+from inspo.data.templates import Template
+from inspo.hashing import fingerprint
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -91,18 +26,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     ``chat`` reflective template renders with). Keys token and reference-score caches."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     rules = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
-    parts = [rules, tokenizer.special_tokens_map, tokenizer.chat_template]
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+    return fingerprint(rules, tokenizer.special_tokens_map, tokenizer.chat_template)
 
 
-# --------------------------------------------------------------------------- tokenisation
 @dataclass
 class Encoder:
     """Turns text rows into the token sequences of each view, with truncation.
 
     ``max_length`` bounds every sequence; ``max_prompt_length`` bounds the prompt. In the plain
     view the prompt is cut from the left, then the response from the right. In the reflective
-    view (SPEC §3) the alternative response is shortened first (its end is cut), then the
+    view the alternative response is shortened first (its end is cut), then the
     prompt from the left, and the scored response only when nothing else is left.
     """
 
@@ -236,36 +169,3 @@ class Encoder:
         if excess > 0:  # nothing else is left
             y = y[: max(len(y) - excess, 0)]
         return ctx, y, cut
-
-
-# --------------------------------------------------------------------------- collation
-def pad_view(rows: Sequence[dict], view: str, pad_id: int) -> dict[str, Tensor]:
-    """Stack a view's chosen rows then rejected rows, right-padded to the longest sequence."""
-    seqs = [r[f"{view}_chosen"] for r in rows] + [r[f"{view}_rejected"] for r in rows]
-    starts = [r[f"{view}_chosen_start"] for r in rows] + [r[f"{view}_rejected_start"] for r in rows]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
-        input_ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        attention_mask[i, : len(seq)] = 1
-        loss_mask[i, start : len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
-
-
-@dataclass
-class PreferenceCollator:
-    """Builds a batch ``{view: {input_ids, attention_mask, loss_mask}, "index": [B]}``.
-
-    Rows hold the pre-tokenised views from :class:`Encoder`; padding is dynamic. ``index`` is
-    each row's position in its split, used to look up precomputed reference scores.
-    """
-
-    pad_id: int
-    views: tuple[str, ...] = ("plain",)
-
-    def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
-        batch: dict[str, Any] = {v: pad_view(rows, v, self.pad_id) for v in self.views}
-        batch["index"] = torch.as_tensor([r["index"] for r in rows], dtype=torch.long)
-        return batch

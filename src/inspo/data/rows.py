@@ -25,9 +25,27 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from inspo.data.report import DataError
+from inspo.names import ERROR
 
 ASSISTANT = "\n\nAssistant:"
-ERROR = "_error"
+COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def check_row(row: dict) -> str | None:
+    """The reason a text row cannot be used, or None. Cheap checks that need no tokenizer."""
+    values = [row.get(c) for c in COLUMNS]
+    if any(v is None for v in values):
+        return "missing_value"
+    if not all(isinstance(v, str) for v in values):
+        return "wrong_type"
+    prompt, chosen, rejected = values
+    if not prompt.strip():
+        return "empty_prompt"
+    if not chosen.strip() or not rejected.strip():
+        return "empty_response"
+    if chosen == rejected:
+        return "identical_responses"
+    return None
 
 
 def is_messages(value: Any) -> bool:

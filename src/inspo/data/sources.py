@@ -27,16 +27,16 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from inspo.data.report import DataError
 from inspo.data.synthetic import SyntheticConfig, make_splits
+from inspo.names import ERROR
 
 log = logging.getLogger(__name__)
 
-ERROR = "_error"  # key of an error row; its value is the reason counted in the report
 LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".jsonl.bz2")
 BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
 
 
 def synthetic(**kwargs: Any) -> dict[str, list[dict]]:
-    """The embedded task (``inspo.data.synthetic``): splits ``sft``, ``train``, ``val``, ``eval``."""
+    """The embedded task (:mod:`inspo.data.synthetic`): splits sft, train, val, eval."""
     return make_splits(SyntheticConfig(**kwargs))
 
 
@@ -254,6 +254,10 @@ def preference_data(
         out[train_split], out[val_split] = _hold_out(out[train_split], val_fraction, seed)
         log.info(
             "held out %d of the %s rows as %r (fraction %.3g, seed %d)",
-            len(out[val_split]), train_split, val_split, val_fraction, seed,
-        )  # fmt: skip
+            len(out[val_split]),
+            train_split,
+            val_split,
+            val_fraction,
+            seed,
+        )
     return out

@@ -1,10 +1,12 @@
-"""Comparing two policies' scored samples on the same prompts (sampling: :mod:`inspo.models.sampling`).
+"""Evaluation metrics: comparing two policies' scored samples, and the KL between policies.
 
 - ``win_rate``: wins (+½ per tie) of one set of scored samples over another on the same prompts,
   with a Wilson 95% interval.
 - ``length_controlled_win_rate``: the win probability with the length difference regressed out
   (a logistic regression of win on Δlength, read at Δlength = 0, in the spirit of AlpacaEval 2),
   flagged as not identified when Δlength does not vary.
+- ``monte_carlo_kl``: KL(π_θ ‖ π_ref) from the policy's own samples.
+- ``preference_accuracy``: held-out accuracy of the plain and the reflective policy.
 """
 
 from __future__ import annotations
@@ -14,6 +16,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from inspo.data.collate import pad_rows
+from inspo.models.sampling import prompt_ids
+from inspo.models.scoring import Scoring, score_sequences
+from inspo.names import (
+    EVAL_PLAIN_ACCURACY,
+    EVAL_REFLECTIVE_ACCURACY,
+    PLAIN_ACCURACY,
+    VIEW_ACCURACY,
+)
 
 
 def score(
@@ -103,3 +116,63 @@ def length_controlled_win_rate(
 
     opt.step(closure)
     return LengthControlled(float(torch.sigmoid(w[0].detach())), identified=True)
+
+
+# --------------------------------------------------------------------------- KL
+@torch.no_grad()
+def sample_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    samples: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) of each sampled token sequence ``samples[i]`` after its prompt,
+    laid out as in generation (``[bos] + prompt``), scored as training scores sequences."""
+    model.eval()
+    device = next(model.parameters()).device
+    contexts = prompt_ids(tokenizer, prompts)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ctx = contexts[start : start + batch_size]
+        rows = [c + list(y) for c, y in zip(ctx, samples[start : start + batch_size], strict=True)]
+        ids, att = pad_rows(rows, tokenizer.pad_token_id)
+        cols = torch.arange(ids.shape[1])
+        starts = torch.tensor([len(c) for c in ctx])[:, None]
+        view = {"input_ids": ids, "attention_mask": att, "loss_mask": (cols >= starts) & att.bool()}
+        sums, _, _ = score_sequences(model, {k: v.to(device) for k, v in view.items()}, ONE_BY_ONE)
+        out.append(sums.float().cpu())
+    return torch.cat(out)
+
+
+#: Rows here are unrelated samples: nothing to share between them.
+ONE_BY_ONE = Scoring(share_prompt=False)
+
+
+def monte_carlo_kl(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    samples: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> tuple[float, float]:
+    """KL(π_θ ‖ π_ref) ≈ mean_i [log π_θ(y_i|x_i) − log π_ref(y_i|x_i)], y_i ~ π_θ(·|x_i);
+    returns (estimate, standard error). Unbiased only for draws from π_θ itself."""
+    policy_logps = sample_logps(policy, tokenizer, prompts, samples, batch_size)
+    diff = policy_logps - sample_logps(reference, tokenizer, prompts, samples, batch_size)
+    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return float(diff.mean()), se
+
+
+def preference_accuracy(metrics: dict[str, float], reflection: str | None) -> dict[str, float]:
+    """Held-out preference accuracy, plain and (for reflective runs) reflective, side by side."""
+    out = {}
+    plain = metrics.get(PLAIN_ACCURACY)
+    if plain is None and reflection == "off":
+        plain = metrics.get(VIEW_ACCURACY)
+    if plain is not None:
+        out[EVAL_PLAIN_ACCURACY] = float(plain)
+    if reflection not in (None, "off") and VIEW_ACCURACY in metrics:
+        out[EVAL_REFLECTIVE_ACCURACY] = float(metrics[VIEW_ACCURACY])
+    return out

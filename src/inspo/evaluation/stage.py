@@ -1,4 +1,4 @@
-"""inspo-eval: evaluate a trained policy the way it is used, from the prompt alone.
+"""The evaluation stage: a trained policy evaluated the way it is used, from the prompt alone.
 
 For a run folder (``.hydra/config.yaml``, ``policy/``, ``summary.json``), or as the last stage of
 a training run (``eval.generate=true``), it reports under ``eval/...``:
@@ -23,18 +23,15 @@ a training run (``eval.generate=true``), it reports under ``eval/...``:
 - ``eval/generations.json`` and ``eval/reference_generations.json`` in AlpacaEval's format
   (a list of ``{"instruction", "output", "generator"}``), and ``eval/samples.json``.
 
-    inspo-eval RUN_DIR                              # writes RUN_DIR/eval/, updates summary.json
-    inspo-eval RUN_DIR --scorer PATH_TO_RM --n-prompts 64 --temperature 0.7 --top-p 0.9
-    inspo-eval RUN_DIR --device cuda:1               # default: eval.device (auto: cuda if any)
+It runs at the end of ``inspo-train`` (:func:`eval_stage`) and as ``inspo-eval RUN_DIR``
+(:func:`evaluate_run`), on ``eval.device`` in both.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +40,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from inspo.evaluation.metrics import length_controlled_win_rate, win_rate
-from inspo.models.scoring import sequence_logps
+from inspo.config import run_name
+from inspo.evaluation.metrics import (
+    length_controlled_win_rate,
+    monte_carlo_kl,
+    preference_accuracy,
+    win_rate,
+)
+from inspo.evaluation.scorers import Scorer, make_scorer
 from inspo.models.sampling import SamplingConfig, sample
 
 
@@ -74,9 +77,12 @@ class EvalConfig:
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens, seed=self.seed,
-        )  # fmt: skip
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+        )
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -85,117 +91,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
-
-
-# --------------------------------------------------------------------------- scorers
-class RewardModelScorer:
-    """Scores ``prompt + response`` with an ``AutoModelForSequenceClassification`` (logit 0)."""
-
-    def __init__(
-        self,
-        name_or_path: str,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        batch_size: int = 32,
-    ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).eval()
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except (OSError, ValueError):
-            if tokenizer is None:
-                raise
-            self.tokenizer = tokenizer  # a reward model saved without its tokenizer
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        out: list[float] = []
-        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-        encoded = [bos + tok(t, add_special_tokens=False)["input_ids"] + eos for t in texts]
-        for start in range(0, len(encoded), self.batch_size):
-            rows = encoded[start : start + self.batch_size]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-            att = torch.zeros_like(ids)
-            for i, r in enumerate(rows):  # right padding: HF reads the last non-pad token
-                ids[i, : len(r)] = torch.as_tensor(r)
-                att[i, : len(r)] = 1
-            logits = self.model(input_ids=ids, attention_mask=att).logits
-            out.extend(logits[:, 0].float().tolist())
-        return out
-
-
-def make_scorer(
-    scorer: str, tokenizer: PreTrainedTokenizerBase | None = None
-) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
-    """``gold``: the synthetic task's gold reward; anything else: a reward model path/name."""
-    if scorer == "gold":
-        from inspo.data.synthetic import gold_reward
-
-        return lambda ps, rs: [gold_reward(p, r) for p, r in zip(ps, rs, strict=True)]
-    return RewardModelScorer(scorer, tokenizer)
-
-
-# --------------------------------------------------------------------------- KL
-@torch.no_grad()
-def sample_logps(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    samples: Sequence[Sequence[int]],
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """Σ_t log π(y_t | x, y_<t) of each sampled token sequence ``samples[i]`` after its prompt,
-    laid out as in generation (``[bos] + prompt``), right-padded, positions from the mask."""
-    model.eval()
-    device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ctx = [
-            bos + tokenizer(p, add_special_tokens=False)["input_ids"]
-            for p in prompts[start : start + batch_size]
-        ]
-        ys = [list(y) for y in samples[start : start + batch_size]]
-        width = max(len(c) + len(y) for c, y in zip(ctx, ys, strict=True))
-        ids = torch.full((len(ctx), width), tokenizer.pad_token_id, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        mask = torch.zeros_like(ids)
-        for i, (c, y) in enumerate(zip(ctx, ys, strict=True)):
-            ids[i, : len(c) + len(y)] = torch.as_tensor(c + y, dtype=torch.long)
-            att[i, : len(c) + len(y)] = 1
-            mask[i, len(c) : len(c) + len(y)] = 1
-        ids, att = ids.to(device), att.to(device)
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=False).logits
-        sums, _ = sequence_logps(logits.float(), ids, mask.to(device))
-        out.append(sums.cpu())
-    return torch.cat(out)
-
-
-def monte_carlo_kl(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    samples: Sequence[Sequence[int]],
-    batch_size: int = 64,
-) -> tuple[float, float]:
-    """KL(π_θ ‖ π_ref) ≈ mean_i [log π_θ(y_i|x_i) − log π_ref(y_i|x_i)], y_i ~ π_θ(·|x_i);
-    returns (estimate, standard error)."""
-    diff = sample_logps(policy, tokenizer, prompts, samples, batch_size) - sample_logps(
-        reference, tokenizer, prompts, samples, batch_size
-    )
-    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-    return float(diff.mean()), se
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -209,19 +104,6 @@ def alpaca_eval_records(
     ]
 
 
-def preference_accuracy(metrics: dict[str, float], reflection: str | None) -> dict[str, float]:
-    """Held-out preference accuracy, plain and (for reflective runs) reflective, side by side."""
-    out = {}
-    plain = metrics.get("val/plain/rewards/accuracies")
-    if plain is None and reflection == "off":
-        plain = metrics.get("val/rewards/accuracies")
-    if plain is not None:
-        out["eval/pref_accuracy/plain"] = float(plain)
-    if reflection not in (None, "off") and "val/rewards/accuracies" in metrics:
-        out["eval/pref_accuracy/reflective"] = float(metrics["val/rewards/accuracies"])
-    return out
-
-
 def evaluate(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
@@ -229,7 +111,7 @@ def evaluate(
     prompts: Sequence[str],
     ecfg: EvalConfig,
     *,
-    scorer: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+    scorer: Scorer | None = None,
     out_dir: str | Path | None = None,
     generator: str = "policy",
     reference_generator: str = "reference",
@@ -315,8 +197,15 @@ def _draw(
     desc: str,
 ) -> tuple[list[list[int]], list[str]]:
     """One sample per prompt: (token ids, texts)."""
-    groups = sample(model, tokenizer, prompts, sampling, batch_size=ecfg.batch_size,
-                    progress=ecfg.progress, desc=desc)  # fmt: skip
+    groups = sample(
+        model,
+        tokenizer,
+        prompts,
+        sampling,
+        batch_size=ecfg.batch_size,
+        progress=ecfg.progress,
+        desc=desc,
+    )
     return [g[0].ids for g in groups], [g[0].text for g in groups]
 
 
@@ -372,8 +261,14 @@ def reference_policy(
     return initial_policy(cfg, tokenizer)
 
 
-def eval_stage(cfg: DictConfig, policy: PreTrainedModel, tokenizer: Any, metrics: dict,
-               run_dir: Path, logger: Any = None) -> dict[str, float]:  # fmt: skip
+def eval_stage(
+    cfg: DictConfig,
+    policy: PreTrainedModel,
+    tokenizer: Any,
+    metrics: dict,
+    run_dir: Path,
+    logger: Any = None,
+) -> dict[str, float]:
     """The evaluation stage of a training run (``eval.generate=true``): returns ``eval/...``.
 
     Runs on ``eval.device`` as ``inspo-eval`` does, and puts the policy back where it was.
@@ -386,10 +281,16 @@ def eval_stage(cfg: DictConfig, policy: PreTrainedModel, tokenizer: Any, metrics
     reference = reference_policy(cfg, ecfg, tokenizer).to(device)
     try:
         out, rows = evaluate(
-            policy, reference, tokenizer, prompts, ecfg,
-            out_dir=run_dir / "eval", generator=run_name(cfg, run_dir),
-            val_metrics=metrics, reflection=cfg.reflection.mode,
-        )  # fmt: skip
+            policy,
+            reference,
+            tokenizer,
+            prompts,
+            ecfg,
+            out_dir=run_dir / "eval",
+            generator=generator_name(cfg, run_dir),
+            val_metrics=metrics,
+            reflection=cfg.reflection.mode,
+        )
     finally:
         policy.to(home).train(was_training)
     if logger is not None and type(logger).__name__ == "WandbLogger":
@@ -397,79 +298,51 @@ def eval_stage(cfg: DictConfig, policy: PreTrainedModel, tokenizer: Any, metrics
     return out
 
 
-def run_name(cfg: DictConfig, run_dir: Path) -> str:
-    obj = cfg.objective._target_.rsplit(".", 1)[-1]
-    psi = cfg.objective.get("scalarization") or "-"
-    return f"{obj}/{psi}/{cfg.reflection.mode}/{cfg.reference.kind}/seed{cfg.seed}/{run_dir.name}"
+def generator_name(cfg: DictConfig, run_dir: Path) -> str:
+    """The AlpacaEval ``generator`` of a run's samples: its name and its folder."""
+    return f"{run_name(cfg)}/{run_dir.name}"
 
 
-# --------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point (returns None so the exit status is 0); see :func:`cli`."""
-    cli(argv)
-
-
-def cli(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse ``argv``, run, print, and return the results."""
-    doc = __doc__ or ""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("run_dir", type=Path, help="a run folder of inspo-train")
-    parser.add_argument("--policy", default=None, help="policy path (default RUN_DIR/policy)")
-    parser.add_argument("--reference", default=None, help="default: the run's initial policy")
-    parser.add_argument("--scorer", default=None, help="gold | path of a reward model")
-    parser.add_argument("--n-prompts", type=int, default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None, help="0: off")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="default RUN_DIR/eval")
-    parser.add_argument("--device", default=None, help="auto (cuda if available) | cpu | cuda:N")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--wandb", action="store_true", help="log to a new wandb run")
-    args = parser.parse_args(argv)
-
+def evaluate_run(
+    run_dir: Path,
+    ecfg: EvalConfig,
+    *,
+    policy_path: str | None = None,
+    out_dir: Path | None = None,
+    log_to_wandb: bool = False,
+) -> tuple[dict[str, float], Path]:
+    """``inspo-eval``: evaluate a finished run's policy (or ``policy_path``) as its training
+    config says, on ``ecfg``'s settings; writes ``out_dir`` (default RUN_DIR/eval) and, for the
+    run's own policy, adds the metrics to its summary.json. Returns (metrics, out_dir)."""
     from inspo.models.load import load_policy, load_tokenizer
 
-    run_dir = args.run_dir
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    ecfg = EvalConfig.from_cfg(cfg.get("eval") or {})
-    for key in ("reference", "scorer", "n_prompts", "max_new_tokens", "temperature", "top_p",
-                "top_k", "batch_size", "seed", "device"):  # fmt: skip
-        value = getattr(args, key)
-        if value is not None:
-            setattr(ecfg, key, value)
-    ecfg.progress = not args.no_progress
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    policy_path = args.policy or str(run_dir / "policy")
-    tokenizer = load_tokenizer(policy_path)
+    path = policy_path or str(run_dir / "policy")
+    tokenizer = load_tokenizer(path)
     device = resolve_device(ecfg.device)
-    policy = load_policy(policy_path).to(device)
+    policy = load_policy(path).to(device)
     reference = reference_policy(cfg, ecfg, tokenizer).to(device)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    out_dir = args.out or run_dir / "eval"
+    out_dir = out_dir or run_dir / "eval"
     metrics, rows = evaluate(
-        policy, reference, tokenizer, eval_prompts(cfg, tokenizer), ecfg,
-        out_dir=out_dir, generator=run_name(cfg, run_dir),
-        val_metrics=summary.get("metrics"), reflection=cfg.reflection.mode,
-    )  # fmt: skip
-    if summary and args.policy is None:
+        policy,
+        reference,
+        tokenizer,
+        eval_prompts(cfg, tokenizer),
+        ecfg,
+        out_dir=out_dir,
+        generator=generator_name(cfg, run_dir),
+        val_metrics=summary.get("metrics"),
+        reflection=cfg.reflection.mode,
+    )
+    if summary and policy_path is None:
         summary["metrics"] = {**summary["metrics"], **metrics}
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    if args.wandb:
+    if log_to_wandb:
         import wandb
 
         run = wandb.init(project="inspo", job_type="eval", config=asdict(ecfg))
         log_wandb(run, metrics, rows, ecfg.n_table)
         run.finish()
-    for k, v in metrics.items():
-        print(f"{k:32s} {v:.4f}")
-    info = json.loads((out_dir / "metrics.json").read_text())
-    print(f"device {info['device']}; eval/kl samples: {info['kl_samples']}; wrote {out_dir}")
-    return metrics
-
-
-if __name__ == "__main__":
-    main()
+    return metrics, out_dir

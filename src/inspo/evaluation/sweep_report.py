@@ -1,4 +1,4 @@
-"""inspo-report: the invariance report of a sweep (invariance, made measurable).
+"""The invariance report of a sweep (``inspo-report``): invariance, made measurable.
 
 Reads every run under SWEEP_DIR (each folder with a ``summary.json``; its ``.hydra/config.yaml``
 and ``policy/`` when present), groups runs by objective family × reflection (plus any
@@ -16,14 +16,10 @@ and ``policy/`` when present), groups runs by objective family × reflection (pl
   KL(π_θ ‖ π_ref), one point per run; ``winrate_length.png``: win rate against mean length.
   Both need the evaluation stage's metrics (``eval.generate=true``); a plot without data is
   not drawn, and ``report.md`` says so instead.
-
-    inspo-report logs/train/multiruns/2026-11-22_12-00-00
-    inspo-report SWEEP_DIR --group-by standard_weight --wandb
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -34,19 +30,36 @@ from typing import Any
 
 import torch
 
-SKIP_METRICS = ("eval/seconds", "eval/n_prompts", "eval/win_rate_low", "eval/win_rate_high",
-                "eval/kl_se")  # fmt: skip
-EXTRA_METRICS = ("val/plain/rewards/accuracies", "val/rewards/accuracies")
+from inspo.names import (
+    EVAL_KL,
+    EVAL_LC_WIN_RATE,
+    EVAL_LENGTH,
+    EVAL_PLAIN_ACCURACY,
+    EVAL_SCORE,
+    EVAL_VALID,
+    EVAL_WIN_RATE,
+    PLAIN_ACCURACY,
+    VIEW_ACCURACY,
+)
+
+SKIP_METRICS = (
+    "eval/seconds",
+    "eval/n_prompts",
+    "eval/win_rate_low",
+    "eval/win_rate_high",
+    "eval/kl_se",
+)
+EXTRA_METRICS = (PLAIN_ACCURACY, VIEW_ACCURACY)
 DEFAULT_GROUP = ("objective", "reflection")
 # The summary table's columns, when a sweep has them: what the InSPO claims are about.
 HEADLINE = (
-    ("eval/win_rate", "win rate"),
-    ("eval/lc_win_rate", "LC win rate"),
-    ("eval/score/policy", "gold score"),
-    ("eval/length/policy", "length"),
-    ("eval/kl", "KL"),
-    ("eval/valid/policy", "valid"),
-    ("eval/pref_accuracy/plain", "pref. acc."),
+    (EVAL_WIN_RATE, "win rate"),
+    (EVAL_LC_WIN_RATE, "LC win rate"),
+    (EVAL_SCORE, "gold score"),
+    (EVAL_LENGTH, "length"),
+    (EVAL_KL, "KL"),
+    (EVAL_VALID, "valid"),
+    (EVAL_PLAIN_ACCURACY, "pref. acc."),
 )
 
 
@@ -61,11 +74,23 @@ class Plot:
 
 
 PLOTS = (
-    Plot("frontier.png", "eval/kl", "eval/score/policy", "KL(π_θ ‖ π_ref) (MC, nats)",
-         "score of the policy's samples", "reward–KL frontier"),
-    Plot("winrate_length.png", "eval/length/policy", "eval/win_rate", "mean length (bytes)",
-         "win rate vs reference", "win rate vs mean length"),
-)  # fmt: skip
+    Plot(
+        "frontier.png",
+        "eval/kl",
+        "eval/score/policy",
+        "KL(π_θ ‖ π_ref) (MC, nats)",
+        "score of the policy's samples",
+        "reward–KL frontier",
+    ),
+    Plot(
+        "winrate_length.png",
+        "eval/length/policy",
+        "eval/win_rate",
+        "mean length (bytes)",
+        "win rate vs reference",
+        "win rate vs mean length",
+    ),
+)
 
 
 # --------------------------------------------------------------------------- reading
@@ -196,17 +221,28 @@ def build_report(
             )
         out["groups"][name] = g
     out["runs"] = [
-        {"name": r["name"], "group": group_name(r["choices"], group_by),
-         "choices": r["choices"], "metrics": r["metrics"]}
+        {
+            "name": r["name"],
+            "group": group_name(r["choices"], group_by),
+            "choices": r["choices"],
+            "metrics": r["metrics"],
+        }
         for r in runs
-    ]  # fmt: skip
+    ]
     return out
 
 
 def varying_choices(members: list[dict[str, Any]]) -> dict[str, list]:
     """The choices that take more than one value inside a group (what its spread is across)."""
-    keys = ("scalarization", "reference", "reference_context", "seed", "standard_weight",
-            "distill_weight", "model")  # fmt: skip
+    keys = (
+        "scalarization",
+        "reference",
+        "reference_context",
+        "seed",
+        "standard_weight",
+        "distill_weight",
+        "model",
+    )
     out = {}
     for k in keys:
         vals = sorted({str(m["choices"].get(k)) for m in members})
@@ -264,9 +300,12 @@ def plot_lines(report: dict[str, Any]) -> list[str]:
         if points(report, p):
             lines += [f"![{p.title}]({p.file})", ""]
         else:
-            lines += [f"No {p.title} plot (`{p.file}`): no run has `{p.x}` and `{p.y}`. "
-                      "They come from the evaluation stage: train with `eval.generate=true`, "
-                      "or run `inspo-eval RUN_DIR` on each run.", ""]  # fmt: skip
+            lines += [
+                f"No {p.title} plot (`{p.file}`): no run has `{p.x}` and `{p.y}`. "
+                "They come from the evaluation stage: train with `eval.generate=true`, "
+                "or run `inspo-eval RUN_DIR` on each run.",
+                "",
+            ]
     return lines
 
 
@@ -330,46 +369,36 @@ def log_wandb(report: dict[str, Any], plots: list[Path], project: str = "inspo")
         columns=["group", "divergence"],
         data=[[n, g.get("divergence")] for n, g in report["groups"].items()],
     )
-    run.log({"report/metrics": table, "report/divergence": div,
-             **{f"report/{p.stem}": wandb.Image(str(p)) for p in plots}})  # fmt: skip
+    run.log(
+        {
+            "report/metrics": table,
+            "report/divergence": div,
+            **{f"report/{p.stem}": wandb.Image(str(p)) for p in plots},
+        }
+    )
     run.finish()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point (returns None so the exit status is 0); see :func:`cli`."""
-    cli(argv)
-
-
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv``, run, print, and return the results."""
-    doc = __doc__ or ""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="default: SWEEP_DIR")
-    parser.add_argument("--group-by", default="", help="extra choices to group by, comma-separated")
-    parser.add_argument("--no-divergence", action="store_true")
-    parser.add_argument("--divergence-prompts", type=int, default=64)
-    parser.add_argument("--wandb", action="store_true", help="log tables and plots to wandb")
-    parser.add_argument("--wandb-project", default="inspo")
-    args = parser.parse_args(argv)
-    runs = load_runs(args.sweep_dir)
+def write_report(
+    sweep_dir: Path,
+    out: Path | None = None,
+    group_by: tuple[str, ...] = (),
+    divergence: bool = True,
+    divergence_prompts: int = 64,
+    wandb_project: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """``inspo-report``: build the report of every run under ``sweep_dir``, write report.json,
+    report.md and the plots to ``out`` (default ``sweep_dir``); returns (report, markdown)."""
+    runs = load_runs(sweep_dir)
     if not runs:
-        raise SystemExit(f"no summary.json under {args.sweep_dir}")
-    extra = tuple(k for k in args.group_by.split(",") if k)
-    report = build_report(
-        runs, DEFAULT_GROUP + extra, not args.no_divergence, args.divergence_prompts
-    )
-    out = args.out or args.sweep_dir
+        raise FileNotFoundError(f"no summary.json under {sweep_dir}")
+    report = build_report(runs, DEFAULT_GROUP + group_by, divergence, divergence_prompts)
+    out = out or sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     md = to_markdown(report)
     (out / "report.md").write_text(md + "\n")
     plots = plot(report, out)
-    if args.wandb:
-        log_wandb(report, plots, args.wandb_project)
-    print(md)
-    return report
-
-
-if __name__ == "__main__":
-    main()
+    if wandb_project:
+        log_wandb(report, plots, wandb_project)
+    return report, md

@@ -107,10 +107,16 @@ def sample(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     groups = sample_ids(
-        model, prompt_ids(tokenizer, prompts), config, n=n,
-        eos_token_ids=[] if eos is None else [eos], pad_token_id=pad,
-        batch_size=batch_size, progress=progress, desc=desc,
-    )  # fmt: skip
+        model,
+        prompt_ids(tokenizer, prompts),
+        config,
+        n=n,
+        eos_token_ids=[] if eos is None else [eos],
+        pad_token_id=pad,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
     return [
         [replace(s, text=tokenizer.decode(s.ids, skip_special_tokens=True)) for s in group]
         for group in groups
@@ -148,8 +154,15 @@ def sample_ids(
     try:
         for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
             rows = [list(p) for p in prompts[start : start + per_batch]]
-            out += _sample_batch(model, rows, range(start, start + len(rows)), config, n,
-                                 set(eos_token_ids), pad_token_id)  # fmt: skip
+            out += _sample_batch(
+                model,
+                rows,
+                range(start, start + len(rows)),
+                config,
+                n,
+                set(eos_token_ids),
+                pad_token_id,
+            )
     finally:
         model.train(was_training)
     return out
@@ -238,8 +251,14 @@ def _next_logits(
     # Only the last position's logits are needed; models that can skip the others save a
     # [rows, prompt length, vocab] tensor at prefill.
     keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
-    out = model(input_ids=ids, attention_mask=att, position_ids=pos, past_key_values=cache,
-                use_cache=True, **keep)  # fmt: skip
+    out = model(
+        input_ids=ids,
+        attention_mask=att,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        **keep,
+    )
     return out.logits[:, -1].float()
 
 

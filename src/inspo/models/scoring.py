@@ -1,14 +1,108 @@
-"""Sequence scores from logits: Σ_t log π(y_t | c, y_<t) over the masked (response) tokens.
+"""Sequence scores: Σ_t log π(y_t | c, y_<t) over the scored (response) tokens of each row.
 
-The log-softmax is never materialised over the vocabulary for every token: the selected logit
-minus the logsumexp is computed chunk by chunk over the sequence, so the extra memory beyond the
-logits themselves is O(chunk × vocab), not O(length × vocab).
+:func:`score_sequences` is the one way the project scores sequences, for training, for the
+reference's precomputed scores and for evaluation. It picks the cheapest exact path:
+
+- the LM head only at the positions that predict a scored token, on the decoder's hidden
+  states, tile by tile (:func:`hidden_sequence_logps`): no [rows, length, vocab] logits exist;
+- a pair's shared context run once, its KV cache serving both responses
+  (:func:`shared_prompt_logps`), when chosen and rejected rows share it token for token;
+- full logits with a chunked log-softmax (:func:`sequence_logps`) when the caller needs the
+  logits or the model's head is not a plain linear map.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How sequences are scored; every path gives the same numbers.
+
+    ``scored_lm_head``: the LM head only where a scored token is predicted (when the model's
+    head allows it). ``share_prompt``: run a pair's shared context once (needs the scored-head
+    path and a plain KV cache; off under activation checkpointing, which drops the cache).
+    ``logp_chunk``: sequence chunk of the full-logits path's log-softmax.
+    """
+
+    scored_lm_head: bool = True
+    share_prompt: bool = True
+    logp_chunk: int = 1024
+
+
+@dataclass
+class ViewScores:
+    """Summed log-probs and scored-token counts of a pair view's chosen and rejected rows; [B]."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_length: Tensor
+    rejected_length: Tensor
+
+
+def forward(model: torch.nn.Module, view: dict[str, Tensor], output: str = "logits") -> Tensor:
+    """``model``'s ``output`` on a padded view; positions count real tokens only, so left- and
+    right-padded rows score the same."""
+    mask = view["attention_mask"]
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=view["input_ids"],
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    return out[output]
+
+
+def score_sequences(
+    model: torch.nn.Module,
+    view: dict[str, Tensor],
+    how: Scoring = Scoring(),
+    *,
+    need_logits: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(sums [N], counts [N], logits or None) for the N rows of ``view`` (``input_ids``,
+    ``attention_mask``, ``loss_mask``: 1 exactly on the scored tokens). Logits come back only
+    when ``need_logits`` or when the model's head forces the full-logits path."""
+    ids, scored = view["input_ids"], view["loss_mask"]
+    parts = split_lm_head(model) if how.scored_lm_head and not need_logits else None
+    if parts is None:
+        logits = forward(model, view)
+        return (*sequence_logps(logits, ids, scored, how.logp_chunk), logits)
+    decoder, weight = parts
+    checkpointed = getattr(decoder, "gradient_checkpointing", False) and decoder.training
+    if how.share_prompt and not checkpointed:
+        split = split_shared_prompt(view)
+        sums = None if split is None else shared_prompt_logps(decoder, weight, split)
+        if sums is not None:
+            return (*sums, None)
+    hidden = forward(decoder, view, output="last_hidden_state")
+    return (*hidden_sequence_logps(hidden, weight, ids, scored), None)
+
+
+def score_pairs(
+    model: torch.nn.Module,
+    view: dict[str, Tensor],
+    how: Scoring = Scoring(),
+    *,
+    chosen_only: bool = False,
+    need_logits: bool = False,
+) -> tuple[ViewScores, Tensor | None]:
+    """A pair view (chosen rows, then rejected rows) scored as :class:`ViewScores`.
+    ``chosen_only`` scores only the chosen rows (objectives that ignore the rejected response);
+    the rejected fields are then zeros."""
+    n = view["input_ids"].shape[0] // 2
+    if chosen_only:
+        view = {k: v[:n] for k, v in view.items()}
+        how = Scoring(how.scored_lm_head, False, how.logp_chunk)  # no pairs left to share
+    sums, counts, logits = score_sequences(model, view, how, need_logits=need_logits)
+    if chosen_only:
+        return ViewScores(sums, torch.zeros_like(sums), counts, torch.ones_like(counts)), logits
+    return ViewScores(sums[:n], sums[n:], counts[:n], counts[n:]), logits
 
 
 def token_logps(logits: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
@@ -118,9 +212,12 @@ def hidden_sequence_logps(
 
 #: Config fields that change the logits after the LM head's matmul; such models use full logits.
 _LOGIT_TRANSFORMS = (
-    "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
     "logits_scaling",
-)  # fmt: skip
+)
 
 
 def split_lm_head(model: torch.nn.Module) -> tuple[torch.nn.Module, Tensor] | None:
@@ -174,8 +271,13 @@ def split_shared_prompt(view: dict[str, Tensor]) -> dict[str, Tensor] | None:
     jr = torch.arange(r, device=ids.device)
     response = ids.gather(1, (start[:, None] + jr[None]).clamp(max=width - 1))
     response_mask = (jr[None] < (length - start)[:, None]).long()
-    return {"context": context, "context_mask": context_mask, "response": response,
-            "response_mask": response_mask, "start": start}  # fmt: skip
+    return {
+        "context": context,
+        "context_mask": context_mask,
+        "response": response,
+        "response_mask": response_mask,
+        "start": start,
+    }
 
 
 def shared_prompt_logps(

@@ -1,7 +1,7 @@
-"""Lightning strategies used by ``conf/hardware``.
+"""FSDP2: which blocks are sharded (:func:`shard`) and the strategy ``hardware=fsdp`` uses.
 
-``FSDP2Strategy`` is Lightning's ``ModelParallelStrategy`` (FSDP2 + optional tensor parallel,
-``PreferenceModule.configure_model`` applies ``fully_shard``) with one difference: when
+``FSDP2Strategy`` is Lightning's ``ModelParallelStrategy`` (FSDP2 + optional tensor parallel;
+``PreferenceModule.configure_model`` calls :func:`shard`) with one difference: when
 ``data_parallel_size="auto"`` and the tensor-parallel size is given, the data-parallel size is
 the rest of the world (``num_nodes × devices / tensor_parallel_size``). Lightning's own
 ``"auto"`` means "the number of nodes", which with ``tensor_parallel_size=1`` only fits a
@@ -63,3 +63,32 @@ class FSDP2Strategy(ModelParallelStrategy):
                 options=StateDictOptions(cpu_offload=True),
             )
         return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP shards one by one: modules whose class is in the model's
+    ``_no_split_modules`` (the HF convention), else ``model.model.layers``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if not layers:
+        layers = list(getattr(getattr(model, "model", None), "layers", None) or ())
+    return layers
+
+
+def shard(models: list[torch.nn.Module | None], mesh: Any, bf16_mixed: bool) -> None:
+    """``fully_shard`` each decoder layer, then the root, of every model over ``mesh``'s
+    ``data_parallel`` dimension; models already sharded are left alone (Lightning calls the
+    hook again for ``trainer.validate`` after ``fit``). ``bf16_mixed``: compute in bf16, reduce
+    gradients in fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    dp_mesh = mesh["data_parallel"]
+    mp = MixedPrecisionPolicy()
+    if bf16_mixed:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for model in models:
+        if model is None or isinstance(model, FSDPModule):
+            continue
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp)

@@ -1,97 +1,127 @@
-"""inspo-demo: the main job. SFT → DPO and InSPO-DPO from the same SFT policy → evaluation.
+"""The main job, as a library: SFT → DPO and InSPO-DPO from the same SFT policy → evaluation.
 
 Runs on the embedded default (tiny Llama, synthetic task; no downloads):
     1. SFT: ``experiment=sft`` trains the random-init model to imitate the task's responses.
     2. DPO and InSPO-DPO (``experiment=demo``, ``reflection=off`` / ``inspo``) start from the
        saved SFT policy, with the same seed, data and reference (the SFT policy).
-    3. Evaluation on held-out prompts: every policy samples from the prompt alone with the same
-       seed; the gold reward scores the samples; win rates are against the SFT policy's samples
-       on the same prompts. Held-out preference accuracy comes from each run's validation.
-Writes ``OUT/demo.json``, ``OUT/demo.png`` and one run folder per stage; prints a table.
-
-    inspo-demo                       # logs/demo/<timestamp>
-    inspo-demo --out DIR seed=1      # trailing words are Hydra overrides for every stage
+    3. Evaluation on held-out prompts (:func:`inspo.evaluation.stage.evaluate`): every policy
+       samples from the prompt alone with the same seed, the gold reward scores the samples,
+       and win rates are against the SFT policy's samples on the same prompts. Held-out
+       preference accuracy comes from each run's validation.
+Writes ``OUT/demo.json``, ``OUT/demo.png`` and one run folder per stage; returns the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from inspo.evaluation.stage import eval_prompts
-from inspo.evaluation.metrics import length_controlled_win_rate, score, win_rate
+from inspo.config import compose_config
+from inspo.evaluation.stage import EvalConfig, eval_prompts, evaluate
 from inspo.models.load import load_policy, load_tokenizer
-from inspo.models.sampling import SamplingConfig, sample
-from inspo.data.synthetic import gold_reward
-from inspo.training.run import compose_config, run
-
-log = logging.getLogger(__name__)
+from inspo.names import EVAL_PLAIN_ACCURACY, EVAL_REFLECTIVE_ACCURACY
+from inspo.training.run import run
 
 POLICIES = ("dpo", "inspo")
 LABELS = {"sft": "SFT", "dpo": "DPO", "inspo": "InSPO-DPO"}
 
 
 def train_stage(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
+    """One ``inspo-train`` run into ``out/name``; its summary, with the seconds it took."""
     t0 = time.perf_counter()
     print(f"\n=== stage {name}: {' '.join(overrides)}", flush=True)
-    cfg = compose_config(overrides, out / name)
-    summary = run(cfg)
+    summary = run(compose_config(overrides, out / name))
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
 
 def evaluate_policies(
-    out: Path, prompts: list[str], seed: int, max_new_tokens: int, batch_size: int
-) -> dict[str, Any]:
-    """Sample every policy on the same prompts with the same seed; score with the gold reward."""
-    results: dict[str, Any] = {}
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed)
-    for name in ("sft", *POLICIES):
-        path = str(out / name / "policy")
-        model, tok = load_policy(path), load_tokenizer(path)
-        groups = sample(model, tok, prompts, sampling, batch_size=batch_size, progress=True,
-                        desc=f"sampling {name}")  # fmt: skip
-        samples = [g[0].text for g in groups]
-        results[name] = {
-            "samples": samples,
-            "gold": score(gold_reward, prompts, samples),
-            "length": [len(s.encode()) for s in samples],
-        }
-    return results
-
-
-def summarise(results: dict[str, Any], summaries: dict[str, Any]) -> dict[str, Any]:
-    base = results["sft"]
+    out: Path, prompts: list[str], ecfg: EvalConfig, summaries: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each trained policy against the SFT policy, by the evaluation stage's own code: the
+    table rows and a few example generations."""
+    sft = load_policy(str(out / "sft" / "policy"))
     table: dict[str, Any] = {}
-    for name in ("sft", *POLICIES):
-        r = results[name]
-        row: dict[str, Any] = {
-            "gold_reward": sum(r["gold"]) / len(r["gold"]),
-            "mean_length": sum(r["length"]) / len(r["length"]),
+    examples = [{"prompt": p} for p in prompts[:8]]
+    for name in POLICIES:
+        path = str(out / name / "policy")
+        s = summaries[name]
+        m, rows = evaluate(
+            load_policy(path),
+            sft,
+            load_tokenizer(path),
+            prompts,
+            ecfg,
+            scorer=None,
+            out_dir=out / name / "eval",
+            generator=LABELS[name],
+            reference_generator="SFT",
+            val_metrics=s["metrics"],
+            reflection=s["choices"]["reflection"],
+        )
+        table["sft"] = {
+            "gold_reward": m["eval/score/reference"],
+            "mean_length": m["eval/length/reference"],
         }
-        if name != "sft":
-            wr = win_rate(r["gold"], base["gold"])
-            lc = length_controlled_win_rate(r["gold"], base["gold"], r["length"], base["length"])
-            row |= {
-                "win_rate_vs_sft": wr.rate,
-                "win_rate_ci95": [wr.low, wr.high],
-                "lc_win_rate_vs_sft": lc.rate,
-                "lc_identified": lc.identified,  # False: no length variation, rate is the raw one
-            }
-            m = summaries[name]["metrics"]
-            row["pref_accuracy_plain"] = m.get("val/plain/rewards/accuracies")
-            if summaries[name]["choices"]["reflection"] != "off":
-                row["pref_accuracy_reflective"] = m.get("val/rewards/accuracies")
-            row["train_seconds"] = summaries[name]["seconds"]
-        table[name] = row
-    return table
+        table[name] = {
+            "gold_reward": m["eval/score/policy"],
+            "mean_length": m["eval/length/policy"],
+            "win_rate_vs_sft": m["eval/win_rate"],
+            "win_rate_ci95": [m["eval/win_rate_low"], m["eval/win_rate_high"]],
+            "lc_win_rate_vs_sft": m["eval/lc_win_rate"],
+            "lc_identified": bool(m["eval/lc_identified"]),
+            "kl_to_sft": m["eval/kl"],
+            "pref_accuracy_plain": m.get(EVAL_PLAIN_ACCURACY),
+            "pref_accuracy_reflective": m.get(EVAL_REFLECTIVE_ACCURACY),
+            "train_seconds": s["seconds"],
+        }
+        for ex, row in zip(examples, rows, strict=False):
+            ex["sft"], ex[name] = row["reference"], row["policy"]
+    return {n: table[n] for n in ("sft", *POLICIES)}, examples
+
+
+def run_demo(
+    out: Path,
+    overrides: list[str],
+    n_prompts: int = 256,
+    max_new_tokens: int = 48,
+    batch_size: int = 128,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """Run the demo into ``out``; returns what it writes to demo.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    common = ["logger=csv", *overrides]
+    summaries = {"sft": train_stage("sft", ["experiment=sft", *common], out)}
+    start = f"model.name_or_path={(out / 'sft' / 'policy').resolve()}"
+    for name, reflection in (("dpo", "off"), ("inspo", "inspo")):
+        stage = ["experiment=demo", f"reflection={reflection}", start, *common]
+        summaries[name] = train_stage(name, stage, out)
+
+    cfg = compose_config(["experiment=demo", *common], out / "eval")
+    prompts = eval_prompts(cfg, load_tokenizer(None))[:n_prompts]
+    t_eval = time.perf_counter()
+    ecfg = EvalConfig(
+        n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+    )
+    table, examples = evaluate_policies(out, prompts, ecfg, summaries)
+    seconds = time.perf_counter() - t0
+    report = {
+        "table": table,
+        "n_eval_prompts": len(prompts),
+        "seconds_total": seconds,
+        "seconds_eval": time.perf_counter() - t_eval,
+        "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
+        "overrides": overrides,
+        "examples": examples,
+    }
+    (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(table, out / "demo.png")
+    print("\n" + format_table(table))
+    print(f"\n{len(prompts)} held-out prompts; total {seconds / 60:.1f} min; wrote {out}/demo.json")
+    return report
 
 
 def format_table(table: dict[str, Any]) -> str:
@@ -137,61 +167,3 @@ def plot(table: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point (``inspo-demo``); exits 0 on success."""
-    run_demo(argv)
-
-
-def run_demo(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the demo; returns what it writes to demo.json."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="output folder")
-    parser.add_argument("--eval-prompts", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--eval-batch-size", type=int, default=128)
-    parser.add_argument("--eval-seed", type=int, default=1234)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
-    args = parser.parse_args(argv)
-    out = args.out or Path("logs/demo") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_float32_matmul_precision("high")
-    t0 = time.perf_counter()
-
-    common = ["logger=csv", *args.overrides]
-    summaries = {"sft": train_stage("sft", ["experiment=sft", *common], out)}
-    start = f"model.name_or_path={(out / 'sft' / 'policy').resolve()}"
-    for name, reflection in (("dpo", "off"), ("inspo", "inspo")):
-        stage = ["experiment=demo", f"reflection={reflection}", start, *common]
-        summaries[name] = train_stage(name, stage, out)
-
-    cfg = compose_config(["experiment=demo", *common], out / "eval")
-    prompts = eval_prompts(cfg, load_tokenizer(None))[: args.eval_prompts]
-    t_eval = time.perf_counter()
-    results = evaluate_policies(
-        out, prompts, args.eval_seed, args.max_new_tokens, args.eval_batch_size
-    )
-    table = summarise(results, summaries)
-    seconds = time.perf_counter() - t0
-    report = {
-        "table": table,
-        "n_eval_prompts": len(prompts),
-        "seconds_total": seconds,
-        "seconds_eval": time.perf_counter() - t_eval,
-        "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
-        "overrides": args.overrides,
-        "examples": [
-            {"prompt": p, **{n: results[n]["samples"][i] for n in ("sft", *POLICIES)}}
-            for i, p in enumerate(prompts[:8])
-        ],
-    }
-    (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(table, out / "demo.png")
-    print("\n" + format_table(table))
-    print(f"\n{len(prompts)} held-out prompts; total {seconds / 60:.1f} min; wrote {out}/demo.json")
-    return report
-
-
-if __name__ == "__main__":
-    main()

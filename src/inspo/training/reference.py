@@ -1,13 +1,12 @@
-"""Reference kinds beyond a frozen model: ``auto``, ``precomputed`` (a disk cache) and ``sync``.
+"""The reference π_ref of every kind, ``reference=`` in the config (``conf/reference/``):
 
-``reference=`` in the config picks one of (see ``conf/reference/``):
-
-    policy_init  a frozen copy of the initial policy (default)
+    auto         the default: ``none`` if the objective is reference-free, else
+                 ``policy_init`` (resolved at start-up by :func:`inspo.config.resolve_auto`;
+                 summary.json and the tags record the resolved kind)
+    policy_init  a frozen copy of the initial policy
     model        another model, ``reference.name_or_path``
     none         reference-free: no reference model, reference scores are 0
-    auto         ``none`` if the objective is reference-free, else ``policy_init`` (resolved at
-                 start-up; summary.json and the tags record the resolved kind). Lets one sweep
-                 mix reference-free and reference-based objectives.
+    adapter_disabled  the LoRA policy with its adapter off: no second copy of the weights
     precomputed  the reference's scores for every row and view of the train and val splits are
                  computed once before training and cached on disk; the reference model is then
                  freed. The batches carry the scores (``batch["reference_scores"]``).
@@ -26,26 +25,31 @@ identical settings reuse the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
-from inspo.data.encode import PreferenceCollator, tokenizer_fingerprint
+from inspo.data.collate import PreferenceCollator
+from inspo.data.encode import tokenizer_fingerprint
+from inspo.hashing import fingerprint
+from inspo.models.load import freeze, frozen_copy, load_policy
+from inspo.models.scoring import Scoring, score_pairs
+from inspo.names import REFERENCE_KINDS
 
 log = logging.getLogger(__name__)
 
-KINDS = ("policy_init", "model", "none", "auto", "precomputed", "sync")
 FIELDS = ("chosen", "rejected", "chosen_length", "rejected_length")
 #: Above this many parameters, a model is identified by name, commit and config, not by hashing.
 HASH_WEIGHTS_MAX_PARAMS = 200_000_000
@@ -53,24 +57,34 @@ HASH_WEIGHTS_MAX_PARAMS = 200_000_000
 Scores = dict[str, dict[str, Tensor]]  # view -> field -> [N] (indexed by the row's ``index``)
 
 
-# --------------------------------------------------------------------------- auto
-def resolve_auto(cfg: DictConfig, objective: Any) -> None:
-    """``reference=auto`` → ``none`` for reference-free objectives, else ``policy_init``."""
-    if cfg.reference.kind != "auto":
-        return
-    with open_dict(cfg):
-        cfg.reference.kind = "policy_init" if objective.requires_reference else "none"
+def make_reference(policy: PreTrainedModel, reference: Mapping[str, Any]) -> PreTrainedModel | None:
+    """The frozen reference model of the ``reference`` config (``conf/reference/``); None
+    where there is none to hold (``none``; ``adapter_disabled``, the policy's own base model)."""
+    kind, name = reference["kind"], reference.get("name_or_path")
+    if kind in ("none", "adapter_disabled"):
+        return None
+    if kind in ("policy_init", "sync") or (kind == "precomputed" and not name):
+        return frozen_copy(policy)  # the initial policy (for precomputed: its scores)
+    if kind in ("model", "precomputed"):
+        remote = reference["trust_remote_code"]
+        return freeze(load_policy(name, dtype=reference["dtype"], trust_remote_code=remote))
+    raise ValueError(f"unknown reference kind {kind!r}; valid: {', '.join(REFERENCE_KINDS)}")
+
+
+@contextlib.contextmanager
+def adapter_disabled(policy: Any) -> Iterator[Any]:
+    """``reference=adapter_disabled``: the LoRA policy with its adapter off, in eval mode, is the
+    reference, so no second copy of the weights is held."""
+    was_training = policy.training
+    policy.eval()
+    try:
+        with policy.disable_adapter():
+            yield policy
+    finally:
+        policy.train(was_training)
 
 
 # --------------------------------------------------------------------------- keys
-def _sha(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def model_fingerprint(model: torch.nn.Module, name_or_path: str | None = None) -> str:
     """Identify a reference model: a hash of its weights, or for large named checkpoints its
     name/path, commit and config (plus size and mtime of local weight files)."""
@@ -91,7 +105,7 @@ def model_fingerprint(model: torch.nn.Module, name_or_path: str | None = None) -
             for f in sorted(path.iterdir())
             if f.suffix in (".safetensors", ".bin", ".pt")
         ]
-    return "named:" + _sha(
+    return "named:" + fingerprint(
         name_or_path,
         getattr(config, "_commit_hash", None),
         config.to_dict() if config is not None else None,
@@ -102,10 +116,12 @@ def model_fingerprint(model: torch.nn.Module, name_or_path: str | None = None) -
 def dataset_fingerprint(dataset: Any, views: Sequence[str]) -> str:
     """Hash of the tokenised sequences (and their response starts) of the given views."""
     cols = ["index"] + [
-        f"{v}_{side}{suffix}" for v in views for side in ("chosen", "rejected")
+        f"{v}_{side}{suffix}"
+        for v in views
+        for side in ("chosen", "rejected")
         for suffix in ("", "_start")
-    ]  # fmt: skip
-    return _sha(*[dataset[c] for c in cols])
+    ]
+    return fingerprint(*[dataset[c] for c in cols])
 
 
 def cache_key(
@@ -113,7 +129,7 @@ def cache_key(
 ) -> str:
     """The cache key: model, dtype, tokenizer, template, max lengths, views and rows."""
     enc = datamodule.encoder
-    return _sha(
+    return fingerprint(
         model_id,
         dtype,
         tokenizer_fingerprint(datamodule.tokenizer),
@@ -129,25 +145,29 @@ def cache_key(
 # --------------------------------------------------------------------------- computing
 @torch.no_grad()
 def compute_scores(
-    score_view: Callable, model: torch.nn.Module, dataset: Any, views: Sequence[str],
-    pad_id: int, batch_size: int,
-) -> Scores:  # fmt: skip
-    """Score every row of ``dataset`` in every view with ``score_view(model, view_batch)``
-    (``PreferenceModule.score_view``, so the values are computed as in training)."""
+    model: torch.nn.Module,
+    dataset: Any,
+    views: Sequence[str],
+    pad_id: int,
+    batch_size: int,
+    scoring: Scoring | None = None,
+) -> Scores:
+    """Score every row of ``dataset`` in every view, as training scores them (the same
+    :func:`~inspo.models.scoring.score_pairs` and ``scoring`` settings)."""
     model.eval()
     device = next(model.parameters()).device
-    loader = DataLoader(
-        dataset, batch_size=batch_size, collate_fn=PreferenceCollator(pad_id, tuple(views))
-    )
+    collate = PreferenceCollator(pad_id, tuple(views))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     n = len(dataset)
     out: Scores = {
         v: {f: torch.zeros(n, dtype=torch.long if "length" in f else torch.float32) for f in FIELDS}
         for v in views
     }
-    for batch in loader:
+    for batch in tqdm(loader, desc="reference scores", leave=False):
         idx = batch["index"]
         for v in views:
-            s, _ = score_view(model, {k: t.to(device) for k, t in batch[v].items()})
+            view = {k: t.to(device) for k, t in batch[v].items()}
+            s, _ = score_pairs(model, view, scoring or Scoring())
             for f in FIELDS:
                 out[v][f][idx] = getattr(s, f).detach().to("cpu", out[v][f].dtype)
     return out
@@ -195,7 +215,7 @@ def precompute_reference(
     def compute() -> dict[str, Scores]:
         return {
             s: compute_scores(
-                module.score_view, reference, datamodule.datasets[s], views, pad, batch_size
+                reference, datamodule.datasets[s], views, pad, batch_size, module.scoring
             )
             for s in splits
         }
@@ -204,22 +224,6 @@ def precompute_reference(
     datamodule.reference_scores = scores
     module.reference = None  # freed: the scores travel in the batches
     return path, hit
-
-
-@dataclass
-class WithReferenceScores:
-    """Wraps a collator: adds ``batch["reference_scores"][view][field]`` looked up by ``index``."""
-
-    collate: Callable[[Sequence[dict]], dict[str, Any]]
-    scores: Scores
-
-    def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
-        batch = self.collate(rows)
-        idx = batch["index"]
-        batch["reference_scores"] = {
-            v: {f: t[idx] for f, t in fields.items()} for v, fields in self.scores.items()
-        }
-        return batch
 
 
 # --------------------------------------------------------------------------- sync (TR-DPO)

@@ -1,112 +1,63 @@
-"""inspo-train: compose the config, build data → trainer → models, fit, write the run folder.
+"""One training run: build data → trainer → models from the config, fit, write the run folder.
 
 Every run writes to its Hydra run directory:
     .hydra/config.yaml    the composed config
     data_report.json      rows read / used / skipped by reason, per split
     checkpoints/last.ckpt Lightning checkpoint (``ckpt_path=last`` resumes from it)
-    summary.json          final metrics under their logged names + the run's choices
+    summary.json          see :func:`summary`
     policy/               the final policy (save_pretrained, safetensors) and its tokenizer
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from inspo.config import (
+    build_objective,
+    check_config,
+    objective_name,
+    resolve_auto,
+    run_name,
+    run_tags,
+)
 from inspo.data.datamodule import PreferenceDataModule
 from inspo.models.load import load_policy, load_tokenizer
-from inspo.training.module import (
-    REFLECTIONS,
-    NonFiniteError,
-    OptimConfig,
-    PreferenceModule,
-    make_reference,
-    train_views,
-)
+from inspo.names import VAL, VAL_PLAIN
 from inspo.objectives import Objective
-from inspo.config import config_dir
-from inspo.training.reference import prepare_reference, reference_callbacks, resolve_auto
+from inspo.training.guards import NonFiniteError
+from inspo.training.module import PreferenceModule
+from inspo.training.reference import make_reference, prepare_reference, reference_callbacks
+from inspo.training.views import train_views
 
 log = logging.getLogger(__name__)
 
-# `${basename:PATH}`: the sweep presets name their wandb group after the sweep folder, which every
-# job of one multirun shares (conf/experiment/ablate_*.yaml, objectives.yaml).
-OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)
+#: Reflection knobs (``conf/reflection/``) and who takes them; absent knobs keep the
+#: constructors' defaults, so ``reflection=off`` carries none.
+MODULE_KNOBS = ("reference_context", "reflective_weight", "standard_weight", "distill_weight")
+DATA_KNOBS = ("template", "sft_fraction")
 
 
-def _sweep_group(mode: Any, sweep_dir: Any) -> str | None:
-    """A multirun's jobs share the wandb group named after their sweep folder."""
-    return Path(str(sweep_dir)).name if str(mode).endswith("MULTIRUN") else None
-
-
-OmegaConf.register_new_resolver("sweep_group", _sweep_group, replace=True)
-
-REFERENCE_KINDS = (
-    "policy_init", "model", "none", "sync", "precomputed", "adapter_disabled",
-)  # fmt: skip  # + auto, resolved
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before any model is built."""
-
-
-def build_objective(cfg: DictConfig) -> Objective:
-    """The objective of ``objective._target_``; a parameter it does not take is a ConfigError
-    that names the parameters it does take."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import get_class
-
-    try:
-        objective = instantiate(cfg.objective)
-    except InstantiationException as e:
-        if not isinstance(e.__cause__, TypeError) or "keyword argument" not in str(e.__cause__):
-            raise
-        cls = get_class(cfg.objective._target_)
-        params = [p for p in inspect.signature(cls).parameters if p not in ("self", "kwargs")]
-        given = [k for k in cfg.objective if k != "_target_" and k not in params]
-        raise ConfigError(
-            f"objective {cls.__name__} takes no parameter {', '.join(map(repr, given))}; "
-            f"valid: {', '.join(params)}"
-        ) from e
-    if not isinstance(objective, Objective):
-        raise ConfigError(f"objective._target_ must build an inspo Objective, got {objective!r}")
-    return objective
-
-
-def check_config(cfg: DictConfig, objective: Objective) -> None:
-    """Refuse combinations that cannot work, with a message that says what to change."""
-    mode, kind = cfg.reflection.mode, cfg.reference.kind
-    if mode not in REFLECTIONS:
-        raise ConfigError(f"unknown reflection.mode {mode!r}; valid: {', '.join(REFLECTIONS)}")
-    if kind not in REFERENCE_KINDS:
-        raise ConfigError(f"unknown reference.kind {kind!r}; valid: {', '.join(REFERENCE_KINDS)}")
-    name = type(objective).__name__
-    if objective.requires_reference and kind == "none":
-        raise ConfigError(
-            f"objective {name} needs a reference model but reference=none; "
-            "use reference=policy_init (or model/sync), or a reference-free objective"
-        )
-    if not objective.requires_reference and kind != "none":
-        raise ConfigError(
-            f"objective {name} is reference-free but reference={kind}; use reference=none"
-        )
+def knobs(cfg: DictConfig, names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: cfg.reflection[k] for k in names if k in cfg.reflection}
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: Any, objective: Objective) -> PreferenceDataModule:
-    d = cfg.data
+    d, weights = cfg.data, knobs(cfg, MODULE_KNOBS)
+    weights.pop("reflective_weight", None)  # scales a loss; changes no view
+    views = train_views(cfg.reflection.mode, objective.requires_reference, **weights)
+    data_knobs = knobs(cfg, DATA_KNOBS)
+    if objective.pairwise:  # reflective-layout rows are for the SFT stage only
+        data_knobs.pop("sft_fraction", None)
     return PreferenceDataModule(
         source=instantiate(d.source, _partial_=True),
         tokenizer=tokenizer,
@@ -116,23 +67,15 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, objective: Objective) -> P
         eval_batch_size=d.eval_batch_size,
         max_length=d.max_length,
         max_prompt_length=d.max_prompt_length,
-        template=cfg.reflection.template,
         reflection=cfg.reflection.mode != "off",
-        train_views=train_views(
-            cfg.reflection.mode,
-            cfg.reference.context,
-            objective.requires_reference,
-            cfg.reflection.standard_weight,
-            cfg.reflection.distill_weight,
-        ),
+        train_views=views,
         strict=d.strict,
         num_workers=d.num_workers,
         seed=cfg.seed,
         cache_dir=str(Path(cfg.paths.cache_dir) / "tokenized"),
         max_samples=d.max_samples,
-        over_long=d.get("over_long", "truncate"),
-        # reflective-layout SFT rows: only for a non-pairwise (SFT) objective
-        sft_fraction=0.0 if objective.pairwise else cfg.reflection.get("sft_fraction", 0.0),
+        over_long=d.over_long,
+        **data_knobs,
     )
 
 
@@ -145,9 +88,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
     )
     strategy = instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     return L.Trainer(
-        **trainer_kwargs,
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
         strategy=strategy,
         logger=logger,
         callbacks=[checkpoint, LastValidation(), *reference_callbacks(cfg)],
@@ -157,64 +99,41 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> PreferenceModule:
     resolve_auto(cfg, objective)  # idempotent: callers outside run() may pass reference=auto
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    m.pop("tokenizer", None)
-    policy = load_policy(tokenizer=tokenizer, **m)
-    ref_cfg = OmegaConf.to_container(cfg.reference, resolve=True)
-    kind = ref_cfg.pop("kind")
-    for key in ("context", "sync_every", "sync_alpha", "batch_size"):
-        ref_cfg.pop(key, None)
-    reference = make_reference(policy, kind, **ref_cfg)
-    r = cfg.reflection
-    module = PreferenceModule(
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("tokenizer")
+    policy = load_policy(tokenizer=tokenizer, **model)
+    kind = cfg.reference.kind
+    reference = make_reference(policy, cfg.reference)
+    return PreferenceModule(
         policy,
         objective,
         reference,
-        reflection=r.mode,
-        reference_context=cfg.reference.context,
-        reflective_weight=r.reflective_weight,
-        standard_weight=r.standard_weight,
-        distill_weight=r.distill_weight,
-        optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
+        reflection=cfg.reflection.mode,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        adapter_reference=kind == "adapter_disabled",
+        reference_in_checkpoint=kind == "sync",  # TR-DPO's reference is training state
+        **knobs(cfg, MODULE_KNOBS),
     )
-    module.reference_in_checkpoint = kind == "sync"  # TR-DPO's reference is training state
-    if kind == "adapter_disabled":  # LoRA: the reference is the policy with its adapter off
-        if not cfg.model.get("lora"):
-            raise ConfigError("reference=adapter_disabled needs a LoRA policy: set model.lora")
-        module.adapter_reference = True
-    return module
 
 
 def run_choices(cfg: DictConfig) -> dict[str, Any]:
-    """The choices a report groups runs by, recorded in summary.json."""
-    obj = cfg.objective
-    return {
-        "objective": obj._target_.rsplit(".", 1)[-1],
-        "scalarization": obj.get("scalarization"),
-        "beta": obj.get("beta"),
-        "reflection": cfg.reflection.mode,
-        "reference": cfg.reference.kind,
-        "reference_context": cfg.reference.context,
-        "seed": cfg.seed,
-        **extra_choices(cfg),
-    }
-
-
-def extra_choices(cfg: DictConfig) -> dict[str, Any]:
-    """The rest of what a sweep report needs: config names, reflection knobs, reference knobs."""
+    """The choices a report groups runs by."""
     picked = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     obj, r, ref = cfg.objective, cfg.reflection, cfg.reference
     return {
+        "objective": objective_name(cfg),
         "objective_config": picked.get("objective"),
         "experiment": picked.get("experiment"),
+        "scalarization": obj.get("scalarization"),
+        "beta": obj.get("beta"),
         "gamma": obj.get("gamma"),
-        "template": r.template,
-        "reflective_weight": r.reflective_weight,
-        "standard_weight": r.standard_weight,
-        "distill_weight": r.distill_weight,
+        "reflection": r.mode,
+        **{k: r.get(k) for k in (*MODULE_KNOBS, "template")},
+        "reference": ref.kind,
         "reference_name_or_path": ref.get("name_or_path"),
         "sync_every": ref.get("sync_every"),
         "sync_alpha": ref.get("sync_alpha"),
+        "seed": cfg.seed,
         "model": cfg.model.name_or_path or "tiny",
         "max_steps": cfg.trainer.max_steps,
         "lr": cfg.optim.lr,
@@ -223,39 +142,28 @@ def extra_choices(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def run_tags(cfg: DictConfig) -> list[str]:
-    """The user's ``tags`` plus ``key:value`` tags for objective, Ψ, reference and reflection."""
-    obj = cfg.objective
-    auto = {
-        "objective": obj._target_.rsplit(".", 1)[-1],
-        "psi": obj.get("scalarization") or "none",
-        "reference": cfg.reference.kind,
-        "reflection": cfg.reflection.mode,
-    }
-    if cfg.reflection.mode != "off":
-        auto["reference_context"] = cfg.reference.context
-    user = [t for t in (cfg.get("tags") or []) if t.split(":", 1)[0] not in auto]
-    return [*user, *(f"{k}:{v}" for k, v in auto.items())]
+def summary(
+    cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], error: str | None = None
+) -> dict[str, Any]:
+    """summary.json: ``status`` (finished | failed), ``error`` (why it failed), ``metrics`` (the
+    last value of every logged metric, by its logged name; evaluation adds ``eval/...``),
+    ``choices`` (:func:`run_choices`), ``steps`` (optimiser steps done) and ``run_dir``."""
+    out = {"status": "failed" if error else "finished", "metrics": metrics}
+    if error:
+        out["error"] = error
+    run_dir = HydraConfig.get().runtime.output_dir
+    return {**out, "choices": run_choices(cfg), "steps": trainer.global_step, "run_dir": run_dir}
 
 
-def run_name(cfg: DictConfig) -> str:
-    """``objective-Ψ-reflection-reference-seedN``: what a run is, readable in a wandb sweep."""
-    picked = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    objective = picked.get("objective") or cfg.objective._target_.rsplit(".", 1)[-1]
-    psi = cfg.objective.get("scalarization") or "none"
-    return f"{objective}-{psi}-{cfg.reflection.mode}-{cfg.reference.kind}-seed{cfg.seed}"
-
-
-def final_metrics(
-    trainer: L.Trainer, reflection: str, train: dict[str, float] | None = None
-) -> dict[str, float]:
+def final_metrics(trainer: L.Trainer, reflection: str, train: dict | None = None) -> dict:
     """The last value of every logged metric; ``train`` holds the train/* metrics as they were
     before a final ``trainer.validate`` (which clears them from ``callback_metrics``)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics = {**(train or {}), **metrics}
     if reflection == "off":  # the standard form *is* the plain-context policy
-        for k in [k for k in metrics if k.startswith("val/") and not k.startswith("val/plain/")]:
-            metrics.setdefault("val/plain/" + k[len("val/") :], metrics[k])
+        prefix = f"{VAL}/"
+        for k in [k for k in metrics if k.startswith(prefix) and not k.startswith(VAL_PLAIN)]:
+            metrics.setdefault(f"{VAL_PLAIN}/{k[len(prefix) :]}", metrics[k])
     return metrics
 
 
@@ -264,36 +172,13 @@ def save_policy(module: PreferenceModule, tokenizer: Any, out: Path, trainer: L.
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sharded = trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy)
-    state = (
-        get_model_state_dict(
-            module.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        if sharded
-        else None
-    )
+    state = None
+    if trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(module.policy, options=options)
     if trainer.is_global_zero:
         module.policy.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
-
-
-def compose_config(overrides: list[str], run_dir: str | Path) -> DictConfig:
-    """Compose the train config outside a Hydra app (the demo's stages, tests).
-
-    The result behaves as inside ``inspo-train``: ``${hydra:runtime.output_dir}`` is
-    ``run_dir`` and the composed config is registered with HydraConfig.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(Path(run_dir).resolve())
-        cfg.hydra.runtime.cwd = os.getcwd()
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -306,7 +191,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.save(job_cfg, run_dir / ".hydra" / "config.yaml")
     # Everything that can be wrong with the config fails here, before any model is built.
     objective = build_objective(cfg)
-    resolve_auto(cfg, objective)  # reference=auto → none | policy_init
+    resolve_auto(cfg, objective)
     check_config(cfg, objective)
     with open_dict(cfg):
         cfg.tags = run_tags(cfg)
@@ -332,44 +217,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except NonFiniteError as err:  # the last good checkpoint stays; no policy is written
-        failed = {
-            "status": "failed",
-            "error": str(err),
-            "metrics": final_metrics(trainer, cfg.reflection.mode),
-            "choices": run_choices(cfg),
-            "steps": trainer.global_step,
-            "run_dir": str(run_dir),
-        }
         if trainer.is_global_zero:
-            write_json(run_dir / "summary.json", failed)
+            metrics = final_metrics(trainer, cfg.reflection.mode)
+            write_json(run_dir / "summary.json", summary(cfg, trainer, metrics, str(err)))
         raise
-    train_metrics = {
-        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
-    }
+    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "train/" in k}
     last_val = next(c for c in trainer.callbacks if isinstance(c, LastValidation))
     if datamodule.val_split is not None and last_val.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    summary = {
-        "status": "finished",
-        "metrics": final_metrics(trainer, cfg.reflection.mode, train_metrics),
-        "choices": run_choices(cfg),
-        "steps": trainer.global_step,
-        "run_dir": str(run_dir),
-    }
+    result = summary(cfg, trainer, final_metrics(trainer, cfg.reflection.mode, train_metrics))
     if cfg.save_policy:
         save_policy(module, tokenizer, run_dir / "policy", trainer)
     # Single-process runs only (a sharded policy cannot generate on one rank): after a
     # multi-device run, evaluate the saved policy with `inspo-eval RUN_DIR`.
-    if cfg.get("eval") and cfg.eval.generate and trainer.world_size == 1:
-        from inspo.evaluation.stage import eval_stage  # generation, scores, win rates, KL (SPEC §5)
+    if cfg.eval.generate and trainer.world_size == 1:
+        from inspo.evaluation.stage import eval_stage
 
-        summary["metrics"] |= eval_stage(
-            cfg, module.policy, tokenizer, summary["metrics"], run_dir, trainer.logger
+        result["metrics"] |= eval_stage(
+            cfg, module.policy, tokenizer, result["metrics"], run_dir, trainer.logger
         )
     if trainer.is_global_zero:
-        write_json(run_dir / "summary.json", summary)
-    return summary
+        write_json(run_dir / "summary.json", result)
+    return result
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -395,47 +265,3 @@ class LastValidation(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.step = trainer.global_step
-
-
-def close_loggers() -> None:
-    """Always close wandb, even after an exception, so runs are never left dangling."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
-
-
-def quiet_libraries() -> None:
-    """One progress bar per stage and the results: drop the libraries' tips, the per-load
-    weight bars and the warning about the frozen reference being in eval mode (it is meant
-    to be)."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
-
-
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Entry point; returns ``optimized_metric`` so Hydra sweepers can optimise it."""
-    torch.set_float32_matmul_precision("high")
-    quiet_libraries()
-    try:
-        summary = run(cfg)
-    finally:
-        close_loggers()
-    value = summary["metrics"].get(cfg.optimized_metric)
-    return None if value is None or math.isnan(value) else value
-
-
-if __name__ == "__main__":
-    main()

@@ -10,21 +10,18 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 import inspo.evaluation.stage
 from conftest import FAST
-from inspo.evaluation.stage import (
-    EvalConfig,
-    RewardModelScorer,
-    cli,
-    eval_stage,
-    evaluate,
-    log_wandb,
+from inspo.cli.eval import cli
+from inspo.data.synthetic import make_prompt
+from inspo.evaluation.metrics import (
+    length_controlled_win_rate,
     monte_carlo_kl,
     preference_accuracy,
-    resolve_device,
     sample_logps,
+    win_rate,
 )
-from inspo.evaluation.metrics import length_controlled_win_rate, win_rate
+from inspo.evaluation.scorers import RewardModelScorer
+from inspo.evaluation.stage import EvalConfig, eval_stage, evaluate, log_wandb, resolve_device
 from inspo.models.load import tiny_llama
-from inspo.data.synthetic import make_prompt
 
 PROMPTS = [make_prompt(t) for t in ("bkt", "dfg", "hjl", "mnp", "rst", "vwz")]
 SMALL = EvalConfig(n_prompts=6, max_new_tokens=6, batch_size=4, seed=3, progress=False)
@@ -235,7 +232,7 @@ def spy_on_resolve_device(monkeypatch):
 def test_the_stage_and_the_cli_resolve_the_same_device(tmp_path, tokenizer, monkeypatch):
     from omegaconf import OmegaConf
 
-    from inspo.training.run import compose_config
+    from inspo.config import compose_config
 
     overrides = [*FAST, "eval.n_prompts=4", "eval.max_new_tokens=4", "eval.progress=false"]
     cfg = compose_config(overrides, tmp_path / "run")
@@ -264,7 +261,8 @@ def test_the_stage_and_the_cli_resolve_the_same_device(tmp_path, tokenizer, monk
 
 @pytest.mark.slow
 def test_eval_stage_of_a_training_run_and_cli(tmp_path):
-    from inspo.training.run import compose_config, run
+    from inspo.config import compose_config
+    from inspo.training.run import run
 
     overrides = [*FAST, "trainer.max_steps=2", "eval.generate=true", "eval.n_prompts=8",
                  "eval.max_new_tokens=8", "eval.progress=false", "reflection=inspo",

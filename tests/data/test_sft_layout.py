@@ -6,10 +6,10 @@ import functools
 
 import pytest
 
-from inspo.data.encode import TEMPLATES
 from inspo.data.datamodule import PreferenceDataModule
-from inspo.models.load import byte_tokenizer
 from inspo.data.sources import synthetic
+from inspo.data.templates import TEMPLATES
+from inspo.models.load import byte_tokenizer
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])

@@ -1,6 +1,6 @@
 """Hardware presets: DDP and FSDP2 with 2 CPU processes (gloo), resume, multi-node configs.
 
-The end-to-end tests run ``python -m inspo.training.run`` in a subprocess exactly as a user would;
+The end-to-end tests run ``python -m inspo.cli.train`` in a subprocess exactly as a user would;
 Lightning then re-launches the command for rank 1. ``hardware=gpu`` and GPU FSDP cannot run
 here (no GPU); they are covered by the composition tests only.
 """
@@ -20,8 +20,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import FAST
-from inspo.models.load import byte_tokenizer, tiny_llama
 from inspo.config import config_dir
+from inspo.models.load import byte_tokenizer, tiny_llama
 
 DIST = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4"]
 
@@ -31,7 +31,7 @@ def train(tmp_path: Path, name: str, *overrides: str, timeout: int = 300) -> Pat
     run_dir = tmp_path / name
     env = {**os.environ, "INSPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_MODE", None)
-    cmd = [sys.executable, "-m", "inspo.training.run", *FAST, *overrides, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "inspo.cli.train", *FAST, *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -134,8 +134,9 @@ def test_configure_model_shards_policy_and_reference_once(gloo_world_of_one, sma
     from torch.distributed.fsdp import FSDPModule
 
     from inspo.models.load import frozen_copy
-    from inspo.training.module import PreferenceModule, decoder_layers
+    from inspo.models.sharding import decoder_layers
     from inspo.objectives import DPO
+    from inspo.training.module import PreferenceModule
 
     plain = frozen_copy(small_model)
     module = PreferenceModule(small_model, DPO(), frozen_copy(small_model))
@@ -158,8 +159,8 @@ def test_configure_model_shards_policy_and_reference_once(gloo_world_of_one, sma
 def test_configure_model_bf16_mixed_computes_in_bf16_reduces_in_fp32(
     gloo_world_of_one, small_model
 ):
-    from inspo.training.module import PreferenceModule
     from inspo.objectives import SimPO
+    from inspo.training.module import PreferenceModule
 
     module = PreferenceModule(small_model, SimPO())  # reference-free: reference is None
     module._device_mesh = gloo_world_of_one
@@ -174,8 +175,8 @@ def test_configure_model_bf16_mixed_computes_in_bf16_reduces_in_fp32(
 
 
 def test_configure_model_is_a_noop_without_a_mesh(small_model):
-    from inspo.training.module import PreferenceModule
     from inspo.objectives import SimPO
+    from inspo.training.module import PreferenceModule
 
     module = PreferenceModule(small_model, SimPO())
     module.configure_model()
@@ -184,7 +185,7 @@ def test_configure_model_is_a_noop_without_a_mesh(small_model):
 
 
 def test_decoder_layers_fallback_to_model_layers(small_model):
-    from inspo.training.module import decoder_layers
+    from inspo.models.sharding import decoder_layers
 
     assert [type(m).__name__ for m in decoder_layers(small_model)] == ["LlamaDecoderLayer"] * 2
     small_model._no_split_modules = None

@@ -1,4 +1,4 @@
-"""Direction at model level (issue 3, SPEC §3): for every objective config × {standard,
+"""Direction at model level: for every objective config × {standard,
 reflective, one-sided} × its valid scalarizations, one SGD step of a real (tiny) model on a fixed
 batch, through ``PreferenceModule.compute_loss``, raises the chosen-over-rejected margin under
 the objective's own score. Float64 throughout, so a small step is measured exactly.
@@ -6,19 +6,20 @@ the objective's own score. Float64 throughout, so a small step is measured exact
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
+from conftest import REPO
+from inspo.data.collate import PreferenceCollator
+from inspo.data.encode import Encoder
+from inspo.data.templates import resolve_template
 from inspo.models.load import byte_tokenizer, frozen_copy, tiny_llama
-from inspo.training.module import PreferenceModule
 from inspo.objectives import PSI_OBJECTIVES, SCALARIZATIONS, MarginObjective
+from inspo.training.module import PreferenceModule, pair_scores
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "objective"
+CONF = REPO / "conf" / "objective"
 ROWS = [
     ("Word with b, k, t: ", "bakitu", "zz"),
     ("Word with m, n, p: ", "manipo", "mmmmmmmm"),
@@ -31,11 +32,11 @@ def saturated_start_fix(module: PreferenceModule, objective, batch) -> None:
     """One-sided *reference-free* SimPO has h̄ = −S̄(y_l) ≈ 5.6 at a random init, so z = β·h̄ − γ
     ≈ 10 lies where hinge / truncated-quadratic are flat and squared rises: no step is meant to
     move it. Shift γ so every pair starts at z ≤ 0, where every Ψ is decreasing."""
-    if module.reflection != "inspo_one_sided" or objective.requires_reference:
+    if module.hparams.reflection != "inspo_one_sided" or objective.requires_reference:
         return
     with torch.no_grad():
-        s, _ = module.score_view(module.policy, batch[module.policy_view])
-        z = objective.margin(module.pair_scores(s, None, one_sided=True))
+        s = module.score_view(module.policy, batch[module.policy_view])
+        z = objective.margin(pair_scores(s, None, one_sided=True))
     objective.gamma += float(z.max())
 
 
@@ -87,11 +88,11 @@ def own_margin(module: PreferenceModule, batch) -> torch.Tensor:
     (token-mean for mean-score objectives). One-sided: −S(y_l | R(x, y_w)). Non-pairwise
     objectives (SFT): the chosen score alone."""
     with torch.no_grad():
-        s, _ = module.score_view(module.policy, batch[module.policy_view])
+        s = module.score_view(module.policy, batch[module.policy_view])
     w, lo = s.chosen.double(), s.rejected.double()
     if module.objective.score == "mean":
         w, lo = w / s.chosen_length, lo / s.rejected_length
-    if module.reflection == "inspo_one_sided":
+    if module.hparams.reflection == "inspo_one_sided":
         return -lo.sum()
     if not module.objective.pairwise:
         return w.sum()
@@ -106,7 +107,7 @@ def ref_scores(model0, batch):
     out = {}
     with torch.no_grad():
         for view in ("plain", "reflective"):
-            s, _ = module.score_view(model0, batch[view])
+            s = module.score_view(model0, batch[view])
             out[view] = {f: getattr(s, f) for f in ("chosen", "rejected", "chosen_length",
                                                     "rejected_length")}  # fmt: skip
     return out
@@ -164,7 +165,7 @@ def test_one_step_raises_the_margin(model0, batch, ref_scores, name, key, psi, f
     assert after > before, (name, psi, form, before, after, loss)
 
 
-# The authors' sign errors (SPEC §3), each named: the reflective forms move toward y_w.
+# The InSPO authors' code had sign errors in these reflective forms; ours move toward y_w.
 @pytest.mark.parametrize("name", ["ipo", "orpo", "rdpo", "simpo"])
 def test_reflective_form_moves_toward_the_chosen_response(model0, batch, ref_scores, name):
     objective = make_objective(name)

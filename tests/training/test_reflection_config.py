@@ -8,9 +8,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO
+from inspo.config import build_objective, check_config, resolve_auto, run_tags
 from inspo.models.load import byte_tokenizer
-from inspo.training.reference import ReferenceSync, reference_callbacks, resolve_auto
-from inspo.training.run import build_datamodule, build_module, build_objective, check_config, run_tags
+from inspo.training.reference import ReferenceSync, reference_callbacks
+from inspo.training.run import build_datamodule, build_module
 
 TINY = ["model.tiny.hidden_size=16", "model.tiny.num_layers=1", "model.tiny.num_heads=2"]
 
@@ -32,17 +33,18 @@ def build(cfg):
 def test_inspo_knobs_from_config(tmp_path):
     cfg = cfg_for("reflection=inspo", "reflection.standard_weight=0.5",
                   "reflection.distill_weight=0.1", "reflection.template=raw",
-                  "reference.context=plain", tmp_path=tmp_path)  # fmt: skip
+                  "reflection.reference_context=plain", tmp_path=tmp_path)  # fmt: skip
     module, dm = build(cfg)
-    assert (module.reflection, module.standard_weight, module.distill_weight) == ("inspo", 0.5, 0.1)
+    h = module.hparams
+    assert (h.reflection, h.standard_weight, h.distill_weight) == ("inspo", 0.5, 0.1)
     assert module.reference_view == "plain"
     assert dm.template == "raw" and dm.train_views == ("reflective", "plain")
-    assert module.train_views() == dm.train_views
+    assert module.train_views == dm.train_views
 
 
 def test_one_sided_from_config(tmp_path):
     module, dm = build(cfg_for("reflection=inspo_one_sided", tmp_path=tmp_path))
-    assert module.reflection == "inspo_one_sided"
+    assert module.hparams.reflection == "inspo_one_sided"
     assert (module.policy_view, module.reference_view) == ("reflective", "plain")
     assert set(dm.train_views) == {"reflective", "plain"}
 
@@ -53,10 +55,10 @@ def test_sync_and_precomputed_from_config(tmp_path):
     module, _ = build(cfg)
     (cb,) = reference_callbacks(cfg)
     assert isinstance(cb, ReferenceSync) and (cb.every, cb.alpha) == (3, 0.5)
-    assert module.reference_in_checkpoint and module.reference is not None
+    assert module.hparams.reference_in_checkpoint and module.reference is not None
     cfg = cfg_for("reference=precomputed", tmp_path=tmp_path)
     module, _ = build(cfg)
-    assert not module.reference_in_checkpoint and reference_callbacks(cfg) == []
+    assert not module.hparams.reference_in_checkpoint and reference_callbacks(cfg) == []
     for a, b in zip(module.reference.parameters(), module.policy.parameters(), strict=True):
         assert torch.equal(a, b)  # the initial policy's scores are what gets cached
 

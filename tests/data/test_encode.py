@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from inspo.data.encode import Encoder, PreferenceCollator, Template, resolve_template
+from inspo.data.collate import PreferenceCollator
+from inspo.data.encode import Encoder
+from inspo.data.templates import Template, resolve_template
 
 
 def decode_masked(tok, view, i):

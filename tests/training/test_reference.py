@@ -1,4 +1,4 @@
-"""Reference kinds (issue 3): precomputed = live, the cache key, TR-DPO sync, start-up checks."""
+"""Reference kinds: precomputed = live, the cache key, TR-DPO sync, start-up checks."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 import inspo.training.reference as R
+from inspo.config import ConfigError, check_config, resolve_auto
 from inspo.data.datamodule import PreferenceDataModule
-from inspo.models.load import byte_tokenizer, frozen_copy, tiny_llama
-from inspo.training.module import PreferenceModule
-from inspo.objectives import DPO, SimPO
 from inspo.data.sources import synthetic
-from inspo.training.run import ConfigError, check_config
+from inspo.models.load import byte_tokenizer, frozen_copy, tiny_llama
+from inspo.objectives import DPO, SimPO
+from inspo.training.module import PreferenceModule
 
 
 def datamodule(template="default", max_length=128, batch_size=4):
@@ -40,10 +40,10 @@ def tiny(seed=0):
                       seed=seed)  # fmt: skip
 
 
-def make_module(policy, reference):
+def make_module(policy, reference, **settings):
     # plain reference context + a mixed-in standard loss: both views' reference scores are used
     return PreferenceModule(policy, DPO(beta=0.5), reference, reflection="inspo",
-                            reference_context="plain", standard_weight=0.5)  # fmt: skip
+                            reference_context="plain", standard_weight=0.5, **settings)  # fmt: skip
 
 
 def test_precomputed_gives_the_live_losses(tmp_path):
@@ -126,9 +126,8 @@ class Recorder(L.Callback):
 def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
     dm = datamodule(batch_size=2)
     policy = tiny(0)
-    module = make_module(policy, frozen_copy(policy))
-    module.optim.lr, module.optim.warmup_steps = 1e-2, 0
-    module.reference_in_checkpoint = True
+    module = make_module(policy, frozen_copy(policy), reference_in_checkpoint=True,
+                         optim={"lr": 1e-2, "warmup_steps": 0})  # fmt: skip
     sync, rec = R.ReferenceSync(every=2, alpha=0.25), Recorder()
     trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -149,8 +148,8 @@ def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
 
 
 def cfg(kind, mode="off"):
-    return OmegaConf.create({"reflection": {"mode": mode},
-                             "reference": {"kind": kind, "context": "reflective"}})  # fmt: skip
+    return OmegaConf.create({"reflection": {"mode": mode}, "reference": {"kind": kind},
+                             "model": {"lora": None}})  # fmt: skip
 
 
 def test_start_up_checks_and_auto():
@@ -162,10 +161,10 @@ def test_start_up_checks_and_auto():
         with pytest.raises(ConfigError, match="reference-free"):
             check_config(cfg(kind), SimPO())
     c = cfg("auto")
-    R.resolve_auto(c, SimPO())
+    resolve_auto(c, SimPO())
     assert c.reference.kind == "none"
     c = cfg("auto")
-    R.resolve_auto(c, DPO())
+    resolve_auto(c, DPO())
     assert c.reference.kind == "policy_init"
     with pytest.raises(ValueError, match="sync_every"):
         R.ReferenceSync(every=0)
@@ -183,15 +182,14 @@ def test_sync_resume_is_exact(tmp_path):
     """A run resumed from its step-3 checkpoint (as ``ckpt_path=last`` does) ends with the
     reference and policy of the uninterrupted 6-step run: the synced reference and the last
     synced step are in the checkpoint. (3 steps = one epoch of 12 rows, so the checkpoint is
-    taken at an epoch end; mid-epoch resume is tested in tests/test_train.py.)"""
+    taken at an epoch end; mid-epoch resume is tested in tests/e2e/test_train_runs.py.)"""
     dm = datamodule()
     assert len(dm.datasets["train"]) == 12 and dm.batch_size == 4
 
     def fit(max_steps, ckpt=None, save=False):
         policy = tiny(0)
-        module = make_module(policy, frozen_copy(policy))
-        module.optim.lr, module.optim.warmup_steps = 1e-2, 0
-        module.reference_in_checkpoint = True
+        module = make_module(policy, frozen_copy(policy), reference_in_checkpoint=True,
+                             optim={"lr": 1e-2, "warmup_steps": 0})  # fmt: skip
         callbacks = [R.ReferenceSync(every=2, alpha=0.25)]
         if save:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,

@@ -35,7 +35,7 @@ class MyLoss(Objective):
 def test_user_objective_trains_from_its_own_module(tmp_path):
     (tmp_path / "mymod.py").write_text(textwrap.dedent(USER_MODULE))
     cmd = [
-        sys.executable, "-m", "inspo.training.run", "objective._target_=mymod.MyLoss",
+        sys.executable, "-m", "inspo.cli.train", "objective._target_=mymod.MyLoss",
         "+objective.penalty=0.5", *FAST, "trainer.max_steps=2", "save_policy=false",
         f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/c",
     ]  # fmt: skip
@@ -53,7 +53,8 @@ def test_user_objective_trains_from_its_own_module(tmp_path):
 def test_the_user_term_is_in_the_loss(tmp_path, monkeypatch):
     """Validation before any step: the loss with the user's term is DPO's minus penalty × the
     logged term, exactly (so the term reaches the loss, with its sign)."""
-    from inspo.training.run import compose_config, run
+    from inspo.config import compose_config
+    from inspo.training.run import run
 
     (tmp_path / "mymod.py").write_text(textwrap.dedent(USER_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))

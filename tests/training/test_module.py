@@ -5,10 +5,14 @@ import math
 import pytest
 import torch
 
-from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
+from inspo.data.collate import PreferenceCollator
+from inspo.data.encode import Encoder
+from inspo.data.templates import resolve_template
 from inspo.models.load import frozen_copy
-from inspo.training.module import PreferenceModule
+from inspo.models.scoring import forward
 from inspo.objectives import DPO, SFT
+from inspo.training.distill import distill_kl
+from inspo.training.module import PreferenceModule
 
 ROWS = [
     ("Q: bkt? A:", "bakitu", "zz"),
@@ -67,8 +71,8 @@ def policy_margin(module, batch, view):
     One-sided InSPO (eq. 22) has no chosen term: its margin is −S_θ(y_l | R(x, y_w)).
     """
     with torch.no_grad():
-        s, _ = module.score_view(module.policy, batch[view])
-    if module.reflection == "inspo_one_sided":
+        s = module.score_view(module.policy, batch[view])
+    if module.hparams.reflection == "inspo_one_sided":
         return -s.rejected.sum().item()
     return (s.chosen - s.rejected).sum().item()
 
@@ -132,8 +136,8 @@ def test_plain_reference_context_uses_the_plain_view(tokenizer, small_model):
     batch = batch_for(tokenizer)
     refl = PreferenceModule(small_model, DPO(), ref, reflection="inspo")
     plain = PreferenceModule(small_model, DPO(), ref, reflection="inspo", reference_context="plain")
-    assert refl.train_views() == ("reflective",)
-    assert plain.train_views() == ("reflective", "plain")
+    assert refl.train_views == ("reflective",)
+    assert plain.train_views == ("reflective", "plain")
     a = refl.reference_scores(batch, refl.reference_view)
     b = plain.reference_scores(batch, plain.reference_view)
     assert not torch.allclose(a.chosen, b.chosen)
@@ -154,6 +158,9 @@ def test_mixing_and_distillation_terms(tokenizer, small_model):
     assert extra2["distill_kl"].item() > 0  # the two contexts give different distributions
     # The teacher is detached: the KL's gradient flows through the plain (student) pass only.
     distilled.policy.zero_grad()
-    kl = distilled.distill_kl(batch, distilled._forward(distilled.policy, batch["reflective"]))
+    n, refl, plain = 2, batch["reflective"], batch["plain"]
+    teacher = forward(distilled.policy, refl)[:n]
+    student = forward(distilled.policy, {k: v[:n] for k, v in plain.items()})
+    kl = distill_kl(teacher, refl["loss_mask"][:n], student, plain["loss_mask"][:n])
     kl.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in small_model.parameters())

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAST
-from inspo.training.run import ConfigError, compose_config, run
+from inspo.config import ConfigError, compose_config
+from inspo.training.run import run
 
 
 def train(tmp_path, *overrides, synthetic=True):

@@ -1,4 +1,4 @@
-"""Real model families (issue 4): sequence scores of tiny random Llama, Qwen2, GPT-2, Gemma and
+"""Real model families: sequence scores of tiny random Llama, Qwen2, GPT-2, Gemma and
 Mistral match a token-by-token computation, with right and left padding; model options; LoRA with
 the adapter-disabled reference."""
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
+from inspo.data.collate import PreferenceCollator
+from inspo.data.encode import Encoder
+from inspo.data.templates import resolve_template
 from inspo.models.load import load_policy, tiny_llama
-from inspo.training.module import PreferenceModule
 from inspo.objectives import DPO
+from inspo.training.module import PreferenceModule
 
 ROWS = [("Q: bkt? A:", "bakitu", "zz"), ("Q: a much longer prompt? A:", "ok", "nope, no")]
 SIZES = {
@@ -70,7 +72,7 @@ def direct(model, view):
 
 def scores(model, view):
     module = PreferenceModule(model, DPO(), None)
-    s, _ = module.score_view(model, view)
+    s = module.score_view(model, view)
     return torch.cat([s.chosen, s.rejected]).double()
 
 
@@ -120,8 +122,7 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off(tokenizer):
         for n, p in policy.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    module = PreferenceModule(policy, DPO(), None)
-    module.adapter_reference = True
+    module = PreferenceModule(policy, DPO(), None, adapter_reference=True)
     module.train()
     view = batch(tokenizer)
     ref = module.reference_scores({"plain": view}, "plain")
@@ -130,7 +131,7 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off(tokenizer):
     torch.testing.assert_close(torch.cat([ref.chosen, ref.rejected]).double(), want, atol=1e-5,
                                rtol=1e-6)  # fmt: skip
     assert policy.training, "the policy's train mode is restored"
-    pol, _ = module.score_view(policy, view)
+    pol = module.score_view(policy, view)
     assert not torch.allclose(pol.chosen.double(), want[:2], atol=1e-3)
     assert sum(p.numel() for p in module.parameters()) < 2 * sum(
         p.numel() for p in base.parameters()

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import SHARED_DATA
 from inspo.data.datamodule import PreferenceDataModule
-from inspo.models.load import byte_tokenizer
 from inspo.data.sources import preference_data
+from inspo.models.load import byte_tokenizer
 
 HH = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 pytestmark = pytest.mark.skipif(not HH.exists(), reason=f"shared data file absent: {HH}")
@@ -70,7 +70,7 @@ def test_a_few_training_steps_on_hh_rlhf(tmp_path):
     ]
     env = {**os.environ, "INSPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
-        [sys.executable, "-m", "inspo.training.run", *overrides],
+        [sys.executable, "-m", "inspo.cli.train", *overrides],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     out = proc.stdout + proc.stderr

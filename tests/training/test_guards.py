@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from conftest import FAST
-from inspo.training.module import NonFiniteError, ViewScores, describe_non_finite
+from inspo.config import compose_config
+from inspo.models.scoring import ViewScores
 from inspo.objectives import DPO, ObjectiveOutput
-from inspo.training.run import compose_config, run
+from inspo.training.guards import NonFiniteError, describe_non_finite
+from inspo.training.run import run
 
 NAN_AFTER = '''
 import torch
@@ -52,7 +54,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     (tmp_path / "nanmod.py").write_text(textwrap.dedent(NAN_AFTER))
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "inspo.training.run", "objective._target_=nanmod.NaNAfter",
+        sys.executable, "-m", "inspo.cli.train", "objective._target_=nanmod.NaNAfter",
         "+objective.after=3", *FAST, "trainer.max_steps=8", "checkpoint.every_n_train_steps=1",
         f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/c",
     ]  # fmt: skip
@@ -71,7 +73,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_nan_gradient_stops_before_the_update(tmp_path):
-    overrides = [*FAST, "objective._target_=test_non_finite.NaNGradient", "trainer.max_steps=3"]
+    overrides = [*FAST, "objective._target_=test_guards.NaNGradient", "trainer.max_steps=3"]
     with pytest.raises(NonFiniteError, match="non-finite gradient at step 0"):
         run(compose_config(overrides, tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())

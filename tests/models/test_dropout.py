@@ -7,8 +7,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import FAST
+from inspo.config import build_objective, compose_config
 from inspo.models.load import load_policy, turn_off_dropout
-from inspo.training.run import build_module, build_objective, compose_config
+from inspo.training.run import build_module
 
 
 def with_dropout(kind: str) -> torch.nn.Module:

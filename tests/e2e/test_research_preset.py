@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from inspo.training.run import build_objective, check_config, compose_config
+from inspo.config import build_objective, check_config, compose_config
 
 
 def grid(cfg):

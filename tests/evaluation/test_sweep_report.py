@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAST, REPO
+from inspo.cli.report import cli
+from inspo.evaluation.sweep_report import symmetric_kl
 from inspo.models.load import byte_tokenizer, load_policy, tiny_llama
-from inspo.evaluation.sweep_report import cli, symmetric_kl
 
 # group dpo/off: 3 runs (win rates 0.2, 0.4, 0.9); group dpo/inspo: 2 runs (0.6, 0.6).
 RUNS = {
@@ -166,7 +167,7 @@ def test_group_by_extra_choice(tmp_path):
 def test_reduced_real_sweep_and_report(tmp_path):
     """2 Ψ × 2 reflections, a few steps each, with the eval stage on, then the report."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "inspo.training.run", "-m", *FAST, "trainer.max_steps=3",
+    cmd = [sys.executable, "-m", "inspo.cli.train", "-m", *FAST, "trainer.max_steps=3",
            "objective.scalarization=logistic,hinge", "reflection=off,inspo",
            "eval.generate=true", "eval.n_prompts=8", "eval.max_new_tokens=8",
            "eval.progress=false", f"hydra.sweep.dir={sweep}",

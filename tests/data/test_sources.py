@@ -1,4 +1,4 @@
-"""Real-data sources (issue 4): file formats, bad rows by reason, layouts, the report identity."""
+"""Real-data sources: file formats, bad rows by reason, layouts, the report identity."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from inspo.data.encode import Encoder, resolve_template
+from inspo.data.encode import Encoder
 from inspo.data.rows import to_text
+from inspo.data.templates import resolve_template
 
 CHAT = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"

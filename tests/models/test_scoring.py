@@ -97,21 +97,20 @@ def test_lm_head_on_scored_rows_matches_full_logits_values_and_gradients(monkeyp
         torch.testing.assert_close(a, b)
 
 
-def test_module_scores_the_same_with_and_without_the_scored_lm_head(tokenizer):
-    from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
+def test_scores_the_same_with_and_without_the_scored_lm_head(tokenizer):
+    from inspo.data.collate import PreferenceCollator
+    from inspo.data.encode import Encoder
+    from inspo.data.templates import resolve_template
     from inspo.models.load import tiny_llama
-    from inspo.training.module import PreferenceModule
-    from inspo.objectives import DPO
+    from inspo.models.scoring import Scoring, score_pairs
 
     enc = Encoder(tokenizer, resolve_template("default"), max_length=64, max_prompt_length=32)
     rows = [{**enc.encode("Q: abc? ", "yes", "no no", ["plain"]), "index": 0}]
     view = PreferenceCollator(tokenizer.pad_token_id, ("plain",))(rows)["plain"]
     model = tiny_llama(hidden_size=32, num_layers=2, num_heads=2, tokenizer=tokenizer)
-    module = PreferenceModule(model, DPO())
-    fast, logits = module.score_view(model, view)
+    fast, logits = score_pairs(model, view, Scoring())
     assert logits is None  # the LM head ran on the scored positions only
-    module.scored_lm_head = False
-    full, logits = module.score_view(model, view)
+    full, logits = score_pairs(model, view, Scoring(scored_lm_head=False))
     assert logits is not None
     torch.testing.assert_close(fast.chosen, full.chosen)
     torch.testing.assert_close(fast.rejected, full.rejected)
@@ -119,7 +118,9 @@ def test_module_scores_the_same_with_and_without_the_scored_lm_head(tokenizer):
 
 # ------------------------------------------------------------------ shared prompts
 def pair_view(tokenizer, pairs, views=("plain",), view="plain"):
-    from inspo.data.encode import Encoder, PreferenceCollator, resolve_template
+    from inspo.data.collate import PreferenceCollator
+    from inspo.data.encode import Encoder
+    from inspo.data.templates import resolve_template
 
     enc = Encoder(tokenizer, resolve_template("default"), max_length=128, max_prompt_length=64)
     rows = [{**enc.encode(p, c, r, list(views)), "index": i} for i, (p, c, r) in enumerate(pairs)]
@@ -133,13 +134,13 @@ PAIRS = [("Q: abc? ", "yes", "no no no"), ("Question: why is it so? ", "because"
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prompt_scores_match_full_rows_values_and_gradients(tokenizer, attn):
     """Context once per pair + KV cache tiled to both responses == each full row scored."""
+    from inspo.models.load import tiny_llama
     from inspo.models.scoring import (
         hidden_sequence_logps,
         shared_prompt_logps,
         split_lm_head,
         split_shared_prompt,
     )
-    from inspo.models.load import tiny_llama
 
     view = pair_view(tokenizer, PAIRS)
     model = tiny_llama(hidden_size=32, num_layers=2, num_heads=2, tokenizer=tokenizer, seed=3)
@@ -186,30 +187,25 @@ def test_split_shared_prompt_declines_views_without_a_shared_context(tokenizer):
     assert split_shared_prompt(plain) is not None
 
 
-def test_module_shares_prompts_only_where_it_changes_nothing(tokenizer, monkeypatch):
-    """PreferenceModule: the same scores with and without sharing; sharing is used on the
-    plain view, and skipped under activation checkpointing (which drops the KV cache)."""
-    import inspo.training.module as module_lib
+def test_shares_prompts_only_where_it_changes_nothing(tokenizer, monkeypatch):
+    """The same scores with and without sharing; sharing is used on the plain view, and
+    skipped under activation checkpointing (which drops the KV cache)."""
+    import inspo.models.scoring as scoring
     from inspo.models.load import enable_checkpointing, tiny_llama
-    from inspo.training.module import PreferenceModule
-    from inspo.objectives import DPO
 
     view = pair_view(tokenizer, PAIRS)
     model = tiny_llama(hidden_size=32, num_layers=2, num_heads=2, tokenizer=tokenizer).train()
-    module = PreferenceModule(model, DPO())
     calls = []
-    real = module_lib.shared_prompt_logps
-    monkeypatch.setattr(module_lib, "shared_prompt_logps", lambda *a: calls.append(1) or real(*a))
-    shared, _ = module.score_view(model, view)
+    real = scoring.shared_prompt_logps
+    monkeypatch.setattr(scoring, "shared_prompt_logps", lambda *a: calls.append(1) or real(*a))
+    shared, _ = scoring.score_pairs(model, view, scoring.Scoring())
     assert calls == [1]
-    module.share_prompt = False
-    full, _ = module.score_view(model, view)
+    full, _ = scoring.score_pairs(model, view, scoring.Scoring(share_prompt=False))
     assert calls == [1]
     torch.testing.assert_close(shared.chosen, full.chosen, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.rejected, full.rejected, atol=1e-5, rtol=1e-5)
-    module.share_prompt = True
     enable_checkpointing(model)
-    checkpointed, _ = module.score_view(model, view)
+    checkpointed, _ = scoring.score_pairs(model, view, scoring.Scoring())
     assert calls == [1]
     torch.testing.assert_close(checkpointed.chosen, full.chosen, atol=1e-5, rtol=1e-5)
 

@@ -33,6 +33,15 @@ def sweep_params(experiment: str) -> tuple[dict[str, list[str]], Any]:
     return {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed}, cfg
 
 
+def sweep_group(experiment: str) -> str:
+    """The wandb group a preset's multirun jobs share (all of them: it names the sweep folder)."""
+    from inspo.config import compose_config
+
+    cfg = compose_config([f"experiment={experiment}", "hydra.mode=MULTIRUN",
+                          "hydra.sweep.dir=/runs/SWEEP"], "/runs/SWEEP/0")  # fmt: skip
+    return cfg.wandb_group
+
+
 def test_ablate_scalarization_sweeps_every_psi_for_dpo_both_forms():
     from inspo.objectives import SCALARIZATIONS
 
@@ -40,15 +49,15 @@ def test_ablate_scalarization_sweeps_every_psi_for_dpo_both_forms():
     assert params == {"objective.scalarization": list(SCALARIZATIONS),
                       "reflection": ["off", "inspo"]}  # fmt: skip
     assert cfg.objective._target_ == "inspo.objectives.DPO"
-    assert raw(cfg, "wandb_group") == "ablate_scalarization_${basename:${hydra:sweep.dir}}"
+    assert sweep_group("ablate_scalarization") == "ablate_scalarization_SWEEP"
 
 
 def test_ablate_reference_sweeps_reference_context_and_reflection():
     params, cfg = sweep_params("ablate_reference")
     assert params["reference"] == ["policy_init", "precomputed", "sync"]
-    assert params["reference.context"] == ["reflective", "plain"]
+    assert params["++reflection.reference_context"] == ["reflective", "plain"]
     assert params["reflection"] == ["off", "inspo"]
-    assert raw(cfg, "wandb_group") == "ablate_reference_${basename:${hydra:sweep.dir}}"
+    assert sweep_group("ablate_reference") == "ablate_reference_SWEEP"
 
 
 def test_objectives_sweep_covers_every_objective_config_with_auto_reference():
@@ -56,7 +65,7 @@ def test_objectives_sweep_covers_every_objective_config_with_auto_reference():
     assert set(params["objective"]) == {p.stem for p in (CONF / "objective").glob("*.yaml")}
     assert params["reflection"] == ["off", "inspo"]
     assert cfg.reference.kind == "auto"
-    assert raw(cfg, "wandb_group") == "objectives_${basename:${hydra:sweep.dir}}"
+    assert sweep_group("objectives") == "objectives_SWEEP"
 
 
 @pytest.mark.slow
@@ -64,7 +73,7 @@ def test_reduced_scalarization_sweep_end_to_end(tmp_path):
     """Hydra multirun of the preset with 2 Ψ: 4 runs, each with summary.json and its choices."""
     sweep_dir = tmp_path / "multirun"
     cmd = [
-        sys.executable, "-m", "inspo.training.run", "-m", "experiment=ablate_scalarization",
+        sys.executable, "-m", "inspo.cli.train", "-m", "experiment=ablate_scalarization",
         "objective.scalarization=logistic,hinge", *FAST, "trainer.max_steps=2",
         "save_policy=false", f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={tmp_path}/c",
     ]  # fmt: skip
@@ -98,18 +107,17 @@ def test_an_ad_hoc_multirun_groups_its_wandb_runs_and_names_each_by_its_choices(
     share the group named after the sweep folder, and each run's name says its choices."""
     from hydra.utils import instantiate
 
-    from inspo.training.reference import resolve_auto
-    from inspo.training.run import build_objective, compose_config, run_name
+    from inspo.config import build_objective, compose_config, resolve_auto, run_name
 
     sweep = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/2026-11-23_10-00-00"]
     cfg = compose_config(["logger=wandb", "objective=ipo", "reflection=inspo", "seed=3", *sweep],
                          tmp_path / "0")  # fmt: skip
-    assert cfg.wandb_group == "2026-11-23_10-00-00"
+    assert cfg.wandb_group == "train_2026-11-23_10-00-00"  # {task_name}_{sweep folder}
     resolve_auto(cfg, build_objective(cfg))
     cfg.run_name = run_name(cfg)
     assert cfg.run_name == "ipo-squared-inspo-policy_init-seed3"
     logger = instantiate(cfg.logger)  # lazily initialised: no wandb run is started here
-    assert logger._wandb_init["group"] == "2026-11-23_10-00-00"
+    assert logger._wandb_init["group"] == "train_2026-11-23_10-00-00"
     assert logger._wandb_init["name"] == "ipo-squared-inspo-policy_init-seed3"
     # A single run belongs to no group unless it names one.
     single = compose_config(["logger=wandb"], tmp_path / "single")

@@ -1,0 +1,40 @@
+"""inspo-demo: the main job. SFT → DPO and InSPO-DPO from the same SFT policy → evaluation.
+
+inspo-demo                       # logs/demo/<timestamp>
+inspo-demo --out DIR seed=1      # trailing words are Hydra overrides for every stage
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+from pathlib import Path
+
+from inspo import runtime
+from inspo.recipes.demo import run_demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point; returns None so that the exit status is 0."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument("--eval-prompts", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--eval-batch-size", type=int, default=128)
+    parser.add_argument("--eval-seed", type=int, default=1234)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
+    args = parser.parse_args(argv)
+    runtime.setup()
+    out = args.out or Path("logs/demo") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    run_demo(
+        out,
+        args.overrides,
+        args.eval_prompts,
+        args.max_new_tokens,
+        args.eval_batch_size,
+        args.eval_seed,
+    )
+
+
+if __name__ == "__main__":
+    main()

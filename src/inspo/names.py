@@ -1,0 +1,61 @@
+"""Every name that more than one module uses, defined once: views, modes, kinds, metric names.
+
+Metric names follow TRL where TRL has the quantity (``rewards/margins``, ``logps/chosen``,
+``objective/scores``), so curves line up with what researchers already read.
+"""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------- views of a pair
+# plain: y after x (the standard form, and the policy at inference); reflective: y after
+# R(x, y'), the prompt and the other response (InSPO).
+PLAIN = "plain"
+REFLECTIVE = "reflective"
+VIEWS = (REFLECTIVE, PLAIN)  # the order a batch lists them in
+
+# --------------------------------------------------------------------------- config choices
+REFLECTIONS = ("off", "inspo", "inspo_one_sided")
+REFERENCE_KINDS = (
+    "auto",
+    "policy_init",
+    "model",
+    "none",
+    "sync",
+    "precomputed",
+    "adapter_disabled",
+)
+REFERENCE_CONTEXTS = (REFLECTIVE, PLAIN)
+
+# --------------------------------------------------------------------------- data rows
+ERROR = "_error"  # key of a row a source could not read; its value is the reason
+
+# --------------------------------------------------------------------------- metrics
+# Pair metrics, logged under a stage: train/..., val/... (the trained view) and val/plain/...
+# (the plain-context policy of a reflective run: the model at inference).
+TRAIN, VAL, VAL_PLAIN = "train", "val", "val/plain"
+LOSS = "loss"
+REWARDS_CHOSEN = "rewards/chosen"
+REWARDS_REJECTED = "rewards/rejected"
+REWARDS_MARGINS = "rewards/margins"
+REWARDS_ACCURACIES = "rewards/accuracies"
+LOGPS_CHOSEN = "logps/chosen"
+LOGPS_REJECTED = "logps/rejected"
+PLAIN_ACCURACY = f"{VAL_PLAIN}/{REWARDS_ACCURACIES}"  # held-out accuracy of the plain policy
+VIEW_ACCURACY = f"{VAL}/{REWARDS_ACCURACIES}"  # ...of the trained view
+
+# Evaluation of a policy by sampling (evaluation.stage), in summary.json and reports.
+EVAL_WIN_RATE = "eval/win_rate"
+EVAL_LC_WIN_RATE = "eval/lc_win_rate"
+EVAL_SCORE = "eval/score/policy"
+EVAL_LENGTH = "eval/length/policy"
+EVAL_KL = "eval/kl"
+EVAL_VALID = "eval/valid/policy"
+EVAL_PLAIN_ACCURACY = "eval/pref_accuracy/plain"
+EVAL_REFLECTIVE_ACCURACY = "eval/pref_accuracy/reflective"
+
+# Online and iterative rounds: the samples a round or step trains on (TRL's online names).
+SCORES = "objective/scores"
+SCORES_MARGIN = "objective/scores_margin"
+SAMPLE_KL = "objective/kl"
+SAMPLE_ENTROPY = "objective/entropy"
+EOS_RATE = "val/contain_eos_token"

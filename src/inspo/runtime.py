@@ -1,0 +1,33 @@
+"""Process-wide settings every entry point applies before it starts work."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def setup() -> None:
+    """TF32-class matmuls where the hardware has them, and a quiet console: one progress bar
+    per stage and the results, without the libraries' tips, per-load weight bars and the
+    warning about the frozen reference being in eval mode (it is meant to be)."""
+    import datasets
+    import torch
+    import transformers
+
+    torch.set_float32_matmul_precision("high")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
+
+
+def close_loggers() -> None:
+    """Close wandb, even after an exception, so runs are never left dangling."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

@@ -1,0 +1,53 @@
+"""Stop at the first non-finite loss or gradient, on every process, saying which input broke.
+
+A NaN that trains on silently ends in a NaN policy, a run that exits 0, and a sweep where nobody
+notices. The module checks each step's loss before backward and the gradients before the update.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from inspo.models.scoring import ViewScores
+from inspo.objectives import ObjectiveOutput
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient: training stops at once, on every process."""
+
+
+def finite_everywhere(tensors: list[Tensor], strategy: object, device: torch.device) -> bool:
+    """True when every tensor is finite on every process: one all-reduce, because all processes
+    must stop together or the others wait forever in their next collective. Sharded (DTensor)
+    gradients are checked shard by shard."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    bad = torch.zeros((), device=device)
+    if local:
+        bad = (~torch.stack([torch.isfinite(t).all() for t in local]).all()).float()
+    return float(strategy.reduce(bad, reduce_op="sum")) == 0
+
+
+def describe_non_finite(
+    out: ObjectiveOutput, policy: ViewScores, reference: ViewScores | None
+) -> str:
+    """Which inputs of the loss were not finite: policy or reference log-probs, the margin."""
+    checks = {
+        "policy log-probs of the chosen responses": policy.chosen,
+        "policy log-probs of the rejected responses": policy.rejected,
+        "the margin z": out.metrics.get("z"),
+    }
+    if reference is not None:
+        checks["reference log-probs of the chosen responses"] = reference.chosen
+        checks["reference log-probs of the rejected responses"] = reference.rejected
+    bad = [
+        f"{name} (pairs {torch.nonzero(~torch.isfinite(t)).flatten().tolist()})"
+        for name, t in checks.items()
+        if t is not None and not torch.isfinite(t).all()
+    ]
+    if bad:
+        return "not finite: " + "; ".join(bad)
+    return (
+        "its inputs (policy and reference log-probs, margin) are finite: the objective's own "
+        "arithmetic produced it"
+    )
