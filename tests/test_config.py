@@ -109,6 +109,7 @@ def test_misspelt_objective_parameter_fails_before_any_model(tmp_path):
         build_objective(cfg)
 
 
+@pytest.mark.subprocess
 def test_the_wheel_ships_every_config(tmp_path):
     """A non-editable install finds its configs at inspo/conf (see inspo.config)."""
     import subprocess

@@ -156,6 +156,44 @@ class Objective:
         return f"{type(self).__name__}({params})"
 
 
+@dataclass(eq=False)  # objectives compare by identity, as plain objects
+class PsiObjective(Objective):
+    """An objective of the form Ψ(·): it accepts every scalarization Ψ (``SCALARIZATIONS``),
+    ``default_scalarization`` being its classic one."""
+
+    beta: float = 0.1
+    scalarization: str | None = None
+    default_scalarization: ClassVar[str] = "logistic"
+    base: ClassVar[bool] = True  # an abstract family, not an objective to train
+
+    def __post_init__(self) -> None:
+        self.scalarization = check_scalarization(self.scalarization or self.default_scalarization)
+
+    def psi(self, z: Tensor) -> Tensor:
+        return scalarize(self.scalarization, z)
+
+
+@dataclass(eq=False)
+class MarginObjective(PsiObjective):
+    """L = Ψ(β·h − γ): the GPO family (Tang et al., "Generalized Preference Optimization", 2024).
+
+    Subclasses change the defaults (``default_scalarization``, ``score``) or add terms.
+    """
+
+    gamma: float = 0.0
+    base: ClassVar[bool] = True
+
+    def margin(self, s: PairScores) -> Tensor:
+        """z = β·h − γ, the argument of Ψ."""
+        rw, rl = self.log_ratios(s)
+        return self.beta * (rw - rl) - self.gamma
+
+    def loss(self, s: PairScores) -> ObjectiveOutput:
+        z = self.margin(s)
+        return self.output(self.psi(z), s, z=z)
+
+
+@dataclass(eq=False)
 class FixedFormObjective(Objective):
     """An objective whose loss is not Ψ(margin): only ``scalarization=None`` is accepted.
 
@@ -163,43 +201,17 @@ class FixedFormObjective(Objective):
     instead of silently training the same loss under another name.
     """
 
-    def __init__(self, beta: float = 0.1, scalarization: str | None = None):
-        if scalarization is not None:
+    beta: float = 0.1
+    scalarization: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scalarization is not None:
             raise ValueError(
                 f"{type(self).__name__} is not of the form Ψ(margin) and takes no scalarization "
-                f"(got {scalarization!r}); only scalarization=None is valid. Objectives that "
-                f"accept one of {', '.join(SCALARIZATIONS)}: {', '.join(sorted(PSI_OBJECTIVES))}"
+                f"(got {self.scalarization!r}); only scalarization=None is valid. Objectives "
+                f"that accept one of {', '.join(SCALARIZATIONS)}: "
+                f"{', '.join(sorted(PSI_OBJECTIVES))}"
             )
-        self.beta = float(beta)
-        self.scalarization = None
-
-
-class MarginObjective(Objective):
-    """L = Ψ(β·h − γ): the GPO family (Tang et al., "Generalized Preference Optimization", 2024).
-
-    Subclasses change the defaults (``default_scalarization``, ``score``) or add terms.
-    """
-
-    default_scalarization: ClassVar[str] = "logistic"
-
-    def __init__(
-        self, beta: float = 0.1, scalarization: str | None = None, gamma: float = 0.0
-    ) -> None:
-        self.beta = float(beta)
-        self.scalarization = check_scalarization(scalarization or self.default_scalarization)
-        self.gamma = float(gamma)
-
-    def margin(self, s: PairScores) -> Tensor:
-        """z = β·h − γ, the argument of Ψ."""
-        rw, rl = self.log_ratios(s)
-        return self.beta * (rw - rl) - self.gamma
-
-    def psi(self, z: Tensor) -> Tensor:
-        return scalarize(self.scalarization, z)
-
-    def loss(self, s: PairScores) -> ObjectiveOutput:
-        z = self.margin(s)
-        return self.output(self.psi(z), s, z=z)
 
 
 # --------------------------------------------------------------------------- Ψ(margin) family
@@ -211,6 +223,7 @@ class DPO(MarginObjective):
     """
 
 
+@dataclass(eq=False)
 class CDPO(MarginObjective):
     """Conservative DPO (label smoothing ε): L = (1−ε)·Ψ(z) + ε·Ψ(−z), z = β·h − γ.
 
@@ -219,17 +232,12 @@ class CDPO(MarginObjective):
     so there is no TRL 1.16 equivalent (ε = 0 is DPO).
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        scalarization: str | None = None,
-        gamma: float = 0.0,
-        label_smoothing: float = 0.1,
-    ) -> None:
-        super().__init__(beta, scalarization, gamma)
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-        self.label_smoothing = float(label_smoothing)
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         z, eps = self.margin(s), self.label_smoothing
@@ -259,8 +267,8 @@ class IPO(MarginObjective):
     classic Ψ = squared. Any other Ψ is applied the same way: L = Ψ(2τ·h̄ − γ)/(4τ²).
     """
 
-    default_scalarization = "squared"
-    score: Score = "mean"
+    default_scalarization: ClassVar[str] = "squared"
+    score: ClassVar[Score] = "mean"
 
     def margin(self, s: PairScores) -> Tensor:
         rw, rl = self.log_ratios(s)
@@ -271,6 +279,7 @@ class IPO(MarginObjective):
         return self.output(self.psi(z) / (4 * self.beta**2), s, z=z)
 
 
+@dataclass(eq=False)
 class SLiC(MarginObjective):
     """SLiC-HF: L = max(0, 1 − β·h) + λ·NLL_mean(y_w).
 
@@ -278,23 +287,15 @@ class SLiC(MarginObjective):
     ``loss_type="hinge"`` (λ = 0). The NLL term is token-mean, as :class:`SFT`.
     """
 
-    default_scalarization = "hinge"
-
-    def __init__(
-        self,
-        beta: float = 0.1,
-        scalarization: str | None = None,
-        gamma: float = 0.0,
-        nll_weight: float = 0.0,
-    ) -> None:
-        super().__init__(beta, scalarization, gamma)
-        self.nll_weight = float(nll_weight)
+    nll_weight: float = 0.0
+    default_scalarization: ClassVar[str] = "hinge"
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         z, nll = self.margin(s), _nll_mean(s)
         return self.output(self.psi(z) + self.nll_weight * nll, s, z=z, nll=nll)
 
 
+@dataclass(eq=False)
 class SimPO(MarginObjective):
     """SimPO: L = −log σ(β·(S̄(y_w) − S̄(y_l)) − γ), reference-free, token-mean score.
 
@@ -303,15 +304,13 @@ class SimPO(MarginObjective):
     ``simpo_gamma`` = γ and ``cpo_alpha = 0``.
     """
 
-    requires_reference = False
-    score: Score = "mean"
-
-    def __init__(
-        self, beta: float = 2.0, scalarization: str | None = None, gamma: float = 1.0
-    ) -> None:
-        super().__init__(beta, scalarization, gamma)
+    beta: float = 2.0
+    gamma: float = 1.0
+    requires_reference: ClassVar[bool] = False
+    score: ClassVar[Score] = "mean"
 
 
+@dataclass(eq=False)
 class RDPO(MarginObjective):
     """R-DPO: L = −log σ(β·h + α·(|y_w| − |y_l|)), so the policy does not learn length.
 
@@ -323,15 +322,7 @@ class RDPO(MarginObjective):
     length slope of about −α/β: it penalises length. No TRL equivalent.
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        scalarization: str | None = None,
-        gamma: float = 0.0,
-        alpha: float = 0.01,
-    ) -> None:
-        super().__init__(beta, scalarization, gamma)
-        self.alpha = float(alpha)
+    alpha: float = 0.01
 
     def margin(self, s: PairScores) -> Tensor:
         length_gap = (s.chosen_length - s.rejected_length).to(s.policy_chosen.dtype)
@@ -344,10 +335,11 @@ class SigmoidNorm(MarginObjective):
     TRL: ``loss_type="sigmoid_norm"``.
     """
 
-    score: Score = "mean"
+    score: ClassVar[Score] = "mean"
 
 
-class ORPO(Objective):
+@dataclass(eq=False)
+class ORPO(PsiObjective):
     """ORPO: L = NLL_mean(y_w) + λ·Ψ(log odds(y_w) − log odds(y_l)), classic Ψ = logistic.
 
     Hong et al., "ORPO: Monolithic Preference Optimization without Reference Model", EMNLP 2024.
@@ -357,13 +349,9 @@ class ORPO(Objective):
     ≤ −1e-6 inside the odds (TRL does not clamp; it returns inf/NaN at S̄ = 0).
     """
 
-    requires_reference = False
-    score: Score = "mean"
+    requires_reference: ClassVar[bool] = False
+    score: ClassVar[Score] = "mean"
     eps: ClassVar[float] = 1e-6
-
-    def __init__(self, beta: float = 0.1, scalarization: str | None = None) -> None:
-        self.beta = float(beta)
-        self.scalarization = check_scalarization(scalarization or "logistic")
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         pw, pl, _, _ = self.scores(s)
@@ -371,11 +359,12 @@ class ORPO(Objective):
         # p = 1 exactly (S̄ = 0, e.g. a one-token response in float32) would give infinite odds
         pw, pl = pw.clamp(max=-self.eps), pl.clamp(max=-self.eps)
         log_odds = (pw - pl) - (log1mexp(pw) - log1mexp(pl))
-        losses = nll + self.beta * scalarize(self.scalarization, log_odds)
+        losses = nll + self.beta * self.psi(log_odds)
         return self.output(losses, s, log_odds=log_odds, nll=nll)
 
 
-class AOT(Objective):
+@dataclass(eq=False)
+class AOT(PsiObjective):
     """Alignment via Optimal Transport: cDPO's loss on the *sorted* margins of the batch.
 
     Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal Transport", NeurIPS
@@ -385,17 +374,8 @@ class AOT(Objective):
     pair i; only the batch mean is meaningful.
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        scalarization: str | None = None,
-        label_smoothing: float = 0.0,
-        paired: bool = True,
-    ) -> None:
-        self.beta = float(beta)
-        self.scalarization = check_scalarization(scalarization or "logistic")
-        self.label_smoothing = float(label_smoothing)
-        self.paired = bool(paired)
+    label_smoothing: float = 0.0
+    paired: bool = True
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         pw, pl, rw, rl = self.scores(s)
@@ -404,11 +384,11 @@ class AOT(Objective):
         else:
             delta = torch.sort(pw - rw, dim=0)[0] - torch.sort(pl - rl, dim=0)[0]
         z, eps = self.beta * delta, self.label_smoothing
-        psi = self.scalarization
-        return self.output((1 - eps) * scalarize(psi, z) + eps * scalarize(psi, -z), s)
+        return self.output((1 - eps) * self.psi(z) + eps * self.psi(-z), s)
 
 
-class BCOPair(Objective):
+@dataclass(eq=False)
+class BCOPair(PsiObjective):
     """Binary Classifier Optimization, pairwise: L = Ψ(β·r(y_w) − δ) + Ψ(−(β·r(y_l) − δ)).
 
     Jung et al., "Binary Classifier Optimization for Large Language Model Alignment", 2024.
@@ -423,14 +403,9 @@ class BCOPair(Objective):
     Classic Ψ = logistic.
     """
 
-    def __init__(
-        self, beta: float = 0.1, scalarization: str | None = None, running_mean: bool = False
-    ) -> None:
-        self.beta = float(beta)
-        self.scalarization = check_scalarization(scalarization or "logistic")
-        self.running_mean = bool(running_mean)
-        self.delta = 0.0
-        self.count = 0
+    running_mean: bool = False
+    delta: float = field(default=0.0, init=False)
+    count: int = field(default=0, init=False)
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         rw, rl = self.log_ratios(s)
@@ -440,8 +415,7 @@ class BCOPair(Objective):
             self.count += 1
             self.delta += (m - self.delta) / self.count
         delta = self.delta if self.running_mean else 0.0
-        psi = self.scalarization
-        losses = scalarize(psi, cw - delta) + scalarize(psi, -(cl - delta))
+        losses = self.psi(cw - delta) + self.psi(-(cl - delta))
         return self.output(losses, s, delta=torch.full_like(cw, delta))
 
     def state_dict(self) -> dict[str, float]:
@@ -453,6 +427,7 @@ class BCOPair(Objective):
 
 
 # --------------------------------------------------------------------------- fixed forms
+@dataclass(eq=False)
 class EXOPair(FixedFormObjective):
     """EXO (pairwise): L = KL(q ‖ p) over {y_w, y_l}, q = softmax(β·r), p = (1−ε, ε).
 
@@ -460,13 +435,12 @@ class EXOPair(FixedFormObjective):
     (eq. 16). TRL: ``loss_type="exo_pair"`` with ``label_smoothing`` = ε > 0 (paper: 1e-3).
     """
 
-    def __init__(
-        self, beta: float = 0.1, scalarization: str | None = None, label_smoothing: float = 1e-3
-    ) -> None:
-        super().__init__(beta, scalarization)
-        if not 0.0 < label_smoothing < 1.0:
-            raise ValueError(f"EXO needs label_smoothing in (0, 1), got {label_smoothing}")
-        self.label_smoothing = float(label_smoothing)
+    label_smoothing: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.label_smoothing < 1.0:
+            raise ValueError(f"EXO needs label_smoothing in (0, 1), got {self.label_smoothing}")
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         rw, rl = self.log_ratios(s)
@@ -528,6 +502,7 @@ class APODown(FixedFormObjective):
         return self.output(losses, s)
 
 
+@dataclass(eq=False)
 class DiscoPOP(FixedFormObjective):
     """DiscoPOP (log-ratio modulated loss): with z = β·h and w = σ(z/τ),
     L = (1 − w)·(−log σ(z)) + w·e^−z.
@@ -540,11 +515,7 @@ class DiscoPOP(FixedFormObjective):
     that band it raises the margin. This is the published loss, identical to TRL's.
     """
 
-    def __init__(
-        self, beta: float = 0.1, scalarization: str | None = None, tau: float = 0.05
-    ) -> None:
-        super().__init__(beta, scalarization)
-        self.tau = float(tau)
+    tau: float = 0.05
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         rw, rl = self.log_ratios(s)
@@ -558,6 +529,7 @@ def _nll_mean(s: PairScores) -> Tensor:
     return -s.policy_chosen / s.chosen_length.clamp(min=1)
 
 
+@dataclass(eq=False)
 class SFT(Objective):
     """Supervised fine-tuning: the negative log-likelihood of the chosen response.
 
@@ -573,19 +545,17 @@ class SFT(Objective):
     The two agree when all chosen responses have the same length (or B = 1).
     """
 
-    requires_reference = False
-    pairwise = False
-    score: Score = "mean"
+    scalarization: str | None = None
+    token_mean: Literal["pair", "batch"] = "pair"
+    requires_reference: ClassVar[bool] = False
+    pairwise: ClassVar[bool] = False
+    score: ClassVar[Score] = "mean"
 
-    def __init__(
-        self, scalarization: str | None = None, token_mean: Literal["pair", "batch"] = "pair"
-    ) -> None:
-        if scalarization is not None:
-            raise ValueError(f"SFT takes no scalarization (got {scalarization!r})")
-        if token_mean not in ("pair", "batch"):
-            raise ValueError(f"SFT token_mean must be 'pair' or 'batch', got {token_mean!r}")
-        self.beta = 1.0
-        self.token_mean = token_mean
+    def __post_init__(self) -> None:
+        if self.scalarization is not None:
+            raise ValueError(f"SFT takes no scalarization (got {self.scalarization!r})")
+        if self.token_mean not in ("pair", "batch"):
+            raise ValueError(f"SFT token_mean must be 'pair' or 'batch', got {self.token_mean!r}")
 
     def loss(self, s: PairScores) -> ObjectiveOutput:
         nll = _nll_mean(s)
@@ -605,8 +575,9 @@ class Combo(Objective):
     ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, α]``.
 
     ``terms`` is a list of ``{"objective": ..., "weight": float}``; an objective may be given
-    instantiated or as a (Dict)Config with ``_target_`` (instantiated here if Hydra did not
-    already). ``requires_reference``/``pairwise`` are true if any term's is; rewards and
+    instantiated or as a (Dict)Config with ``_target_``, built here. A Combo config sets
+    ``_recursive_: false`` so that Hydra hands the terms over as configs: an objective is a
+    dataclass, which OmegaConf would turn back into a config inside the list. ``requires_reference``/``pairwise`` are true if any term's is; rewards and
     ``score`` come from the first pairwise term. Each term's metrics are logged as
     ``"{k}/{name}"`` plus ``"{k}/loss"``.
     """
@@ -657,8 +628,14 @@ class Combo(Objective):
         return f"Combo({', '.join(f'{w}*{o!r}' for o, w in self.terms)})"
 
 
-#: Objectives whose constructor accepts every name of ``SCALARIZATIONS``.
-PSI_OBJECTIVES: frozenset[str] = frozenset(
-    {"DPO", "CDPO", "Robust", "IPO", "SLiC", "SimPO", "RDPO", "SigmoidNorm", "ORPO", "AOT"}
-    | {"BCOPair"}
-)
+def _concrete(cls: type) -> list[type]:
+    """``cls``'s subclasses defined here, families (``base``) left out."""
+    out = [] if vars(cls).get("base") else [cls]
+    for sub in cls.__subclasses__():
+        if sub.__module__ == __name__:
+            out += _concrete(sub)
+    return out
+
+
+#: The objectives whose ``scalarization`` may be any name of ``SCALARIZATIONS``.
+PSI_OBJECTIVES: frozenset[str] = frozenset(c.__name__ for c in _concrete(PsiObjective))

@@ -46,6 +46,7 @@ def test_every_row_of_the_full_file_is_accounted_for():
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_few_training_steps_on_hh_rlhf(tmp_path):
     """The docs/data.md example, shortened: inspo-train data=hh_rlhf with a tiny model."""
     run_dir = tmp_path / "run"

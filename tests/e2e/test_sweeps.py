@@ -53,7 +53,7 @@ def test_ablate_scalarization_sweeps_every_psi_for_dpo_both_forms():
 
 
 def test_ablate_reference_sweeps_reference_context_and_reflection():
-    params, cfg = sweep_params("ablate_reference")
+    params, _ = sweep_params("ablate_reference")
     assert params["reference"] == ["policy_init", "precomputed", "sync"]
     assert params["++reflection.reference_context"] == ["reflective", "plain"]
     assert params["reflection"] == ["off", "inspo"]
@@ -69,6 +69,7 @@ def test_objectives_sweep_covers_every_objective_config_with_auto_reference():
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_reduced_scalarization_sweep_end_to_end(tmp_path):
     """Hydra multirun of the preset with 2 Ψ: 4 runs, each with summary.json and its choices."""
     sweep_dir = tmp_path / "multirun"

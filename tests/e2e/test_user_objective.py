@@ -32,6 +32,7 @@ class MyLoss(Objective):
 '''
 
 
+@pytest.mark.subprocess
 def test_user_objective_trains_from_its_own_module(tmp_path):
     (tmp_path / "mymod.py").write_text(textwrap.dedent(USER_MODULE))
     cmd = [

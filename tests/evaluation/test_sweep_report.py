@@ -164,6 +164,7 @@ def test_group_by_extra_choice(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_reduced_real_sweep_and_report(tmp_path):
     """2 Ψ × 2 reflections, a few steps each, with the eval stage on, then the report."""
     sweep = tmp_path / "sweep"
@@ -191,6 +192,7 @@ def test_reduced_real_sweep_and_report(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_research_script_end_to_end(tmp_path):
     """benchmarks/research.sh, every stage, on a cut-down grid: both SFT starts, the sweep
     (one Ψ), the remedies with the seed-0 baselines copied from the sweep, both reports."""

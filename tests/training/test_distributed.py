@@ -84,6 +84,7 @@ def check_run(run_dir: Path, steps: int, ckpt_file: bool = True) -> dict:
         pytest.param("ddp", "inspo", marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.subprocess
 def test_two_process_training(tmp_path, hardware, reflection):
     run_dir = train(tmp_path, "run", f"hardware={hardware}", f"reflection={reflection}", *DIST)
     summary = check_run(run_dir, steps=4)
@@ -97,6 +98,7 @@ def test_two_process_training(tmp_path, hardware, reflection):
 @pytest.mark.parametrize(
     "sharded_ckpt", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["file", "folder"]
 )
+@pytest.mark.subprocess
 def test_fsdp_resume_from_last(tmp_path, sharded_ckpt):
     """A killed FSDP job resubmitted with the same command and ckpt_path=last continues,
     from a consolidated last.ckpt file or a sharded last.ckpt/ folder."""

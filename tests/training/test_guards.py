@@ -50,6 +50,7 @@ class NaNGradient(DPO):
         return out
 
 
+@pytest.mark.subprocess
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     (tmp_path / "nanmod.py").write_text(textwrap.dedent(NAN_AFTER))
     run_dir = tmp_path / "run"
