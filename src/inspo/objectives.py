@@ -577,9 +577,10 @@ class Combo(Objective):
     ``terms`` is a list of ``{"objective": ..., "weight": float}``; an objective may be given
     instantiated or as a (Dict)Config with ``_target_``, built here. A Combo config sets
     ``_recursive_: false`` so that Hydra hands the terms over as configs: an objective is a
-    dataclass, which OmegaConf would turn back into a config inside the list. ``requires_reference``/``pairwise`` are true if any term's is; rewards and
-    ``score`` come from the first pairwise term. Each term's metrics are logged as
-    ``"{k}/{name}"`` plus ``"{k}/loss"``.
+    dataclass, which OmegaConf would turn back into a config inside the list.
+    ``requires_reference``/``pairwise`` are true if any term's is; rewards and ``score`` come
+    from the first pairwise term. Each term's metrics are logged as ``"{k}/{name}"`` plus
+    ``"{k}/loss"``.
     """
 
     def __init__(self, terms: list) -> None:
