@@ -12,11 +12,15 @@ from inspo.config import ConfigError, build_objective, compose_config, config_di
 
 CONF = config_dir()
 GROUPS = ["objective", "reflection", "reference", "model", "data", "hardware", "logger"]
+ITERATE_GROUPS = ["generation", "judge", "pairing"]  # inspo-iterate's own
 # Options that need a value the user must supply (marked ??? in the file).
 REQUIRED = {
     ("model", "hf"): ["model.name_or_path=gpt2"],
     ("reference", "model"): ["reference.name_or_path=gpt2"],
     ("data", "jsonl"): ["data.source.path=rows.jsonl"],
+    ("judge", "reward_model"): ["judge.name_or_path=rm"],
+    ("judge", "python"): ["judge.function=mod.fn"],
+    ("judge", "pairwise"): ["judge.function=mod.fn"],
 }
 
 
@@ -59,11 +63,15 @@ def assert_applied(expected: dict, composed: dict, where: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("group", "option"), [(g, o) for g in GROUPS for o in options(g)], ids=lambda x: str(x)
+    ("group", "option"),
+    [(g, o) for g in GROUPS + ITERATE_GROUPS for o in options(g)],
+    ids=lambda x: str(x),
 )
 def test_every_option_composes(tmp_path, group, option):
     """Choosing an option puts exactly what its file states into the composed config."""
-    cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])], tmp_path)
+    name = "iterate" if group in ITERATE_GROUPS else "train"
+    overrides = [f"{group}={option}", *REQUIRED.get((group, option), [])]
+    cfg = compose_config(overrides, tmp_path, name=name)
     composed = OmegaConf.to_container(cfg, resolve=False)
     expected = stated(CONF / group / f"{option}.yaml")
     if group == "hardware":  # a _global_ package: it sets trainer.* and strategy
@@ -84,8 +92,9 @@ def test_every_objective_config_instantiates(tmp_path, objective):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(tmp_path, experiment):
     """An experiment's own settings win over the groups it is composed with."""
-    cfg = compose_config([f"experiment={experiment}"], tmp_path)
     expected = stated(CONF / "experiment" / f"{experiment}.yaml")
+    name = "iterate" if "iterate" in expected else "train"  # the app the experiment is for
+    cfg = compose_config([f"experiment={experiment}"], tmp_path, name=name)
     assert_applied(expected, OmegaConf.to_container(cfg, resolve=False), experiment)
 
 
@@ -94,6 +103,13 @@ def test_unknown_option_names_the_valid_choices(tmp_path):
         compose_config(["objective=dpoo"], tmp_path)
     msg = str(err.value)
     assert "objective/dpoo" in msg and "dpo" in msg and "ipo" in msg
+
+
+def test_an_iterate_experiment_is_refused_by_inspo_train(tmp_path):
+    from inspo.training.run import run
+
+    with pytest.raises(ConfigError, match="inspo-iterate"):
+        run(compose_config(["experiment=online"], tmp_path))
 
 
 def test_misspelt_key_fails(tmp_path):

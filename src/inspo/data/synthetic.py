@@ -172,16 +172,27 @@ def _label(rng: random.Random, prompt: str, a: str, b: str, cfg: SyntheticConfig
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _partition(rng: random.Random, n_eval: int) -> tuple[list, list, list]:
+    """The letter triples, shuffled, split into (eval, val pool, train pool)."""
+    triples = list(itertools.permutations(CONSONANTS, N_LETTERS))
+    rng.shuffle(triples)
+    if n_eval + VAL_POOL >= len(triples):
+        raise ValueError(f"n_eval={n_eval} too large: at most {len(triples) - VAL_POOL - 1}")
+    return triples[:n_eval], triples[n_eval : n_eval + VAL_POOL], triples[n_eval + VAL_POOL :]
+
+
+def prompt_pool(seed: int = 0, n_eval: int = 256) -> list[dict[str, str]]:
+    """Prompt-only rows ``{"prompt"}``, one per triple of the train pool (4,128 by default): what
+    an iterative run samples from. Disjoint from the eval and val prompts of
+    :func:`make_splits` with the same ``seed`` and ``n_eval``."""
+    _, _, train_pool = _partition(random.Random(seed), n_eval)
+    return [{"prompt": make_prompt(t)} for t in train_pool]
+
+
 def make_splits(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     """The sft / train / val / eval splits of the task, deterministic from ``cfg.seed``."""
     rng = random.Random(cfg.seed)
-    triples = list(itertools.permutations(CONSONANTS, N_LETTERS))
-    rng.shuffle(triples)
-    if cfg.n_eval + VAL_POOL >= len(triples):
-        raise ValueError(f"n_eval={cfg.n_eval} too large: at most {len(triples) - VAL_POOL - 1}")
-    eval_triples = triples[: cfg.n_eval]
-    val_pool = triples[cfg.n_eval : cfg.n_eval + VAL_POOL]
-    train_pool = triples[cfg.n_eval + VAL_POOL :]
+    eval_triples, val_pool, train_pool = _partition(rng, cfg.n_eval)
 
     sft = []
     for _ in range(cfg.n_sft):

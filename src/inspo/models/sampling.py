@@ -24,7 +24,7 @@ loop holds).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -135,12 +135,17 @@ def sample_ids(
     batch_size: int = 64,
     progress: bool = False,
     desc: str = "sampling",
+    all_done: Callable[[bool], bool] | None = None,
 ) -> list[list[Sample]]:
     """``n`` responses to each token-id prompt (texts left empty).
 
     ``batch_size`` counts decoded rows: ``batch_size // n`` prompts (at least one) per batch.
     ``prompts[i]``'s j-th sample uses the noise of (``config.seed``, i, j), so an online loop
     that wants fresh samples each step passes a fresh seed.
+
+    ``all_done(local_done) -> bool`` decides when a batch stops decoding; a sharded (FSDP)
+    policy needs every process to run the same forwards, so it passes a function that is
+    true only when every process is done (and gives every process as many prompts).
     """
     if n < 1:
         raise ValueError("n must be at least 1")
@@ -162,6 +167,7 @@ def sample_ids(
                 n,
                 set(eos_token_ids),
                 pad_token_id,
+                all_done,
             )
     finally:
         model.train(was_training)
@@ -176,6 +182,7 @@ def _sample_batch(
     n: int,
     eos: set[int],
     pad: int,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> list[list[Sample]]:
     """Decode ``n`` samples of each row of one batch, step by step on one KV cache."""
     cache, logits, att, pos = _prefill(model, rows, n, pad)
@@ -197,7 +204,8 @@ def _sample_batch(
         finished |= live & torch.isin(token, eos_ids)
         done |= finished
         steps.append(token)
-        if t + 1 == config.max_new_tokens or bool(done.all()):
+        stop = bool(done.all())
+        if t + 1 == config.max_new_tokens or (all_done(stop) if all_done else stop):
             break
         # Finished rows keep decoding pad tokens (ignored) so the batch stays rectangular.
         att = torch.cat([att, att.new_ones(n_rows, 1)], dim=-1)

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.config import (
+    ConfigError,
     build_objective,
     check_config,
     objective_name,
@@ -32,7 +33,7 @@ from inspo.config import (
 )
 from inspo.data.datamodule import PreferenceDataModule
 from inspo.models.load import load_policy, load_tokenizer
-from inspo.names import VAL, VAL_PLAIN
+from inspo.names import EOS_RATE, VAL, VAL_PLAIN
 from inspo.objectives import Objective
 from inspo.training.guards import NonFiniteError
 from inspo.training.module import PreferenceModule
@@ -51,17 +52,25 @@ def knobs(cfg: DictConfig, names: tuple[str, ...]) -> dict[str, Any]:
     return {k: cfg.reflection[k] for k in names if k in cfg.reflection}
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: Any, objective: Objective) -> PreferenceDataModule:
+def build_datamodule(
+    cfg: DictConfig,
+    tokenizer: Any,
+    objective: Objective,
+    cls: type[PreferenceDataModule] = PreferenceDataModule,
+    train_split: str | None = "data",
+) -> PreferenceDataModule:
+    """The data module of ``cfg.data`` (``train_split="data"``: the config's train split; None:
+    no training split, for a run whose training data come from elsewhere)."""
     d, weights = cfg.data, knobs(cfg, MODULE_KNOBS)
     weights.pop("reflective_weight", None)  # scales a loss; changes no view
     views = train_views(cfg.reflection.mode, objective.requires_reference, **weights)
     data_knobs = knobs(cfg, DATA_KNOBS)
     if objective.pairwise:  # reflective-layout rows are for the SFT stage only
         data_knobs.pop("sft_fraction", None)
-    return PreferenceDataModule(
+    return cls(
         source=instantiate(d.source, _partial_=True),
         tokenizer=tokenizer,
-        train_split=d.train_split,
+        train_split=d.train_split if train_split == "data" else train_split,
         val_split=d.val_split,
         batch_size=d.batch_size,
         eval_batch_size=d.eval_batch_size,
@@ -162,7 +171,8 @@ def final_metrics(trainer: L.Trainer, reflection: str, train: dict | None = None
     metrics = {**(train or {}), **metrics}
     if reflection == "off":  # the standard form *is* the plain-context policy
         prefix = f"{VAL}/"
-        for k in [k for k in metrics if k.startswith(prefix) and not k.startswith(VAL_PLAIN)]:
+        pair = [k for k in metrics if k.startswith(prefix) and not k.startswith(VAL_PLAIN)]
+        for k in [k for k in pair if k != EOS_RATE]:  # TRL's name for a sample metric
             metrics.setdefault(f"{VAL_PLAIN}/{k[len(prefix) :]}", metrics[k])
     return metrics
 
@@ -181,8 +191,32 @@ def save_policy(module: PreferenceModule, tokenizer: Any, out: Path, trainer: L.
         tokenizer.save_pretrained(out)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+class Extension:
+    """What a kind of run changes in :func:`run` (the iterative loop is one): its own data
+    module, what it attaches once the models exist, what it adds to the summary."""
+
+    def check(self, cfg: DictConfig, objective: Objective) -> None:
+        """Refuse settings this kind of run cannot use (before any model is built)."""
+
+    def datamodule(
+        self, cfg: DictConfig, tokenizer: Any, objective: Objective
+    ) -> PreferenceDataModule:
+        return build_datamodule(cfg, tokenizer, objective)
+
+    def attach(
+        self, cfg: DictConfig, module: PreferenceModule, datamodule: Any, trainer: L.Trainer
+    ) -> None:
+        """Called once the policy, reference and trainer exist, before fitting."""
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Add to the summary before it is written."""
+
+
+def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
     """Train once; returns the summary written to summary.json."""
+    extension = extension or Extension()
+    if "iterate" in cfg and type(extension) is Extension:
+        raise ConfigError("this config sets iterate.*: run it with inspo-iterate")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -193,12 +227,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     objective = build_objective(cfg)
     resolve_auto(cfg, objective)
     check_config(cfg, objective)
+    extension.check(cfg, objective)
     with open_dict(cfg):
         cfg.tags = run_tags(cfg)
         cfg.run_name = cfg.get("run_name") or run_name(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    datamodule = build_datamodule(cfg, tokenizer, objective)
+    datamodule = extension.datamodule(cfg, tokenizer, objective)
     trainer = build_trainer(cfg, run_dir)
     datamodule.setup("fit")
     if trainer.is_global_zero:
@@ -210,6 +245,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     module = build_module(cfg, objective, tokenizer)
     prepare_reference(cfg, module, datamodule)  # reference=precomputed: cached scores
+    extension.attach(cfg, module, datamodule, trainer)
     ckpt = cfg.ckpt_path
     if ckpt == "last" and not (run_dir / "checkpoints" / "last.ckpt").exists():
         log.info("ckpt_path=last but no checkpoint in %s: starting fresh", run_dir)
@@ -237,6 +273,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result["metrics"] |= eval_stage(
             cfg, module.policy, tokenizer, result["metrics"], run_dir, trainer.logger
         )
+    extension.finish(result)
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", result)
     return result

@@ -1,0 +1,109 @@
+"""The prompt pool of an iterative or online run, checked like pair data, and the seeded
+stream of prompts that the rounds consume.
+
+Rows come from ``iterate.prompts`` (a source: prompt-only rows ``{"prompt": ...}``, or pair rows
+of any layout :mod:`inspo.data.rows` reads, whose prompt is used). A row that cannot be used is
+counted under its reason in the run's data report (``malformed_json``, ``missing_value``,
+``wrong_type``, ``empty_prompt``, and ``over_long`` under ``data.over_long=drop``; a prompt
+over ``data.max_prompt_length`` tokens is otherwise cut from the left and counted as
+``truncated``). Duplicate prompts are kept once (``duplicate_prompt``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from inspo.data.report import DataReport
+from inspo.data.rows import render_chat, to_text
+from inspo.names import ERROR
+
+SPLIT = "prompts"  # the data report's name for the pool
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A pool prompt: its text (what judges and pair files see) and its token ids (``[bos] +
+    prompt``, cut from the left to the prompt budget: what the policy is sampled on)."""
+
+    text: str
+    ids: tuple[int, ...]
+
+
+def prompt_text(row: Any, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The prompt of a row, or the reason it has none usable (a string starting with ``!``)."""
+    if not isinstance(row, dict):
+        return "!not_a_mapping"
+    if ERROR in row:
+        return "!" + row[ERROR]
+    prompt = row.get("prompt")
+    if "chosen" in row:  # a pair row: its prompt, whatever its layout
+        text = to_text(row, tokenizer)
+        return "!" + text if isinstance(text, str) else text["prompt"]
+    if prompt is None:
+        return "!missing_value"
+    if isinstance(prompt, list):  # messages: the chat template up to the assistant turn
+        return render_chat(tokenizer, prompt) if prompt else "!empty_prompt"
+    return prompt if isinstance(prompt, str) else "!wrong_type"
+
+
+def check_prompts(
+    rows: Sequence[Any],
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_length: int,
+    over_long: str,
+    report: DataReport,
+) -> list[Prompt]:
+    """The usable, distinct prompts of ``rows``, in order; every other row counted in
+    ``report`` under :data:`SPLIT`."""
+    rep = report.split(SPLIT)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        rep.rows_read += 1
+        row_id = row.get("row_id", i) if isinstance(row, dict) else i
+        text = prompt_text(row, tokenizer)
+        if text.startswith("!") or not text.strip():
+            report.skip(SPLIT, text[1:] if text.startswith("!") else "empty_prompt", row_id)
+            continue
+        if text in seen:
+            report.skip(SPLIT, "duplicate_prompt", row_id)
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_length:
+            if over_long == "drop":
+                report.skip(SPLIT, "over_long", row_id)
+                continue
+            ids, rep.truncated = ids[-max_prompt_length:], rep.truncated + 1
+        seen.add(text)
+        out.append(Prompt(text, tuple(bos + ids)))
+    rep.rows_used = len(out)
+    if not out:
+        raise ValueError(f"the prompt pool has no usable prompt:\n{report}")
+    return out
+
+
+def stream(pool: Sequence[Prompt], seed: int, start: int, count: int) -> list[Prompt]:
+    """Prompts ``start .. start + count − 1`` of the run's endless prompt stream: the pool in a
+    fresh seeded order every pass, so a round's prompts depend on its position alone."""
+    out = []
+    for k in range(start, start + count):
+        epoch, i = divmod(k, len(pool))
+        out.append(pool[_order(len(pool), seed, epoch)[i]])
+    return out
+
+
+_ORDERS: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _ORDERS:
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        _ORDERS[key] = order
+    return _ORDERS[key]

@@ -1,0 +1,135 @@
+"""An iterative or online run (``inspo-iterate``): an ordinary training run whose training
+batches come from :class:`~inspo.online.rounds.Rounds`.
+
+Everything else is :func:`inspo.training.run.run`: the same objective, reflection, reference,
+model, hardware and logger groups, the same checkpoints and summary.json (which gains
+``rounds``, the per-round metrics also in ``iterate.json``). ``iterate.reference=previous`` is
+TR-DPO's synced reference at α = 1 once per round: at each round's start the reference is the
+policy the last round ended with (kept in checkpoints, so a resume is exact).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from inspo.config import ConfigError
+from inspo.evaluation.stage import EvalConfig, eval_prompts, evaluate, initial_policy
+from inspo.objectives import Objective
+from inspo.online.datamodule import OnlineDataModule
+from inspo.online.prompts import check_prompts
+from inspo.online.rounds import IterateConfig, RoundEnd, Rounds
+from inspo.training.module import PreferenceModule
+from inspo.training.run import Extension, build_datamodule, run
+
+
+class Iterate(Extension):
+    """The iterative loop as an extension of a training run."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        settings = OmegaConf.to_container(cfg.iterate, resolve=True)
+        settings.pop("prompts")
+        self.icfg = IterateConfig(**settings)
+        self.rounds: Rounds | None = None
+        self.pool: list = []
+
+    def check(self, cfg: DictConfig, objective: Objective) -> None:
+        icfg = self.icfg
+        if cfg.reference.kind == "precomputed":
+            raise ConfigError("reference=precomputed needs fixed data; an iterative run has none")
+        if cfg.trainer.accumulate_grad_batches != 1:
+            raise ConfigError("iterate: trainer.accumulate_grad_batches must be 1")
+        if icfg.reference not in ("initial", "previous"):
+            raise ConfigError(
+                f"iterate.reference must be initial or previous, not {icfg.reference}"
+            )
+        with open_dict(cfg):
+            cfg.trainer.max_steps = icfg.rounds * icfg.steps_per_round
+            if icfg.reference == "previous" and objective.requires_reference:
+                if cfg.reference.kind != "policy_init":
+                    raise ConfigError(
+                        "iterate.reference=previous follows the policy: use reference=policy_init"
+                        f" (got {cfg.reference.kind})"
+                    )
+                every = icfg.steps_per_round
+                cfg.reference = {"kind": "sync", "sync_every": every, "sync_alpha": 1.0}
+
+    def datamodule(self, cfg: DictConfig, tokenizer: Any, objective: Objective) -> OnlineDataModule:
+        dm = build_datamodule(cfg, tokenizer, objective, OnlineDataModule, train_split=None)
+        rows = instantiate(cfg.iterate.prompts)
+        self.pool = check_prompts(
+            rows, tokenizer, cfg.data.max_prompt_length, cfg.data.over_long, dm.report
+        )
+        return dm
+
+    def attach(
+        self, cfg: DictConfig, module: PreferenceModule, datamodule: Any, trainer: L.Trainer
+    ) -> None:
+        tokenizer = datamodule.tokenizer
+        backend = instantiate(cfg.generation)
+        backend.bind(module.policy, tokenizer)
+        self.rounds = Rounds(
+            self.icfg,
+            self.pool,
+            backend,
+            instantiate(cfg.judge),
+            instantiate(cfg.pairing),
+            datamodule.encoder,
+            datamodule.train_views,
+            tokenizer.pad_token_id,
+            cfg.data.batch_size,
+            cfg.seed,
+            Path(HydraConfig.get().runtime.output_dir),
+            round_evaluator(cfg, tokenizer, trainer) if cfg.eval.n_prompts > 0 else None,
+        )
+        datamodule.rounds = self.rounds
+        # Before the checkpoint callbacks: a checkpoint taken at a round's end holds that round.
+        trainer.callbacks.insert(0, RoundEnd(self.rounds))
+
+    def finish(self, result: dict[str, Any]) -> None:
+        result["rounds"] = self.rounds.history if self.rounds is not None else []
+        result["choices"]["iterate"] = {**vars(self.icfg)}
+
+
+def round_evaluator(cfg: DictConfig, tokenizer: Any, trainer: L.Trainer):
+    """The per-round evaluation: the policy against the initial policy on the eval prompts, as
+    the evaluation stage does (``eval.*``). On one process, or on the first of a data-parallel
+    run; a sharded policy cannot sample on one process, so FSDP runs skip it (evaluate their
+    saved policies with ``inspo-eval``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    ecfg = EvalConfig.from_cfg(cfg.eval)
+    prompts = eval_prompts(cfg, tokenizer)
+    initial = initial_policy(cfg, tokenizer)
+
+    def evaluate_round(policy: Any, out_dir: Path | None) -> dict[str, float]:
+        if isinstance(trainer.strategy, ModelParallelStrategy) or not trainer.is_global_zero:
+            return {}
+        was_training = policy.training
+        try:
+            device = next(policy.parameters()).device
+            reference = initial.to(device)
+            metrics, _ = evaluate(
+                policy,
+                reference,
+                tokenizer,
+                prompts,
+                ecfg,
+                out_dir=out_dir,
+                reference_generator="initial",
+            )
+        finally:
+            policy.train(was_training)
+        return metrics
+
+    return evaluate_round
+
+
+def iterate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the loop once; returns the summary written to summary.json."""
+    return run(cfg, Iterate(cfg))

@@ -1,0 +1,188 @@
+"""The iterative loop end to end on a tiny model: round folders, accounting, metrics, resume
+(mid-round and online), the previous-round reference, failures, reflective objectives."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import FAST
+from inspo.config import ConfigError, compose_config
+from inspo.online import run as online_run
+from inspo.online.generation import HF
+from inspo.online.judges import JudgeError
+from inspo.online.rounds import RoundError
+from inspo.training.run import run as train_run
+
+MODEL = [o for o in FAST if not o.startswith(("data.batch_size", "+data.source.n_train"))]
+ITER = [
+    *MODEL,
+    "data.batch_size=4",
+    "optim.lr=1e-3",
+    "iterate.rounds=2",
+    "iterate.steps_per_round=2",
+    "generation.max_new_tokens=6",
+    "judge=python",
+    "judge.function=fake_judges.distinct",
+    "eval.n_prompts=8",
+    "eval.max_new_tokens=6",
+]
+
+
+def iterate(tmp_path, *overrides):
+    return online_run.iterate(compose_config([*ITER, *overrides], tmp_path, name="iterate"))
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_two_rounds_write_their_folders_and_account_for_every_prompt(tmp_path):
+    summary = iterate(tmp_path)
+    assert summary["status"] == "finished" and summary["steps"] == 4
+    for r in ("000", "001"):
+        folder = tmp_path / "rounds" / r
+        pairs, samples = lines(folder / "pairs.jsonl"), lines(folder / "samples.jsonl")
+        report = json.loads((folder / "data_report.json").read_text())
+        assert len(pairs) == 2 * 4 == report["pairs"]  # steps_per_round × batch
+        assert len(samples) == report["samples"] == 2 * report["prompts"]  # K = 2
+        assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+        d = report["dropped"]  # best-worst: one pair per prompt, or a counted reason
+        lost = d.get("tie", 0) + d.get("too_few_responses", 0) + d.get("below_min_margin", 0)
+        assert report["prompts"] == report["pairs"] + d["unused_surplus"] + lost
+        assert (folder / "eval" / "generations.json").exists()
+    first, second = (tmp_path / "rounds" / r / "samples.jsonl" for r in ("000", "001"))
+    prompts = [{s["prompt"] for s in lines(f)} for f in (first, second)]
+    assert not prompts[0] & prompts[1]  # each round takes fresh prompts from the stream
+    rounds = json.loads((tmp_path / "iterate.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] == [r["round"] for r in summary["rounds"]]
+    for r in rounds:
+        for name in ("objective/scores", "objective/scores_margin", "objective/kl",
+                     "objective/entropy", "val/contain_eos_token", "eval/win_rate"):  # fmt: skip
+            assert math.isfinite(r[name]), name
+        shares = [r[f"time/{k}_share"] for k in ("generation", "judging", "training")]
+        assert all(0 <= s <= 1 for s in shares) and sum(shares) <= 1 + 1e-9
+    assert abs(rounds[0]["objective/kl"]) < 1e-4 < abs(rounds[1]["objective/kl"])
+    # The sampler's log-prob is the policy's own: at round 0 the reference is that policy.
+    for s in lines(first):
+        assert s["logp"] == pytest.approx(s["reference_logp"], abs=1e-3)
+    csv = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"objective/scores", "eval/win_rate", "round", "train/loss"} <= set(csv)
+
+
+def test_a_rounds_pairs_train_with_inspo_train_as_they_are(tmp_path):
+    iterate(tmp_path / "it", "iterate.rounds=1")
+    pairs = tmp_path / "it" / "rounds" / "000" / "pairs.jsonl"
+    fast = [o for o in FAST if not o.startswith("+data.source.")]
+    summary = train_run(compose_config(
+        [*fast, "data=jsonl", f"data.source.path={pairs}", "data.source.val_fraction=0.25",
+         "trainer.max_steps=2", "data.batch_size=2"], tmp_path / "train",
+    ))  # fmt: skip
+    report = json.loads((tmp_path / "train" / "data_report.json").read_text())
+    assert summary["steps"] == 2
+    assert sum(r["rows_used"] for r in report.values()) == len(pairs.read_text().splitlines())
+
+
+def stop_after(monkeypatch, steps):
+    """The run ends after ``steps`` optimiser steps, as a killed one would (its checkpoints and
+    round folders are what is left)."""
+    check = online_run.Iterate.check
+
+    def cut(self, cfg, objective):
+        check(self, cfg, objective)
+        cfg.trainer.max_steps = steps
+
+    monkeypatch.setattr(online_run.Iterate, "check", cut)
+
+
+def generations(monkeypatch):
+    calls = []
+    real = HF.generate
+    monkeypatch.setattr(
+        HF, "generate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
+    return calls
+
+
+VAL = ("val/loss", "val/rewards/margins", "val/plain/logps/chosen")
+
+
+def test_resume_mid_round_reuses_its_pairs_and_ends_where_the_full_run_does(tmp_path, monkeypatch):
+    common = ["checkpoint.every_n_train_steps=1"]
+    full = iterate(tmp_path / "full", *common)
+    with monkeypatch.context() as m:
+        stop_after(m, 3)  # killed in the middle of round 1
+        iterate(tmp_path / "cut", *common)
+    saved = (tmp_path / "cut" / "rounds" / "001" / "pairs.jsonl").read_text()
+    calls = generations(monkeypatch)
+    resumed = iterate(tmp_path / "cut", *common, "ckpt_path=last")
+    assert calls == []  # round 1's generation and judging were not redone
+    assert (tmp_path / "cut" / "rounds" / "001" / "pairs.jsonl").read_text() == saved
+    assert saved == (tmp_path / "full" / "rounds" / "001" / "pairs.jsonl").read_text()
+    assert resumed["steps"] == full["steps"] == 4
+    for key in VAL:
+        assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-5, abs=1e-6)
+    a, b = full["rounds"][-1], resumed["rounds"][-1]
+    for key in ("objective/scores", "objective/kl", "eval/win_rate", "eval/kl"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1]
+
+
+def test_online_mode_resumes_with_the_same_samples(tmp_path, monkeypatch):
+    """One step per round, no round folders: a resume regenerates its next step's samples
+    exactly as the uninterrupted run drew them."""
+    common = ["iterate.rounds=4", "iterate.steps_per_round=1", "iterate.save_rounds=false",
+              "iterate.eval_every=0", "checkpoint.every_n_train_steps=1"]  # fmt: skip
+    full = iterate(tmp_path / "full", *common)
+    with monkeypatch.context() as m:
+        stop_after(m, 2)
+        iterate(tmp_path / "cut", *common)
+    resumed = iterate(tmp_path / "cut", *common, "ckpt_path=last")
+    assert not (tmp_path / "full" / "rounds").exists()
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    for a, b in zip(full["rounds"], resumed["rounds"], strict=True):
+        for key in ("objective/scores", "objective/scores_margin", "objective/kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6)
+    for key in VAL:
+        assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-5, abs=1e-6)
+
+
+def test_previous_reference_is_the_policy_each_round_starts_from(tmp_path):
+    prev = iterate(tmp_path / "prev", "iterate.reference=previous")
+    assert prev["choices"]["reference"] == "sync" and prev["choices"]["sync_alpha"] == 1.0
+    for r in prev["rounds"]:  # the samples' KL to the reference is 0 at every round's start
+        assert abs(r["objective/kl"]) < 1e-4
+    init = iterate(tmp_path / "init")
+    assert abs(init["rounds"][1]["objective/kl"]) > 1e-4
+    with pytest.raises(ConfigError, match="reference=policy_init"):
+        iterate(tmp_path / "bad", "iterate.reference=previous", "reference=model",
+                "reference.name_or_path=x")  # fmt: skip
+
+
+def test_a_failing_judge_names_itself_and_the_round_and_leaves_no_round(tmp_path):
+    with pytest.raises(JudgeError, match=r"fake_judges\.broken.*round 0.*server is down"):
+        iterate(tmp_path, "judge.function=fake_judges.broken")
+    assert not (tmp_path / "rounds").exists() or not any((tmp_path / "rounds").iterdir())
+
+
+def test_a_round_that_cannot_fill_says_why(tmp_path):
+    with pytest.raises(RoundError, match=r"round 0 found 0 of its 8 pairs.*'tie'"):
+        iterate(tmp_path, "judge.function=fake_judges.constant", "iterate.max_prompts_factor=2")
+
+
+def test_config_errors_before_any_model(tmp_path):
+    with pytest.raises(ConfigError, match="precomputed"):
+        iterate(tmp_path, "reference=precomputed")
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "simpo"])
+def test_every_form_trains_online(tmp_path, objective):
+    """A reflective objective online (its views built from the fresh pairs), and a
+    reference-free one (no reference, so no sample KL)."""
+    summary = iterate(tmp_path, f"objective={objective}", "reflection=inspo",
+                      "iterate.steps_per_round=1", "iterate.eval_every=0")  # fmt: skip
+    assert summary["steps"] == 2 and math.isfinite(summary["metrics"]["val/plain/loss"])
+    assert summary["choices"]["reflection"] == "inspo"
+    assert ("objective/kl" in summary["rounds"][0]) == (objective != "simpo")
