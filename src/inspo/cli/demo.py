@@ -12,12 +12,16 @@ from pathlib import Path
 
 from inspo import runtime
 from inspo.recipes.demo import run_demo
+from inspo.recipes.iterative_demo import run_iterative_demo
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; returns None so that the exit status is 0."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument(
+        "--iterative", action="store_true", help="the iterative demo (inspo.recipes.iterative_demo)"
+    )
     parser.add_argument("--eval-prompts", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--eval-batch-size", type=int, default=128)
@@ -25,8 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
     args = parser.parse_args(argv)
     runtime.setup()
-    out = args.out or Path("logs/demo") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    run_demo(
+    kind = "iterative_demo" if args.iterative else "demo"
+    out = args.out or Path("logs") / kind / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    demo = run_iterative_demo if args.iterative else run_demo
+    demo(
         out,
         args.overrides,
         args.eval_prompts,

@@ -115,6 +115,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     generator: str = "policy",
     reference_generator: str = "reference",
+    reference_samples: list[str] | None = None,
     val_metrics: dict[str, float] | None = None,
     reflection: str | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -123,13 +124,17 @@ def evaluate(
     Runs where the models are (see :func:`resolve_device`). Returns (``eval/...`` metrics,
     sample rows) and, with ``out_dir``, writes the AlpacaEval files, ``samples.json`` and
     ``metrics.json`` (with the device and the samples the KL was estimated on) there.
+    ``reference_samples``: the reference's samples when they are already known (the same
+    reference, prompts and sampling settings: the draws are deterministic).
     """
     t0 = time.perf_counter()
     prompts = list(prompts)[: ecfg.n_prompts]
     scorer = scorer or make_scorer(ecfg.scorer, tokenizer)
     sampling = ecfg.sampling()
-    pol_ids, pol_text = _draw(policy, tokenizer, prompts, sampling, ecfg, "sampling policy")
-    _, ref_text = _draw(reference, tokenizer, prompts, sampling, ecfg, "sampling reference")
+    pol_ids, pol_text = draw(policy, tokenizer, prompts, sampling, ecfg, "sampling policy")
+    ref_text = reference_samples
+    if ref_text is None:
+        _, ref_text = draw(reference, tokenizer, prompts, sampling, ecfg, "sampling reference")
     pol_score, ref_score = scorer(prompts, pol_text), scorer(prompts, ref_text)
     pol_len = [len(s.encode()) for s in pol_text]
     ref_len = [len(s.encode()) for s in ref_text]
@@ -139,7 +144,7 @@ def evaluate(
     # truncated sampler; the same seed keeps the two sample sets comparable.
     kl_samples = "eval" if sampling.pure else "separate temperature-1 samples"
     if not sampling.pure:
-        pol_ids, _ = _draw(policy, tokenizer, prompts, sampling.as_pure(), ecfg, "sampling for KL")
+        pol_ids, _ = draw(policy, tokenizer, prompts, sampling.as_pure(), ecfg, "sampling for KL")
     kl, kl_se = monte_carlo_kl(policy, reference, tokenizer, prompts, pol_ids, ecfg.batch_size)
     n = len(prompts)
     metrics = {
@@ -188,7 +193,7 @@ def evaluate(
     return metrics, rows
 
 
-def _draw(
+def draw(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.config import ConfigError
-from inspo.evaluation.stage import EvalConfig, eval_prompts, evaluate, initial_policy
+from inspo.evaluation.stage import EvalConfig, draw, eval_prompts, evaluate, initial_policy
 from inspo.objectives import Objective
 from inspo.online.datamodule import OnlineDataModule
 from inspo.online.prompts import check_prompts
@@ -104,16 +104,18 @@ def round_evaluator(cfg: DictConfig, tokenizer: Any, trainer: L.Trainer):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     ecfg = EvalConfig.from_cfg(cfg.eval)
-    prompts = eval_prompts(cfg, tokenizer)
+    prompts = eval_prompts(cfg, tokenizer)[: ecfg.n_prompts]
     initial = initial_policy(cfg, tokenizer)
+    baseline: list[str] = []  # the initial policy's samples: the same every round
 
     def evaluate_round(policy: Any, out_dir: Path | None) -> dict[str, float]:
         if isinstance(trainer.strategy, ModelParallelStrategy) or not trainer.is_global_zero:
             return {}
         was_training = policy.training
         try:
-            device = next(policy.parameters()).device
-            reference = initial.to(device)
+            reference = initial.to(next(policy.parameters()).device)
+            if not baseline:
+                baseline.extend(draw(reference, tokenizer, prompts, ecfg.sampling(), ecfg, "")[1])
             metrics, _ = evaluate(
                 policy,
                 reference,
@@ -122,6 +124,7 @@ def round_evaluator(cfg: DictConfig, tokenizer: Any, trainer: L.Trainer):
                 ecfg,
                 out_dir=out_dir,
                 reference_generator="initial",
+                reference_samples=baseline,
             )
         finally:
             policy.train(was_training)

@@ -38,14 +38,19 @@ def train_stage(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
 
 
 def evaluate_policies(
-    out: Path, prompts: list[str], ecfg: EvalConfig, summaries: dict[str, Any]
+    out: Path,
+    prompts: list[str],
+    ecfg: EvalConfig,
+    summaries: dict[str, Any],
+    policies: tuple[str, ...] = POLICIES,
+    labels: dict[str, str] = LABELS,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Each trained policy against the SFT policy, by the evaluation stage's own code: the
-    table rows and a few example generations."""
+    """Each trained policy (``out/NAME/policy``) against the SFT policy, by the evaluation
+    stage's own code: the table rows and a few example generations."""
     sft = load_policy(str(out / "sft" / "policy"))
     table: dict[str, Any] = {}
     examples = [{"prompt": p} for p in prompts[:8]]
-    for name in POLICIES:
+    for name in policies:
         path = str(out / name / "policy")
         s = summaries[name]
         m, rows = evaluate(
@@ -56,7 +61,7 @@ def evaluate_policies(
             ecfg,
             scorer=None,
             out_dir=out / name / "eval",
-            generator=LABELS[name],
+            generator=labels[name],
             reference_generator="SFT",
             val_metrics=s["metrics"],
             reflection=s["choices"]["reflection"],
@@ -79,7 +84,7 @@ def evaluate_policies(
         }
         for ex, row in zip(examples, rows, strict=False):
             ex["sft"], ex[name] = row["reference"], row["policy"]
-    return {n: table[n] for n in ("sft", *POLICIES)}, examples
+    return {n: table[n] for n in ("sft", *policies)}, examples
 
 
 def run_demo(
@@ -124,7 +129,7 @@ def run_demo(
     return report
 
 
-def format_table(table: dict[str, Any]) -> str:
+def format_table(table: dict[str, Any], labels: dict[str, str] = LABELS) -> str:
     def f(v: Any) -> str:
         return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -134,7 +139,7 @@ def format_table(table: dict[str, Any]) -> str:
         ci = row.get("win_rate_ci95")
         wr = f"{row['win_rate_vs_sft']:.3f} ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "—"
         lines.append(
-            f"| {LABELS[name]} | {wr} | {f(row.get('lc_win_rate_vs_sft'))} | "
+            f"| {labels[name]} | {wr} | {f(row.get('lc_win_rate_vs_sft'))} | "
             f"{f(row['gold_reward'])} | {f(row['mean_length'])} | "
             f"{f(row.get('pref_accuracy_plain'))} | {f(row.get('pref_accuracy_reflective'))} |"
         )
