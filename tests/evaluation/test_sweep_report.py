@@ -216,3 +216,29 @@ def test_research_script_end_to_end(tmp_path):
     assert standard["choices"]["standard_weight"] == 0.5
     sft_fraction = json.loads((out / "remedies/sft_fraction/seed0/summary.json").read_text())
     assert sft_fraction["choices"]["model"].endswith("sft_reflective/policy")
+
+
+def test_per_round_curves_of_iterative_runs(tmp_path):
+    """A sweep of iterative runs: per group, the mean and std of each series after every round
+    (a run with fewer rounds counts where it has them), and rounds.png."""
+    series = {"a": [0.5, 0.7], "b": [0.6, 0.9], "c": [0.4]}
+    for name, rates in series.items():
+        d = tmp_path / name
+        d.mkdir()
+        choices = {"objective": "DPO", "reflection": "off" if name != "c" else "inspo",
+                   "iterate_reference": "initial"}  # fmt: skip
+        rounds = [{"round": float(k), "eval/win_rate": w, "objective/scores": 2 * w}
+                  for k, w in enumerate(rates)]  # fmt: skip
+        summary = {"choices": choices, "metrics": {"eval/win_rate": rates[-1]}, "rounds": rounds}
+        (d / "summary.json").write_text(json.dumps(summary))
+    report = cli([str(tmp_path), "--no-divergence"])
+    off = report["groups"]["DPO/off"]["rounds"]
+    assert [s["mean"] for s in off["eval/win_rate"]] == pytest.approx([0.55, 0.8])
+    assert off["eval/win_rate"][1]["std"] == pytest.approx(
+        math.sqrt(((0.7 - 0.8) ** 2 + (0.9 - 0.8) ** 2) / 1)
+    )
+    assert [s["mean"] for s in off["objective/scores"]] == pytest.approx([1.1, 1.6])
+    assert [s["n"] for s in report["groups"]["DPO/inspo"]["rounds"]["eval/win_rate"]] == [1]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Per round" in md and "| 2 | 0.800 ± 0.141 |" in md
+    assert (tmp_path / "rounds.png").exists()

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from inspo.names import (
+    EOS_RATE,
     EVAL_KL,
     EVAL_LC_WIN_RATE,
     EVAL_LENGTH,
@@ -39,6 +40,8 @@ from inspo.names import (
     EVAL_VALID,
     EVAL_WIN_RATE,
     PLAIN_ACCURACY,
+    SCORES,
+    SCORES_MARGIN,
     VIEW_ACCURACY,
 )
 
@@ -60,6 +63,17 @@ HEADLINE = (
     (EVAL_KL, "KL"),
     (EVAL_VALID, "valid"),
     (EVAL_PLAIN_ACCURACY, "pref. acc."),
+)
+
+
+# Iterative runs: the series over rounds that report.md tabulates and rounds.png draws.
+ROUND_METRICS = (
+    (EVAL_WIN_RATE, "win rate"),
+    (EVAL_LC_WIN_RATE, "LC win rate"),
+    (EVAL_KL, "KL"),
+    (SCORES, "sample score"),
+    (SCORES_MARGIN, "pair margin"),
+    (EOS_RATE, "EOS rate"),
 )
 
 
@@ -108,6 +122,7 @@ def load_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "dir": d,
                 "name": str(d.relative_to(sweep_dir)),
                 "choices": s.get("choices", {}),
+                "rounds": s.get("rounds", []),  # iterative runs: metrics after each round
                 "metrics": s.get("metrics", {}),
                 "config": OmegaConf.load(cfg_path) if cfg_path.exists() else None,
             }
@@ -219,6 +234,8 @@ def build_report(
             g["divergence"], g["divergence_pairs"] = mutual_divergence(
                 [m["dir"] / "policy" for m in members], inputs
             )
+        if any(m["rounds"] for m in members):
+            g["rounds"] = round_stats(members)
         out["groups"][name] = g
     out["runs"] = [
         {
@@ -226,9 +243,24 @@ def build_report(
             "group": group_name(r["choices"], group_by),
             "choices": r["choices"],
             "metrics": r["metrics"],
+            "rounds": r["rounds"],
         }
         for r in runs
     ]
+    return out
+
+
+def round_stats(members: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """Per metric of :data:`ROUND_METRICS`, per round: its stats over the group's runs."""
+    n = max(len(m["rounds"]) for m in members)
+    out = {}
+    for key, _ in ROUND_METRICS:
+        series = [
+            stats([m["rounds"][k].get(key) for m in members if k < len(m["rounds"])])
+            for k in range(n)
+        ]
+        if any(s["n"] for s in series):
+            out[key] = series
     return out
 
 
@@ -242,6 +274,7 @@ def varying_choices(members: list[dict[str, Any]]) -> dict[str, list]:
         "standard_weight",
         "distill_weight",
         "model",
+        "iterate_reference",
     )
     out = {}
     for k in keys:
@@ -282,8 +315,30 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {fmt(s['mean'])} | {fmt(s['spread'])} | {fmt(s['std'])} | {s['n']} |"
             )
+    lines += round_tables(report)
     lines += plot_lines(report)
     return "\n".join(lines)
+
+
+def round_tables(report: dict[str, Any]) -> list[str]:
+    """Iterative runs: per group, each series' mean (± std over the runs) after every round."""
+    groups = {k: g for k, g in report["groups"].items() if g.get("rounds")}
+    if not groups:
+        return []
+    lines = ["", "## Per round: mean ± std over the group's runs", ""]
+    for name, g in groups.items():
+        keys = [(k, label) for k, label in ROUND_METRICS if k in g["rounds"]]
+        lines += [f"### {name}", "", "| round | " + " | ".join(label for _, label in keys) + " |"]
+        lines.append("|---|" + "---|" * len(keys))
+        for r in range(len(g["rounds"][keys[0][0]])):
+            cells = []
+            for k, _ in keys:
+                s = g["rounds"][k][r]
+                cells.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s["n"] else "—")
+            lines.append(f"| {r + 1} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["![per round](rounds.png)", ""]
+    return lines
 
 
 def points(report: dict[str, Any], plot: Plot, group: str | None = None) -> list[tuple]:
@@ -353,7 +408,35 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(out / p.file, dpi=110)
         plt.close(fig)
         paths.append(out / p.file)
+    if any(g.get("rounds") for g in report["groups"].values()):
+        paths.append(plot_rounds(report, out / "rounds.png"))
     return paths
+
+
+def plot_rounds(report: dict[str, Any], path: Path) -> Path:
+    """Win rate and the samples' score after each round: each run thin, each group's mean bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, label) in zip(axes, (ROUND_METRICS[0], ROUND_METRICS[3]), strict=True):
+        for i, (name, g) in enumerate(report["groups"].items()):
+            colour = colours[i % len(colours)]
+            for r in (r for r in report["runs"] if r["group"] == name):
+                ys = [x.get(key) for x in r["rounds"]]
+                ax.plot(range(1, len(ys) + 1), ys, color=colour, alpha=0.25, lw=0.8)
+            means = [s["mean"] for s in g.get("rounds", {}).get(key, [])]
+            ax.plot(range(1, len(means) + 1), means, color=colour, lw=2, marker="o", label=name)
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def log_wandb(report: dict[str, Any], plots: list[Path], project: str = "inspo") -> None:

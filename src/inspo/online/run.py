@@ -94,6 +94,7 @@ class Iterate(Extension):
     def finish(self, result: dict[str, Any]) -> None:
         result["rounds"] = self.rounds.history if self.rounds is not None else []
         result["choices"]["iterate"] = {**vars(self.icfg)}
+        result["choices"]["iterate_reference"] = self.icfg.reference  # what reports group by
 
 
 def round_evaluator(cfg: DictConfig, tokenizer: Any, trainer: L.Trainer):
