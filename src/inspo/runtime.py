@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig
 
 
 def setup() -> None:
@@ -31,3 +36,15 @@ def close_loggers() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+def run_app(fn: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> float | None:
+    """What an entry point does with its composed config: set up, run ``fn``, always close the
+    loggers, and return ``optimized_metric`` (None when absent or NaN) for Hydra's sweepers."""
+    setup()
+    try:
+        summary = fn(cfg)
+    finally:
+        close_loggers()
+    value = summary["metrics"].get(cfg.optimized_metric)
+    return None if value is None or math.isnan(value) else value

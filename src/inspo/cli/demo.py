@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from inspo import runtime
+from inspo.evaluation.stage import EvalConfig
 from inspo.recipes.demo import run_demo
 from inspo.recipes.iterative_demo import run_iterative_demo
 
@@ -32,14 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     kind = "iterative_demo" if args.iterative else "demo"
     out = args.out or Path("logs") / kind / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     demo = run_iterative_demo if args.iterative else run_demo
-    demo(
-        out,
-        args.overrides,
-        args.eval_prompts,
-        args.max_new_tokens,
-        args.eval_batch_size,
-        args.eval_seed,
+    ecfg = EvalConfig(
+        n_prompts=args.eval_prompts,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.eval_batch_size,
+        seed=args.eval_seed,
     )
+    demo(out, args.overrides, ecfg)
 
 
 if __name__ == "__main__":

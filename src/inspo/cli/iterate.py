@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import hydra
 from omegaconf import DictConfig
 
@@ -15,13 +13,7 @@ from inspo.online.run import iterate
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="iterate")
 def main(cfg: DictConfig) -> float | None:
     """Run the loop once; returns ``optimized_metric`` so Hydra sweepers can optimise it."""
-    runtime.setup()
-    try:
-        summary = iterate(cfg)
-    finally:
-        runtime.close_loggers()
-    value = summary["metrics"].get(cfg.optimized_metric)
-    return None if value is None or math.isnan(value) else value
+    return runtime.run_app(iterate, cfg)
 
 
 if __name__ == "__main__":

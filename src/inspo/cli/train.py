@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import hydra
 from omegaconf import DictConfig
 
@@ -15,13 +13,7 @@ from inspo.training.run import run
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train once; returns ``optimized_metric`` so Hydra sweepers can optimise it."""
-    runtime.setup()
-    try:
-        summary = run(cfg)
-    finally:
-        runtime.close_loggers()
-    value = summary["metrics"].get(cfg.optimized_metric)
-    return None if value is None or math.isnan(value) else value
+    return runtime.run_app(run, cfg)
 
 
 if __name__ == "__main__":

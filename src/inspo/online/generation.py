@@ -27,13 +27,13 @@ from inspo.models.sampling import Sample, SamplingConfig, sample_ids
 class Backend:
     """Base class: the sampling settings and the binding to a policy."""
 
+    policy: Any = field(default=None, init=False, repr=False)  # set by bind()
+    tokenizer: Any = field(default=None, init=False, repr=False)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 48
     batch_size: int = 256  # decoded rows per forward
-    policy: Any = field(default=None, init=False, repr=False)
-    tokenizer: Any = field(default=None, init=False, repr=False)
 
     def sampling(self, seed: int) -> SamplingConfig:
         return SamplingConfig(
@@ -56,8 +56,13 @@ class Backend:
         n: int,
         seed: int,
         all_done: Callable[[bool], bool] | None = None,
-    ) -> list[list[Sample]]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    ) -> list[list[Sample]]:
+        """``n`` samples of each prompt, texts decoded. ``all_done``: see
+        :func:`inspo.models.sampling.sample_ids` (sharded policies decode in lockstep)."""
+        return self.decode(self.draw(list(prompts), n, self.sampling(seed), all_done))
+
+    def draw(self, prompts: list, n: int, sampling: SamplingConfig, all_done: Any) -> list:
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def decode(self, groups: list[list[Sample]]) -> list[list[Sample]]:
         tok = self.tokenizer
@@ -71,23 +76,16 @@ class Backend:
 class HF(Backend):
     """Samples from the live policy with :func:`inspo.models.sampling.sample_ids`."""
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        n: int,
-        seed: int,
-        all_done: Callable[[bool], bool] | None = None,
-    ) -> list[list[Sample]]:
+    def draw(self, prompts: list, n: int, sampling: SamplingConfig, all_done: Any) -> list:
         tok = self.tokenizer
         eos = tok.eos_token_id
-        groups = sample_ids(
+        return sample_ids(
             self.policy,
             prompts,
-            self.sampling(seed),
+            sampling,
             n=n,
             eos_token_ids=[] if eos is None else [eos],
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
             batch_size=self.batch_size,
             all_done=all_done,
         )
-        return self.decode(groups)

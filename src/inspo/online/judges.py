@@ -158,10 +158,12 @@ class Weighted(Judge):
         if not self.judges:
             raise ValueError("a Weighted judge needs at least one judge")
         self.judges = [
-            {"judge": t["judge"] if isinstance(t["judge"], Judge) else instantiate(t["judge"]),
-             "weight": float(t.get("weight", 1.0))}
+            {
+                "judge": t["judge"] if isinstance(t["judge"], Judge) else instantiate(t["judge"]),
+                "weight": float(t.get("weight", 1.0)),
+            }
             for t in self.judges
-        ]  # fmt: skip
+        ]
 
     def raw(self, groups: Sequence[Group]) -> list[list[float]]:
         total = [[0.0] * len(g.responses) for g in groups]

@@ -22,14 +22,13 @@ transformers < 5.21. Written against vLLM 0.33's offline API, not run here: no C
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from inspo.models.sampling import Sample
+from inspo.models.sampling import Sample, SamplingConfig
 from inspo.online.generation import Backend
 
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -74,37 +73,35 @@ class VLLM(Backend):
         self.llm.apply_model(lambda model: model.load_weights(weights))
         self.llm.reset_prefix_cache()  # cached prompt states came from the old weights
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        n: int,
-        seed: int,
-        all_done: Callable[[bool], bool] | None = None,
-    ) -> list[list[Sample]]:
+    def draw(self, prompts: list, n: int, sampling: SamplingConfig, all_done: Any) -> list:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         eos = self.tokenizer.eos_token_id
+        s = sampling
         params = [
             SamplingParams(
-                n=n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                max_tokens=self.max_new_tokens, logprobs=0, seed=seed + i,
+                n=n,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                max_tokens=s.max_new_tokens,
+                logprobs=0,
+                seed=s.seed + i,
             )
             for i in range(len(prompts))
-        ]  # fmt: skip
+        ]
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        pure = self.sampling(seed).pure
         groups = []
-        for out in outputs:
+        for out in self.llm.generate(requests, params, use_tqdm=False):
             group = []
             for c in out.outputs:
                 logp = sum(next(iter(step.values())).logprob for step in c.logprobs or [])
                 ids = list(c.token_ids)
                 finished = c.finish_reason == "stop" and bool(ids) and ids[-1] == eos
-                group.append(Sample(ids, "", finished, logp, logp if pure else float("nan")))
+                group.append(Sample(ids, "", finished, logp, logp if s.pure else float("nan")))
             groups.append(group)
-        return self.decode(groups)
+        return groups
 
 
 def full_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:

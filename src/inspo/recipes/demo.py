@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,67 @@ from inspo.models.load import load_policy, load_tokenizer
 from inspo.names import EVAL_PLAIN_ACCURACY, EVAL_REFLECTIVE_ACCURACY
 from inspo.training.run import run
 
-POLICIES = ("dpo", "inspo")
 LABELS = {"sft": "SFT", "dpo": "DPO", "inspo": "InSPO-DPO"}
 
 
-def train_stage(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    """One ``inspo-train`` run into ``out/name``; its summary, with the seconds it took."""
+@dataclass(frozen=True)
+class Stage:
+    """A preference stage: a run from the SFT policy, with its app's overrides."""
+
+    name: str
+    overrides: tuple[str, ...]
+    app: str = "train"  # train (inspo-train) | iterate (inspo-iterate)
+
+
+DEMO = (
+    Stage("dpo", ("experiment=demo", "reflection=off")),
+    Stage("inspo", ("experiment=demo", "reflection=inspo")),
+)
+
+
+def train_stage(name: str, overrides: list[str], out: Path, app: str = "train") -> dict[str, Any]:
+    """One run into ``out/name``: its summary, with the seconds it took."""
+    from inspo.online.run import iterate
+
     t0 = time.perf_counter()
     print(f"\n=== stage {name}: {' '.join(overrides)}", flush=True)
-    summary = run(compose_config(overrides, out / name))
+    fn = iterate if app == "iterate" else run
+    summary = fn(compose_config(overrides, out / name, name=app))
     summary["seconds"] = time.perf_counter() - t0
     return summary
+
+
+def run_stages(
+    out: Path,
+    overrides: list[str],
+    stages: tuple[Stage, ...],
+    labels: dict[str, str],
+    ecfg: EvalConfig,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SFT, then every stage from the SFT policy, then every stage's policy evaluated against
+    the SFT policy on the same held-out prompts: (report, the runs' summaries)."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    common = ["logger=csv", *overrides]
+    summaries = {"sft": train_stage("sft", ["experiment=sft", *common], out)}
+    start = f"model.name_or_path={(out / 'sft' / 'policy').resolve()}"
+    for st in stages:
+        summaries[st.name] = train_stage(st.name, [*st.overrides, start, *common], out, st.app)
+    cfg = compose_config(["experiment=demo", *common], out / "eval")
+    prompts = eval_prompts(cfg, load_tokenizer(None))[: ecfg.n_prompts]
+    t_eval = time.perf_counter()
+    names = tuple(st.name for st in stages)
+    table, examples = evaluate_policies(out, prompts, ecfg, summaries, names, labels)
+    report = {
+        "table": table,
+        "n_eval_prompts": len(prompts),
+        "seconds_total": time.perf_counter() - t0,
+        "seconds_eval": time.perf_counter() - t_eval,
+        "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
+        "overrides": overrides,
+        "examples": examples,
+    }
+    return report, summaries
 
 
 def evaluate_policies(
@@ -42,7 +93,7 @@ def evaluate_policies(
     prompts: list[str],
     ecfg: EvalConfig,
     summaries: dict[str, Any],
-    policies: tuple[str, ...] = POLICIES,
+    policies: tuple[str, ...] = ("dpo", "inspo"),
     labels: dict[str, str] = LABELS,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Each trained policy (``out/NAME/policy``) against the SFT policy, by the evaluation
@@ -87,45 +138,14 @@ def evaluate_policies(
     return {n: table[n] for n in ("sft", *policies)}, examples
 
 
-def run_demo(
-    out: Path,
-    overrides: list[str],
-    n_prompts: int = 256,
-    max_new_tokens: int = 48,
-    batch_size: int = 128,
-    seed: int = 1234,
-) -> dict[str, Any]:
+def run_demo(out: Path, overrides: list[str], ecfg: EvalConfig) -> dict[str, Any]:
     """Run the demo into ``out``; returns what it writes to demo.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    common = ["logger=csv", *overrides]
-    summaries = {"sft": train_stage("sft", ["experiment=sft", *common], out)}
-    start = f"model.name_or_path={(out / 'sft' / 'policy').resolve()}"
-    for name, reflection in (("dpo", "off"), ("inspo", "inspo")):
-        stage = ["experiment=demo", f"reflection={reflection}", start, *common]
-        summaries[name] = train_stage(name, stage, out)
-
-    cfg = compose_config(["experiment=demo", *common], out / "eval")
-    prompts = eval_prompts(cfg, load_tokenizer(None))[:n_prompts]
-    t_eval = time.perf_counter()
-    ecfg = EvalConfig(
-        n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
-    )
-    table, examples = evaluate_policies(out, prompts, ecfg, summaries)
-    seconds = time.perf_counter() - t0
-    report = {
-        "table": table,
-        "n_eval_prompts": len(prompts),
-        "seconds_total": seconds,
-        "seconds_eval": time.perf_counter() - t_eval,
-        "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
-        "overrides": overrides,
-        "examples": examples,
-    }
+    report, _ = run_stages(out, overrides, DEMO, LABELS, ecfg)
     (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(table, out / "demo.png")
-    print("\n" + format_table(table))
-    print(f"\n{len(prompts)} held-out prompts; total {seconds / 60:.1f} min; wrote {out}/demo.json")
+    plot(report["table"], out / "demo.png")
+    print("\n" + format_table(report["table"]))
+    minutes = report["seconds_total"] / 60
+    print(f"\n{report['n_eval_prompts']} held-out prompts; total {minutes:.1f} min; wrote {out}")
     return report
 
 
@@ -152,7 +172,7 @@ def plot(table: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(POLICIES)
+    names = [st.name for st in DEMO]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     rates = [table[n]["win_rate_vs_sft"] for n in names]
     errs = [

@@ -13,74 +13,42 @@ and one run folder per stage.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from inspo.config import compose_config
-from inspo.evaluation.stage import EvalConfig, eval_prompts
-from inspo.models.load import load_tokenizer
+from inspo.evaluation.stage import EvalConfig
 from inspo.names import EVAL_WIN_RATE
-from inspo.online.run import iterate
-from inspo.recipes.demo import LABELS, evaluate_policies, format_table, train_stage
+from inspo.recipes.demo import LABELS, Stage, format_table, run_stages
 
-STAGES = ("dpo", "iterative_dpo", "iterative_inspo")
 NAMES = {**LABELS, "iterative_dpo": "iterative DPO", "iterative_inspo": "iterative InSPO-DPO"}
 
 
-def iterate_stage(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    """One ``inspo-iterate`` run into ``out/name``; its summary, with the seconds it took."""
-    t0 = time.perf_counter()
-    print(f"\n=== stage {name}: {' '.join(overrides)}", flush=True)
-    summary = iterate(compose_config(overrides, out / name, name="iterate"))
-    summary["seconds"] = time.perf_counter() - t0
-    return summary
+def stages(ecfg: EvalConfig) -> tuple[Stage, ...]:
+    """Offline DPO, then iterative DPO and InSPO-DPO, each round evaluated as the end is."""
+    every_round = tuple(
+        f"eval.{k}={getattr(ecfg, k)}"
+        for k in ("n_prompts", "max_new_tokens", "batch_size", "seed")
+    )
+    iterative = ("experiment=iterative_demo", *every_round)
+    return (
+        Stage("dpo", ("experiment=demo", "reflection=off")),
+        Stage("iterative_dpo", (*iterative, "reflection=off"), "iterate"),
+        Stage("iterative_inspo", (*iterative, "reflection=inspo"), "iterate"),
+    )
 
 
-def run_iterative_demo(
-    out: Path,
-    overrides: list[str],
-    n_prompts: int = 256,
-    max_new_tokens: int = 48,
-    batch_size: int = 128,
-    seed: int = 1234,
-) -> dict[str, Any]:
+def run_iterative_demo(out: Path, overrides: list[str], ecfg: EvalConfig) -> dict[str, Any]:
     """Run the iterative demo into ``out``; returns what it writes to iterative_demo.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    common = ["logger=csv", *overrides]
-    summaries = {"sft": train_stage("sft", ["experiment=sft", *common], out)}
-    start = f"model.name_or_path={(out / 'sft' / 'policy').resolve()}"
-    summaries["dpo"] = train_stage("dpo", ["experiment=demo", start, *common], out)
-    per_round = [f"eval.n_prompts={n_prompts}", f"eval.max_new_tokens={max_new_tokens}",
-                 f"eval.batch_size={batch_size}", f"eval.seed={seed}"]  # fmt: skip
-    for name, reflection in (("iterative_dpo", "off"), ("iterative_inspo", "inspo")):
-        stage = ["experiment=iterative_demo", f"reflection={reflection}", start, *per_round]
-        summaries[name] = iterate_stage(name, [*stage, *common], out)
-
-    cfg = compose_config(["experiment=demo", *common], out / "eval")
-    prompts = eval_prompts(cfg, load_tokenizer(None))[:n_prompts]
-    ecfg = EvalConfig(n_prompts=n_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      seed=seed)  # fmt: skip
-    table, examples = evaluate_policies(out, prompts, ecfg, summaries, STAGES, NAMES)
-    curves = {
+    report, summaries = run_stages(out, overrides, stages(ecfg), NAMES, ecfg)
+    report["win_rate_per_round"] = curves = {
         name: [r[EVAL_WIN_RATE] for r in summaries[name]["rounds"] if EVAL_WIN_RATE in r]
-        for name in STAGES[1:]
-    }
-    seconds = time.perf_counter() - t0
-    report = {
-        "table": table,
-        "win_rate_per_round": curves,
-        "n_eval_prompts": len(prompts),
-        "seconds_total": seconds,
-        "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
-        "overrides": overrides,
-        "examples": examples,
+        for name in ("iterative_dpo", "iterative_inspo")
     }
     (out / "iterative_demo.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_rounds(table, curves, out / "iterative_demo.png")
-    print("\n" + format_table(table, NAMES))
-    print(f"\n{len(prompts)} held-out prompts; total {seconds / 60:.1f} min; wrote {out}")
+    plot_rounds(report["table"], curves, out / "iterative_demo.png")
+    print("\n" + format_table(report["table"], NAMES))
+    minutes = report["seconds_total"] / 60
+    print(f"\n{report['n_eval_prompts']} held-out prompts; total {minutes:.1f} min; wrote {out}")
     return report
 
 
