@@ -142,4 +142,6 @@ def test_the_wheel_ships_every_config(tmp_path):
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
     expected = {"inspo/conf/" + str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
     assert expected and shipped == expected
-    assert "inspo/paths.py" in zipfile.ZipFile(wheel).namelist()
+    # Every module of the package, subpackages included (a missing __init__ drops a room).
+    modules = {str(p.relative_to(repo / "src")) for p in (repo / "src" / "inspo").rglob("*.py")}
+    assert "inspo/config.py" in modules and modules <= set(zipfile.ZipFile(wheel).namelist())
