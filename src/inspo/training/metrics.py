@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from inspo.models.scoring import ViewScores
+from inspo.models.scoring import TokenCount, ViewScores
 from inspo.names import (
     LOGPS_CHOSEN,
     LOGPS_REJECTED,
@@ -13,6 +13,8 @@ from inspo.names import (
     REWARDS_CHOSEN,
     REWARDS_MARGINS,
     REWARDS_REJECTED,
+    TOKENS_COMPUTED,
+    TOKENS_PADDING_SHARE,
 )
 from inspo.objectives import ObjectiveOutput
 
@@ -36,4 +38,16 @@ def pair_metrics(
         LOGPS_REJECTED: policy.rejected.detach().mean(),
         **{k: v.mean() for k, v in out.metrics.items()},
         **extra,
+    }
+
+
+def token_metrics(tokens: TokenCount | None) -> dict[str, Tensor]:
+    """The step's computed tokens and the share of them that were padding (none without a
+    count: every score came precomputed)."""
+    if tokens is None:
+        return {}
+    computed = tokens.computed.float()
+    return {
+        TOKENS_COMPUTED: computed,
+        TOKENS_PADDING_SHARE: 1 - tokens.real.float() / computed.clamp(min=1),
     }
