@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 from torch import Tensor
 
 from inspo.models.scoring import TokenCount, ViewScores
@@ -41,13 +44,14 @@ def pair_metrics(
     }
 
 
-def token_metrics(tokens: TokenCount | None) -> dict[str, Tensor]:
-    """The step's computed tokens and the share of them that were padding (none without a
-    count: every score came precomputed)."""
-    if tokens is None:
+def token_metrics(tokens: dict[str, TokenCount]) -> dict[str, Tensor]:
+    """The step's computed tokens, over every model (``tokens``: per model), and the share of
+    them that were padding."""
+    if not tokens:
         return {}
-    computed = tokens.computed.float()
+    total = functools.reduce(operator.add, tokens.values())
+    computed = total.computed.float()
     return {
         TOKENS_COMPUTED: computed,
-        TOKENS_PADDING_SHARE: 1 - tokens.real.float() / computed.clamp(min=1),
+        TOKENS_PADDING_SHARE: 1 - total.real.float() / computed.clamp(min=1),
     }

@@ -96,15 +96,17 @@ class PreferenceModule(L.LightningModule):
             distill_weight,
         )
         self._last_reference: ViewScores | None = None  # for a non-finite loss's message
-        self._tokens: TokenCount | None = None  # what the current step computed
+        # What the current training step computed, per model ("policy", "reference").
+        self.step_tokens: dict[str, TokenCount] = {}
 
     # ------------------------------------------------------------------ scores and losses
     def score_view(self, model: torch.nn.Module, view: dict[str, Tensor]) -> ViewScores:
         return score_pairs(model, view, self.scoring)[0]
 
-    def _count(self, tokens: TokenCount | None) -> None:
+    def _count(self, model: str, tokens: TokenCount | None) -> None:
         if tokens is not None:
-            self._tokens = tokens if self._tokens is None else self._tokens + tokens
+            seen = self.step_tokens.get(model)
+            self.step_tokens[model] = tokens if seen is None else seen + tokens
 
     @torch.no_grad()
     def reference_scores(self, batch: dict[str, Any], view: str) -> ViewScores:
@@ -133,14 +135,14 @@ class PreferenceModule(L.LightningModule):
         ref = None
         if self.objective.requires_reference:
             ref = self.reference_scores(batch, reference_view)
-            self._count(ref.tokens)
+            self._count("reference", ref.tokens)
         self._last_reference = ref
         chosen_only = not self.objective.pairwise
         view = batch[policy_view]
         pol, logits = score_pairs(
             self.policy, view, self.scoring, chosen_only=chosen_only, need_logits=need_logits
         )
-        self._count(pol.tokens)
+        self._count("policy", pol.tokens)
         return self.objective(pair_scores(pol, ref, one_sided)), pol, logits
 
     def compute_loss(
@@ -161,7 +163,7 @@ class PreferenceModule(L.LightningModule):
             how = replace(self.scoring, share_prompt=False)  # chosen rows only: no pairs
             scored = score_sequences(self.policy, chosen, how, need_logits=True)
             student = scored.logits
-            self._count(scored.tokens)
+            self._count("policy", scored.tokens)
             teacher_mask = batch[self.policy_view]["loss_mask"][:n]
             kl = distill_kl(logits[:n], teacher_mask, student, plain["loss_mask"][:n])
             loss = loss + self.distill_weight * kl
@@ -170,13 +172,13 @@ class PreferenceModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self._tokens = None
+        self.step_tokens = {}
         loss, out, pol, extra = self.compute_loss(batch)
         if not finite_everywhere([loss], self.trainer.strategy, self.device):
             reason = describe_non_finite(out, pol, self._last_reference)
             where = f"step {self.global_step} (objective {self.objective!r})"
             raise NonFiniteError(f"non-finite loss at {where}; {reason}")
-        values = pair_metrics(loss, out, pol, extra) | token_metrics(self._tokens)
+        values = pair_metrics(loss, out, pol, extra) | token_metrics(self.step_tokens)
         self.log_metrics(TRAIN, values, out.losses.shape[0])
         return loss
 
