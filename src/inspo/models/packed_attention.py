@@ -70,16 +70,26 @@ class Blocks:
 
     def _mask(self, block: tuple[int, int, int, int], window: int | None) -> Tensor | None:
         q0, q1, c0, c1 = block
+        if c0 == c1 and (window is None or q1 - q0 <= window):
+            return None  # an ordinary row: plain causal attention is exact
+        # The keys are the whole span [c0, q1) (a view, nothing copied); what lies between
+        # the context and the queries (a shared pair's chosen response) is masked out.
+        k0 = key_start(block)
         q_pos = self.positions[q0:q1]
-        k_pos = torch.cat([self.positions[c0:c1], q_pos])
+        k_pos = self.positions[k0:q1]
+        k_idx = torch.arange(k0, q1, device=q_pos.device)
         # Causal by position: a context precedes its queries, so its keys always pass, and
         # within the block a key is visible from its own position on.
-        if c0 == c1 and (window is None or q1 - q0 <= window):
-            return None
-        allowed = k_pos[None, :] <= q_pos[:, None]
+        allowed = ((k_idx < c1) | (k_idx >= q0))[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if window is not None:  # as transformers' sliding_window_overlay: q − k < window
             allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
         return allowed[None, None]
+
+
+def key_start(block: tuple[int, int, int, int]) -> int:
+    """Where a block's keys start: at its context when it has one, else at its queries."""
+    q0, _, c0, c1 = block
+    return c0 if c1 > c0 else q0
 
 
 def block_attention(
@@ -105,15 +115,12 @@ def block_attention(
     gqa = query.shape[1] != key.shape[1]
     out = []
     for (q0, q1, c0, c1), mask in zip(blocks.blocks, blocks.masks(sliding_window), strict=True):
-        k, v = key[:, :, q0:q1], value[:, :, q0:q1]
-        if c1 > c0:
-            k = torch.cat([key[:, :, c0:c1], k], dim=2)
-            v = torch.cat([value[:, :, c0:c1], v], dim=2)
+        k0 = key_start((q0, q1, c0, c1))
         out.append(
             F.scaled_dot_product_attention(
                 query[:, :, q0:q1],
-                k,
-                v,
+                key[:, :, k0:q1],
+                value[:, :, k0:q1],
                 attn_mask=mask,
                 dropout_p=dropout,
                 is_causal=mask is None,
