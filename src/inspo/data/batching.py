@@ -42,8 +42,15 @@ class _Batches(BatchSampler):
         # BatchSampler's own __init__ wants a batch size; these decide batches themselves.
         self.sampler, self.seed, self.skip = sampler, seed, skip
         self.drop_last = False
+        self._cached: tuple[int, list[list[int]]] | None = None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch``, in order, for all processes together."""
+        if self._cached is None or self._cached[0] != epoch:  # Lightning asks len() often
+            self._cached = (epoch, self._epoch_batches(epoch))
+        return self._cached[1]
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
         raise NotImplementedError
 
     @property
@@ -85,7 +92,7 @@ class LengthGroupedBatches(_Batches):
         super().__init__(sampler, seed, skip)
         self.longest, self.batch_size, self.group_size = longest, batch_size, group_size
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
         order = epoch_order(len(self.longest), self.seed, epoch)
         rows = by_length(order, self.longest, self.group_size * self.batch_size)
         batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
@@ -151,7 +158,7 @@ class TokenBudgetBatches(_Batches):
             widths, total = grown, total + tokens
         return batches
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
         shuffled = torch.randperm(len(self.batches), generator=_generator(self.seed, epoch, 2))
         return [self.batches[i] for i in shuffled.tolist()]
 
