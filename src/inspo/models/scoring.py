@@ -125,6 +125,8 @@ def score_sequences(
     checkpointed = getattr(decoder, "gradient_checkpointing", False) and decoder.training
     if how.share_prompt and not checkpointed:
         split = split_shared_prompt(view)
+        if split is not None and not _sharing_computes_less(split, ids):
+            split = None
         sums = None if split is None else shared_prompt_logps(decoder, weight, split)
         if sums is not None:
             shared = [split[k] for k in ("context_mask", "response_mask")]
@@ -154,6 +156,12 @@ def score_pairs(
         zeros, ones = torch.zeros_like(sums), torch.ones_like(counts)
         return ViewScores(sums, zeros, counts, ones, tokens), logits
     return ViewScores(sums[:n], sums[n:], counts[:n], counts[n:], tokens), logits
+
+
+def _sharing_computes_less(split: dict[str, Tensor], ids: Tensor) -> bool:
+    """Contexts once and responses apart are two padded rectangles; in a batch of similar total
+    lengths (``data.group_by_length``) they often hold more positions than the rows do."""
+    return split["context"].numel() + split["response"].numel() < ids.numel()
 
 
 def _numel(t: Tensor) -> Tensor:
