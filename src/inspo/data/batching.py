@@ -14,10 +14,25 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
+from datasets import Dataset
 from torch import Tensor
 from torch.utils.data import BatchSampler, Sampler
 
 from inspo.data.sampler import epoch_order
+
+
+def pair_lengths(dataset: Dataset, views: Sequence[str]) -> Tensor:
+    """[N, views, 2]: every pair's chosen and rejected sequence lengths in ``views``, read from
+    the tokenised dataset's Arrow columns (its row selection applied; no Python token lists)."""
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")
+    cols = [
+        torch.tensor(pc.list_value_length(table[f"{v}_{side}"]).to_numpy(False))
+        for v in views
+        for side in ("chosen", "rejected")
+    ]
+    return torch.stack(cols, -1).view(-1, len(views), 2).long()
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:

@@ -24,7 +24,12 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from inspo.data.batching import LengthGroupedBatches, TokenBudgetBatches, batch_tokens
+from inspo.data.batching import (
+    LengthGroupedBatches,
+    TokenBudgetBatches,
+    batch_tokens,
+    pair_lengths,
+)
 from inspo.data.collate import PreferenceCollator, WithReferenceScores
 from inspo.data.encode import Encoder, tokenizer_fingerprint
 from inspo.data.report import DataReport
@@ -241,56 +246,41 @@ class PreferenceDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ batches
     def lengths(self, split: str, views: Sequence[str]) -> torch.Tensor:
         """[N, views, 2]: every pair's chosen and rejected sequence lengths in ``views``."""
-        import pyarrow.compute as pc
+        return pair_lengths(self.datasets[split], views)
 
-        # Read from Arrow (the dataset's row selection applied): no Python lists of tokens.
-        table = self.datasets[split].with_format("arrow")
-        cols = [
-            torch.tensor(pc.list_value_length(table[f"{v}_{side}"]).to_numpy(False))
-            for v in views
-            for side in ("chosen", "rejected")
-        ]
-        return torch.stack(cols, -1).view(-1, len(views), 2).long()
-
-    def train_batches(self, sampler: torch.utils.data.Sampler, skip: int = 0):
+    def train_batches(
+        self, sampler: torch.utils.data.Sampler, skip: int = 0
+    ) -> LengthGroupedBatches | TokenBudgetBatches | None:
         """The training batch sampler of ``group_by_length`` / ``max_tokens_per_batch``, or
         None when batches are plain runs of ``batch_size`` rows of ``sampler``'s order."""
-        split, views = self.train_split, self.train_views
+        lengths = self.lengths(self.train_split, self.train_views)
         if self.max_tokens_per_batch is not None:
             group = self.group_size * self.batch_size if self.group_by_length else None
-            lengths = self.lengths(split, views)
             budget = self.max_tokens_per_batch
             return TokenBudgetBatches(
                 sampler, lengths, budget, self.packing, group, self.seed, skip
             )
         if self.group_by_length:
-            longest = self.lengths(split, views).flatten(1).max(-1).values
+            longest = lengths.flatten(1).max(-1).values
             return LengthGroupedBatches(
                 sampler, longest, self.batch_size, self.group_size, self.seed, skip
             )
         return None
 
     def _report_batches(self) -> None:
-        """Tokens of one epoch's batches, as one process draws them: real ones, and how many
-        the padded tensors hold; with packing, the padding computed is none."""
-        for split, views, size in (
-            (self.train_split, self.train_views, self.batch_size),
-            (self.val_split, self.views, self.eval_batch_size),
-        ):
+        """What one epoch's batches compute, as one process draws them (epoch 0)."""
+        for split, views in ((self.train_split, self.train_views), (self.val_split, self.views)):
             if split not in self.datasets:
                 continue
             n = len(self.datasets[split])
             if split == self.train_split:
                 sampler = EpochShuffle(n, self.seed)
                 batcher = self.train_batches(sampler)
-                order = list(sampler)
                 batches = (
-                    batcher.epoch_batches(0)
-                    if batcher is not None
-                    else [order[i : i + size] for i in range(0, n, size)]
+                    batcher.epoch_batches(0) if batcher else _runs(list(sampler), self.batch_size)
                 )
             else:
-                batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+                batches = _runs(list(range(n)), self.eval_batch_size)
             self.report.split(split).batches = batch_tokens(
                 batches, self.lengths(split, views), self.packing
             )
@@ -344,3 +334,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.val_split is None:
             return []
         return self._loader(self.val_split, self.views, self.eval_batch_size, shuffle=False)
+
+
+def _runs(order: list[int], size: int) -> list[list[int]]:
+    """Consecutive batches of ``size`` rows, as a DataLoader without a batch sampler makes."""
+    return [order[i : i + size] for i in range(0, len(order), size)]
