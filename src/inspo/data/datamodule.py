@@ -276,9 +276,10 @@ class PreferenceDataModule(L.LightningDataModule):
             if split == self.train_split:
                 sampler = EpochShuffle(n, self.seed)
                 batcher = self.train_batches(sampler)
-                batches = (
-                    batcher.epoch_batches(0) if batcher else _runs(list(sampler), self.batch_size)
-                )
+                if batcher is None:
+                    batches = _runs(list(sampler), self.batch_size)
+                else:
+                    batches = batcher.epoch_batches(0)
             else:
                 batches = _runs(list(range(n)), self.eval_batch_size)
             self.report.split(split).batches = batch_tokens(
