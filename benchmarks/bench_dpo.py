@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dpo.py                 # tiny + small, every mode, JSON lines + table
     python benchmarks/bench_dpo.py --sizes tiny --reps 2
+    python benchmarks/bench_dpo.py --sizes real --reps 2   # HH-RLHF: padded, grouped, packed
 
 Every (size, config, repetition) runs in a child forked from this process after the imports,
 so each one starts from the same post-import state: peak memory is the peak RSS of the child
@@ -16,12 +17,20 @@ inspo's step is measured through its real code path, as ``inspo-train`` runs it:
 with AdamW. TRL's is ``DPOTrainer.train()`` (logging_steps=10, max_grad_norm=1.0, no tqdm).
 Step time = the interval between consecutive end-of-step callbacks (data loading, forward,
 backward, clipping, optimiser and logging included).
+
+Size ``real`` is a seeded sample of the HH-RLHF file (``$INSPO_SHARED_DATA`` or
+``../shared/data``), one token per byte, at most 1,024 tokens per sequence. Its batches differ
+between batching modes (random, length-grouped, token budget), so each run first fits a short
+warm-up, then times one whole epoch over the sample: every mode and framework processes the
+same pairs, and pairs/s is pairs over the epoch's wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -32,6 +41,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -47,6 +57,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
 from inspo.data.datamodule import PreferenceDataModule
+from inspo.data.rows import check_row, to_text
 from inspo.models.load import (
     byte_tokenizer,
     count_parameters,
@@ -54,10 +65,9 @@ from inspo.models.load import (
     frozen_copy,
     tiny_llama,
 )
-from inspo.models.scoring import hidden_sequence_logps, sequence_logps, split_shared_prompt
+from inspo.models.scoring import hidden_sequence_logps, sequence_logps
 from inspo.objectives import DPO
 from inspo.training.module import PreferenceModule
-from inspo.training.optim import OptimConfig
 from inspo.training.reference import precompute_reference
 
 disable_progress_bar()
@@ -69,13 +79,18 @@ class Size:
     name: str
     model: dict
     batch: int
-    prompt: int  # mean prompt length in byte tokens (uniform in ±25%)
+    prompt: int  # mean prompt length in byte tokens (uniform in ±25%); synthetic sizes
     response: int  # mean response length
     warmup: int
     steps: int
+    source: str = "synthetic"  # or "hh": a seeded sample of the HH-RLHF file
+    max_length: int = 4096  # tokens per sequence (the synthetic rows never reach it)
 
     @property
-    def rows(self) -> int:  # exactly the rows the steps consume, so precomputing costs no more
+    def rows(self) -> int:
+        if self.source == "hh":  # one measured epoch of `steps` batches
+            return self.batch * self.steps
+        # exactly the rows the steps consume, so precomputing costs no more
         return self.batch * (self.warmup + self.steps + 1)
 
 
@@ -92,32 +107,91 @@ SIZES = {
         warmup=1,
         steps=2,
     ),
+    # Real data: the tiny model on HH-RLHF pairs, ≤ 1,024 tokens per sequence, 8 pairs a batch;
+    # a 2-step warm-up fit, then one timed epoch of 12 batches (96 pairs).
+    "real": Size(
+        "real",
+        {"max_position_embeddings": 1024},
+        batch=8,
+        prompt=0,
+        response=0,
+        warmup=2,
+        steps=12,
+        source="hh",
+        max_length=1024,
+    ),
 }
 
-# (label, framework, mode); InSPO has no TRL counterpart.
+# (label, framework, options); InSPO has no TRL counterpart. inspo runs with its defaults
+# (packed rows) unless an option says otherwise.
 CONFIGS = [
-    ("inspo DPO live", "inspo", "live"),
-    ("TRL DPO live", "trl", "live"),
-    ("inspo DPO precomputed", "inspo", "precomputed"),
-    ("TRL DPO precomputed", "trl", "precomputed"),
-    ("inspo InSPO ctx=reflective", "inspo", "inspo_reflective"),
-    ("inspo InSPO ctx=plain", "inspo", "inspo_plain"),
+    ("inspo DPO live", "inspo", {"mode": "live"}),
+    ("inspo DPO live padded", "inspo", {"mode": "live", "packing": False}),
+    ("TRL DPO live", "trl", {"mode": "live"}),
+    ("inspo DPO precomputed", "inspo", {"mode": "precomputed"}),
+    ("TRL DPO precomputed", "trl", {"mode": "precomputed"}),
+    ("inspo InSPO ctx=reflective", "inspo", {"mode": "inspo_reflective"}),
+    ("inspo InSPO ctx=plain", "inspo", {"mode": "inspo_plain"}),
+]
+# Size real: inspo's batching modes against TRL 1.16 as users get it (its DPOConfig defaults:
+# activation checkpointing on, padded batches; padding_free is disabled in 1.16, see
+# trl_padding_free), and InSPO packed against DPO packed.
+REAL_CONFIGS = [
+    ("inspo DPO padded", "inspo", {"mode": "live", "packing": False}),
+    ("inspo DPO grouped", "inspo", {"mode": "live", "packing": False, "group_by_length": True}),
+    ("inspo DPO packed", "inspo", {"mode": "live", "packing": True}),
+    ("inspo DPO packed ckpt", "inspo", {"mode": "live", "packing": True, "checkpointing": True}),
+    ("TRL DPO default", "trl", {"mode": "live", "checkpointing": True}),
+    ("inspo InSPO packed", "inspo", {"mode": "inspo_reflective", "packing": True}),
 ]
 BETA, LR, SEED = 0.1, 1e-5, 0
 # --checkpointing: activation (gradient) checkpointing of the policy, the same on both sides.
 # TRL 1.16's DPOConfig turns it on by default; inspo's default (model.gradient_checkpointing)
-# is off. "trl-default" reproduces the two defaults (not like-for-like).
+# is off. "trl-default" reproduces the two defaults (not like-for-like). A config's own
+# "checkpointing" option overrides it.
 CHECKPOINTING = ["off"]
 
 
-def checkpointing(framework: str) -> bool:
+def checkpointing(framework: str, options: dict) -> bool:
+    if "checkpointing" in options:
+        return options["checkpointing"]
     mode = CHECKPOINTING[0]
     return mode == "on" or (mode == "trl-default" and framework == "trl")
 
 
 # --------------------------------------------------------------------------- data
+HH_FILE = "hh-rlhf/harmless-base-test.jsonl.gz"
+
+
+def hh_path() -> Path:
+    shared = os.environ.get("INSPO_SHARED_DATA")
+    root = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return root / HH_FILE
+
+
+def hh_rows(n: int, max_length: int, seed: int = 1234) -> list[dict]:
+    """A seeded sample of ``n`` usable HH-RLHF pairs as text rows (prompt, chosen, rejected),
+    split as inspo reads the file (the prompt ends with the final "Assistant:").
+
+    Only pairs whose prompt is shorter than ``max_length`` bytes: TRL drops the others (with
+    its keep_start truncation no completion token would be left), while inspo would keep them
+    with their prompts cut from the left; sampling from what both keep gives both the same
+    pairs (12 % of the file's pairs are left out at 1,024).
+    """
+    rows = []
+    with gzip.open(hh_path(), "rt", encoding="utf-8") as f:
+        for line in f:
+            text = to_text(json.loads(line), None)
+            usable = isinstance(text, dict) and check_row(text) is None
+            if usable and len(text["prompt"].encode("utf-8")) < max_length:
+                rows.append({k: text[k] for k in ("prompt", "chosen", "rejected")})
+    return random.Random(seed).sample(rows, n)
+
+
 def make_rows(size: Size, seed: int = 1234) -> list[dict]:
-    """Deterministic pairs of random lower-case text (1 byte = 1 token)."""
+    """Deterministic pairs of random lower-case text (1 byte = 1 token), or HH-RLHF pairs."""
+    if size.source == "hh":
+        return hh_rows(size.rows, size.max_length, seed)
     rng = random.Random(seed)
     alphabet = string.ascii_lowercase + "     "
 
@@ -171,62 +245,98 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def summarise(ends: list[float], tokens: list[int], ref_tokens: list[int], size: Size) -> dict:
-    """Per-step intervals after the warm-up; tokens are the policy's non-pad tokens."""
-    w = size.warmup
-    dts = [b - a for a, b in zip(ends[w:-1], ends[w + 1 :], strict=True)]
-    steps = len(dts)
-    seconds = sum(dts)
-    tok = sum(tokens[w + 1 : w + 1 + steps])
-    ref = sum(ref_tokens[w + 1 : w + 1 + steps])
+def summarise(clock: Clock, size: Size) -> dict:
+    """Per-step intervals after the warm-up (size real: the whole timed epoch, from the start
+    of its first step); tokens are the policy's real tokens (a shared context once), and
+    ``padding`` the share of every computed token (policy and reference) that was padding."""
+    if size.source == "hh":
+        first, steps = 0, len(clock.ends)
+        seconds = clock.ends[-1] - clock.first_start
+        cpu_seconds = clock.ends_cpu[-1] - clock.first_start_cpu
+    else:
+        w = size.warmup
+        first, steps = w + 1, len(clock.ends) - w - 1
+        seconds = clock.ends[-1] - clock.ends[w]
+        cpu_seconds = clock.ends_cpu[-1] - clock.ends_cpu[w]
+    window = slice(first, first + steps)
+    computed, real = sum(clock.computed[window]), sum(clock.real[window])
     return {
         "steps": steps,
+        "pairs": sum(clock.pairs[window]),
         "step_s": seconds / steps,
-        "pairs_per_s": steps * size.batch / seconds,
-        "tokens_per_s": tok / seconds,
-        "ref_tokens_per_s": ref / seconds,
+        "pairs_per_s": sum(clock.pairs[window]) / seconds,
+        # On a machine shared with other work, a process's CPU time moves less with the load
+        # than the wall clock does (it excludes the time spent waiting for a core).
+        "pairs_per_cpu_s": sum(clock.pairs[window]) / cpu_seconds,
+        "tokens_per_s": sum(clock.tokens[window]) / seconds,
+        "ref_tokens_per_s": sum(clock.ref_tokens[window]) / seconds,
+        "padding": 1 - real / computed if computed else 0.0,
     }
+
+
+@dataclass
+class Clock:
+    """Per training step: when it ended (wall clock and this process's CPU time), its pairs,
+    the policy's and the reference's real tokens, and all computed vs real tokens (padding
+    included in the former)."""
+
+    first_start: float = 0.0
+    first_start_cpu: float = 0.0
+    ends: list[float] = field(default_factory=list)
+    ends_cpu: list[float] = field(default_factory=list)
+    pairs: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    ref_tokens: list[int] = field(default_factory=list)
+    computed: list[int] = field(default_factory=list)
+    real: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        if not self.ends and not self.first_start:
+            self.first_start, self.first_start_cpu = time.perf_counter(), time.process_time()
+
+    def end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.ends_cpu.append(time.process_time())
 
 
 # --------------------------------------------------------------------------- inspo
 class StepClock(L.Callback):
-    def __init__(self, module: PreferenceModule) -> None:
-        self.module = module
-        self.ends: list[float] = []
-        self.tokens: list[int] = []
-        self.ref_tokens: list[int] = []
+    def __init__(self) -> None:
+        self.clock = Clock()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.clock.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.ends.append(time.perf_counter())
-        m = self.module
-        self.tokens.append(computed_tokens(m, batch[m.policy_view]))
-        live = "reference_scores" not in batch
-        self.ref_tokens.append(computed_tokens(m, batch[m.reference_view]) if live else 0)
+        c = self.clock
+        c.end()
+        tokens = pl_module.step_tokens  # what the scorer computed, per model
+        c.pairs.append(int(batch["index"].shape[0]))
+        c.tokens.append(int(tokens["policy"].real))
+        ref = tokens.get("reference")
+        c.ref_tokens.append(int(ref.real) if ref is not None else 0)
+        c.computed.append(sum(int(t.computed) for t in tokens.values()))
+        c.real.append(sum(int(t.real) for t in tokens.values()))
 
 
-def computed_tokens(module: PreferenceModule, view: dict) -> int:
-    """Tokens that went through the model: with a shared prompt, each pair's context once."""
-    split = split_shared_prompt(view) if module.share_prompt else None
-    if split is None:
-        return int(view["attention_mask"].sum())
-    return int(split["context_mask"].sum() + split["response_mask"].sum())
-
-
-def run_inspo(size: Size, mode: str, profile: bool = False, *, workdir: str) -> dict:
+def run_inspo(size: Size, options: dict, profile: bool = False, *, workdir: str) -> dict:
     tok = byte_tokenizer()
     policy = tiny_llama(tokenizer=tok, seed=SEED, **size.model)
+    mode = options["mode"]
     reflection = "inspo" if mode.startswith("inspo") else "off"
     context = "plain" if mode == "inspo_plain" else "reflective"
     reference = frozen_copy(policy)
-    if checkpointing("inspo"):  # as inspo.models.load.load_policy(gradient_checkpointing=True)
+    if checkpointing("inspo", options):  # as load_policy(gradient_checkpointing=True)
         enable_checkpointing(policy)
+    packing = options.get("packing", True)  # data.packing's default
     module = PreferenceModule(
         policy,
         DPO(beta=BETA),
         reference,
         reflection=reflection,
         reference_context=context,
-        optim=OptimConfig(lr=LR),
+        optim={"lr": LR},
+        packing=packing,
     )
     rows = make_rows(size)
     dm = PreferenceDataModule(
@@ -234,34 +344,45 @@ def run_inspo(size: Size, mode: str, profile: bool = False, *, workdir: str) -> 
         tokenizer=tok,
         val_split=None,
         batch_size=size.batch,
-        max_length=4096,
-        max_prompt_length=4096,
+        max_length=size.max_length,
+        max_prompt_length=size.max_length,
         reflection=reflection != "off",
-        train_views=module.train_views(),
+        train_views=module.train_views,
         seed=SEED,
+        packing=packing,
+        group_by_length=options.get("group_by_length", False),
     )
     dm.setup("fit")
     if mode == "precomputed":  # scores cached before training; the reference is then freed
         precompute_reference(
             module, module.reference, dm, workdir, model_id="bench", batch_size=size.batch
         )
-    clock = StepClock(module)
+
+    def trainer(callbacks: list, **limits) -> L.Trainer:
+        return L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=CSVLogger(workdir),
+            log_every_n_steps=10,
+            gradient_clip_val=1.0,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            **limits,
+        )
+
+    clock = StepClock()
     profiler = PhaseProfiler(module, size) if profile else None
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=size.warmup + size.steps + 1,
-        logger=CSVLogger(workdir),
-        log_every_n_steps=10,
-        gradient_clip_val=1.0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock] + ([profiler] if profiler else []),
-    )
-    trainer.fit(module, datamodule=dm)
-    result = summarise(clock.ends, clock.tokens, clock.ref_tokens, size)
+    if size.source == "hh":  # warm up, then time one epoch over every sampled pair
+        trainer([], max_steps=size.warmup).fit(module, datamodule=dm)
+        trainer([clock], max_epochs=1).fit(module, datamodule=dm)
+    else:
+        callbacks = [clock] + ([profiler] if profiler else [])
+        trainer(callbacks, max_steps=size.warmup + size.steps + 1).fit(module, datamodule=dm)
+    result = summarise(clock.clock, size)
+    result["data_padding"] = dm.report.splits["train"].batches["padding_share_without_packing"]
     if profiler:
         result["phases_ms"] = profiler.phases_ms()
     return result
@@ -330,58 +451,118 @@ class PhaseProfiler(L.Callback):
 # --------------------------------------------------------------------------- TRL
 class TrlClock(TrainerCallback):
     def __init__(self) -> None:
-        self.ends: list[float] = []
+        self.clock = Clock()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.clock.start()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
+        self.clock.end()
 
 
-def run_trl(size: Size, mode: str, *, workdir: str) -> dict:
+def trl_config(size: Size, options: dict, workdir: str, **overrides) -> trl.DPOConfig:
+    """TRL's DPOConfig: its defaults, except what CPU fp32 and the shared settings need; for
+    the synthetic sizes no truncation (the rows never reach TRL's default 1,024)."""
+    precomputed = options["mode"] == "precomputed"
+    kwargs = {
+        "output_dir": workdir,
+        "per_device_train_batch_size": size.batch,
+        "learning_rate": LR,
+        "lr_scheduler_type": "constant",
+        "beta": BETA,
+        "max_length": None if size.source == "synthetic" else size.max_length,
+        "precompute_ref_log_probs": precomputed,
+        "precompute_ref_batch_size": size.batch,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 10,
+        "max_grad_norm": 1.0,
+        "gradient_checkpointing": checkpointing("trl", options),
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": SEED,
+    }
+    return trl.DPOConfig(**{**kwargs, **overrides})
+
+
+def run_trl(size: Size, options: dict, *, workdir: str) -> dict:
     tok = byte_tokenizer()
     policy = tiny_llama(tokenizer=tok, seed=SEED, **size.model)
-    precomputed = mode == "precomputed"
-    args = trl.DPOConfig(
-        output_dir=workdir,
-        per_device_train_batch_size=size.batch,
-        max_steps=size.warmup + size.steps + 1,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        beta=BETA,
-        max_length=None,
-        precompute_ref_log_probs=precomputed,
-        precompute_ref_batch_size=size.batch,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10,
-        max_grad_norm=1.0,
-        gradient_checkpointing=checkpointing("trl"),
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=SEED,
-    )
-    clock = TrlClock()
-    trainer = trl.DPOTrainer(
-        model=policy,
-        ref_model=None if precomputed else frozen_copy(policy),
-        args=args,
-        train_dataset=Dataset.from_list(make_rows(size)),
-        processing_class=tok,
-        callbacks=[clock],
-    )
-    tokens: list[int] = []
-    collate = trainer.data_collator
+    precomputed = options["mode"] == "precomputed"
+    reference = None if precomputed else frozen_copy(policy)
+    dataset = Dataset.from_list(make_rows(size))
+    timer = TrlClock()
+    clock = timer.clock
 
-    def counting(examples):  # called once per training batch, in order (no workers)
-        batch = collate(examples)
-        tokens.append(int(batch["attention_mask"].sum()))
-        return batch
+    def trainer(args: trl.DPOConfig, callbacks: list) -> trl.DPOTrainer:
+        t = trl.DPOTrainer(
+            model=policy,
+            ref_model=reference,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tok,
+            callbacks=callbacks,
+        )
+        collate = t.data_collator
 
-    trainer.data_collator = counting
-    trainer.train()
-    ref = [0 if precomputed else t for t in tokens]
-    return summarise(clock.ends, tokens, ref, size)
+        def counting(examples):  # called once per training batch, in order (no workers)
+            batch = collate(examples)
+            if callbacks:
+                mask = batch["attention_mask"]
+                models = 1 if precomputed else 2  # policy, and the live reference
+                clock.pairs.append(mask.shape[0] // 2)
+                clock.tokens.append(int(mask.sum()))
+                clock.ref_tokens.append(0 if precomputed else int(mask.sum()))
+                clock.computed.append(models * mask.numel())
+                clock.real.append(models * int(mask.sum()))
+            return batch
+
+        t.data_collator = counting
+        return t
+
+    if size.source == "hh":  # warm up, then time one epoch over every sampled pair
+        trainer(trl_config(size, options, workdir, max_steps=size.warmup), []).train()
+        trainer(trl_config(size, options, workdir, num_train_epochs=1), [timer]).train()
+    else:
+        steps = size.warmup + size.steps + 1
+        trainer(trl_config(size, options, workdir, max_steps=steps), [timer]).train()
+    return summarise(clock, size)
+
+
+def trl_padding_free(workdir: str) -> dict:
+    """Whether TRL 1.16's DPOTrainer honours ``padding_free=True`` on this machine: its own
+    flag after construction and the shape of a collated batch, and what it logged."""
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger("trl").addHandler(handler)
+    try:
+        tok = byte_tokenizer()
+        size = SIZES["tiny"]
+        args = trl_config(size, {"mode": "live"}, workdir, padding_free=True, max_steps=1)
+        rows = make_rows(size)[:2]
+        policy = tiny_llama(tokenizer=tok, hidden_size=32, num_layers=1, num_heads=2)
+        t = trl.DPOTrainer(
+            model=policy,
+            ref_model=frozen_copy(policy),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+        )
+        batch = t.data_collator([t.train_dataset[i] for i in range(2)])
+    finally:
+        logging.getLogger("trl").removeHandler(handler)
+    return {
+        "honoured": bool(t.padding_free),
+        "batch_shape": list(batch["input_ids"].shape),
+        "warning": next((m for m in messages if "padding_free" in m), None),
+    }
 
 
 # --------------------------------------------------------------------------- log-prob memory
@@ -416,10 +597,11 @@ THREADS = [1]  # set by --threads; the same for the matmul peak and the training
 
 def _child(conn, fn, args) -> None:
     torch.set_num_threads(THREADS[0])
-    meter = RssPeak(every=0.01 if fn in (run_inspo, run_trl) else 0.0005)
+    runs = (run_inspo, run_trl, trl_padding_free)
+    meter = RssPeak(every=0.01 if fn in runs else 0.0005)
     try:
         with tempfile.TemporaryDirectory() as d:
-            out = fn(*args, workdir=d) if fn in (run_inspo, run_trl) else fn(*args)
+            out = fn(*args, workdir=d) if fn in runs else fn(*args)
         peak = meter.stop()
         conn.send({"ok": True, "result": out, "peak_mem_mb": peak / 2**20})
     except Exception as e:  # reported, not raised: one failed config must not stop the run
@@ -457,10 +639,16 @@ def main() -> None:
         default="inspo DPO live,TRL DPO live",
         help="configs for size small (default: the live-reference pair; 'all' for every one)",
     )
+    ap.add_argument(
+        "--real-configs", default="all", help="configs for size real (default: every one)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (see README)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results.jsonl")
     ap.add_argument("--logp-vocab", type=int, default=128_256)
+    ap.add_argument(
+        "--no-logp-memory", action="store_true", help="skip the log-prob memory measurement"
+    )
     ap.add_argument("--steps", type=int, help="measured steps (default: per size)")
     ap.add_argument("--warmup", type=int, help="warm-up steps (default: per size)")
     ap.add_argument(
@@ -482,8 +670,13 @@ def main() -> None:
     if args.profile:
         return profile(SIZES[args.sizes.split(",")[0]], args)
 
-    def pick(spec: str) -> list:
-        return [c for c in CONFIGS if spec == "all" or c[0] in spec.split(",")]
+    def pick(size_name: str) -> list:
+        pool, spec = CONFIGS, args.configs
+        if size_name == "small":
+            spec = args.small_configs
+        elif size_name == "real":
+            pool, spec = REAL_CONFIGS, args.real_configs
+        return [c for c in pool if spec == "all" or c[0] in spec.split(",")]
 
     out = open(args.out, "w")  # noqa: SIM115
 
@@ -493,10 +686,19 @@ def main() -> None:
         out.write(line + "\n")
         out.flush()
 
-    emit({"kind": "env", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-          "torch": torch.__version__, "trl": trl.__version__, "lightning": L.__version__,
-          "threads": args.threads, "checkpointing": args.checkpointing,
-          "loadavg": os.getloadavg()})  # fmt: skip
+    env = {
+        "kind": "env",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "torch": torch.__version__,
+        "trl": trl.__version__,
+        "lightning": L.__version__,
+        "threads": args.threads,
+        "checkpointing": args.checkpointing,
+        "loadavg": os.getloadavg(),
+    }
+    emit(env)
+    padding_free = in_child(trl_padding_free)
+    emit({"kind": "trl_padding_free", **padding_free.get("result", padding_free)})
     peaks: list[float] = []
     rows: dict[tuple[str, str], Row] = {}
     for size_name in args.sizes.split(","):
@@ -509,13 +711,17 @@ def main() -> None:
             peak = in_child(matmul_peak)["result"]
             peaks.append(peak)
             emit({"kind": "matmul_peak", "size": size_name, "rep": rep, "gflops": peak / 1e9})
-            for label, framework, mode in pick(
-                args.small_configs if size_name == "small" else args.configs
-            ):
+            for label, framework, options in pick(size_name):
                 fn = run_inspo if framework == "inspo" else run_trl
-                msg = in_child(fn, size, mode)
-                rec = {"kind": "run", "size": size_name, "config": label, "rep": rep,
-                       "loadavg": os.getloadavg()[0]}  # fmt: skip
+                msg = in_child(fn, size, options)
+                load = os.getloadavg()[0]
+                rec = {
+                    "kind": "run",
+                    "size": size_name,
+                    "config": label,
+                    "rep": rep,
+                    "loadavg": load,
+                }
                 if not msg["ok"]:
                     emit({**rec, "error": msg["error"]})
                     continue
@@ -527,14 +733,16 @@ def main() -> None:
     peak = statistics.median(peaks)
 
     mem = {}
-    for kind in ("naive", "chunked", "hidden"):
+    for kind in () if args.no_logp_memory else ("naive", "chunked", "hidden"):
         for n in (512, 2048):
             msg = in_child(logp_memory, kind, n, args.logp_vocab)
             mem[(kind, n)] = msg["result"] / 2**20 if msg["ok"] else float("nan")
-            emit({"kind": "logp_memory", "method": kind, "rows": n, "vocab": args.logp_vocab,
-                  "peak_mb": mem[(kind, n)]})  # fmt: skip
+            record = {"method": kind, "rows": n, "vocab": args.logp_vocab}
+            emit({"kind": "logp_memory", **record, "peak_mb": mem[(kind, n)]})
 
     print(table(rows, peak, mem, args.logp_vocab))
+    honoured = padding_free.get("result", {}).get("honoured")
+    print(f"\nTRL {trl.__version__} DPOConfig(padding_free=True) honoured: {honoured}")
     out.close()
 
 
@@ -545,18 +753,30 @@ def profile(size: Size, args) -> None:
     runs: dict[str, list[dict]] = {"live": [], "precomputed": []}
     for _ in range(args.reps):
         for mode in runs:
-            msg = in_child(run_inspo, size, mode, True)
+            msg = in_child(run_inspo, size, {"mode": mode}, True)
             if not msg["ok"]:
                 raise SystemExit(msg["error"])
             runs[mode].append(msg["result"]["phases_ms"])
-            print(json.dumps({"kind": "profile", "size": size.name, "mode": mode,
-                              **msg["result"]}), flush=True)  # fmt: skip
+            record = {"kind": "profile", "size": size.name, "mode": mode, **msg["result"]}
+            print(json.dumps(record), flush=True)
     med = {m: {k: statistics.median(r[k] for r in v) for k in v[0]} for m, v in runs.items()}
-    print(f"\ninspo DPO step phases, {size.name}, ms per step (torch.profiler CPU time, median "
-          f"of {args.reps}; training_step includes the forwards and the loss):\n")  # fmt: skip
+    print(
+        f"\ninspo DPO step phases, {size.name}, ms per step (torch.profiler CPU time, median "
+        f"of {args.reps}; training_step includes the forwards and the loss):\n"
+    )
     print("| phase | live | precomputed |\n|---|---|---|")
     for k in med["live"]:
         print(f"| {k} | {med['live'][k]:.1f} | {med['precomputed'][k]:.1f} |")
+
+
+def counterparts(size: str, label: str) -> tuple[str | None, str | None]:
+    """(the TRL config an inspo config is compared with, the DPO config an InSPO config's
+    tokens/s is compared with)."""
+    if size == "real":
+        return "TRL DPO default", "inspo DPO packed"
+    if label.startswith("inspo DPO"):
+        return label.replace("inspo", "TRL").replace(" padded", ""), None
+    return None, "inspo DPO live"
 
 
 def table(rows: dict, peak: float, mem: dict, vocab: int) -> str:
@@ -567,25 +787,31 @@ def table(rows: dict, peak: float, mem: dict, vocab: int) -> str:
         f"matmul peak (fp32 torch.mm 2048², {THREADS[0]} thread(s), median of rounds): "
         f"{peak / 1e9:.1f} GFLOP/s",
         "",
-        "| size | config | pairs/s | tokens/s | peak mem MB | MFU | vs TRL (pairs/s) | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | config | pairs/s | pairs/CPU-s | tokens/s | padding | peak mem MB | MFU "
+        "| vs TRL: pairs/s (CPU) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (size, label), m in med.items():
         note, ratio = "", ""
-        if label.startswith("inspo DPO"):
-            trl_key = (size, label.replace("inspo", "TRL"))
-            if trl_key in med:
-                ratio = f"{m['pairs_per_s'] / med[trl_key]['pairs_per_s']:.2f}×"
-            if "precomputed" in label and (size, "inspo DPO live") in med:
-                live = med[(size, "inspo DPO live")]["pairs_per_s"]
-                note = f"{m['pairs_per_s'] / live:.2f}× own live pairs/s"
-        if "InSPO" in label and (size, "inspo DPO live") in med:
-            dpo = med[(size, "inspo DPO live")]["tokens_per_s"]
-            note = f"{m['tokens_per_s'] / dpo:.2f}× DPO live tokens/s"
+        trl_label, dpo_label = counterparts(size, label)
+        if label.startswith("inspo DPO") and (size, trl_label) in med:
+            other = med[(size, trl_label)]
+            ratio = (
+                f"{m['pairs_per_s'] / other['pairs_per_s']:.2f}× "
+                f"({m['pairs_per_cpu_s'] / other['pairs_per_cpu_s']:.2f}×)"
+            )
+            note = f"{m['peak_mem_mb'] / other['peak_mem_mb']:.2f}× TRL's peak memory"
+        if label == "inspo DPO precomputed" and (size, "inspo DPO live") in med:
+            live = med[(size, "inspo DPO live")]["pairs_per_s"]
+            note = f"{m['pairs_per_s'] / live:.2f}× own live pairs/s"
+        if "InSPO" in label and (size, dpo_label) in med:
+            dpo = med[(size, dpo_label)]["tokens_per_s"]
+            note = f"{m['tokens_per_s'] / dpo:.2f}× {dpo_label.removeprefix('inspo ')} tokens/s"
         mfu = m["model_tflops"] * 1e12 / peak
         lines.append(
-            f"| {size} | {label} | {m['pairs_per_s']:.2f} | {m['tokens_per_s']:.0f} | "
-            f"{m['peak_mem_mb']:.0f} | {mfu:.0%} | {ratio} | {note} |"
+            f"| {size} | {label} | {m['pairs_per_s']:.2f} | {m['pairs_per_cpu_s']:.2f} | "
+            f"{m['tokens_per_s']:.0f} | {m['padding']:.1%} | {m['peak_mem_mb']:.0f} | {mfu:.0%} | "
+            f"{ratio} | {note} |"
         )
     if mem:
         lines += [

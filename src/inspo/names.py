@@ -40,6 +40,10 @@ REWARDS_MARGINS = "rewards/margins"
 REWARDS_ACCURACIES = "rewards/accuracies"
 LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
+# What a training step computed: positions run through the policy and a live reference
+# (padding included, a shared context once), and the share of them that were padding.
+TOKENS_COMPUTED = "tokens/computed"
+TOKENS_PADDING_SHARE = "tokens/padding_share"
 PLAIN_ACCURACY = f"{VAL_PLAIN}/{REWARDS_ACCURACIES}"  # held-out accuracy of the plain policy
 VIEW_ACCURACY = f"{VAL}/{REWARDS_ACCURACIES}"  # ...of the trained view
 

@@ -187,13 +187,19 @@ def test_split_shared_prompt_declines_views_without_a_shared_context(tokenizer):
     assert split_shared_prompt(plain) is not None
 
 
+# Long shared prompts, short answers: the context once plus the responses is fewer positions
+# than the full rows, so sharing pays (on PAIRS it does not: see below).
+LONG_PROMPTS = [(p * 3, c, r) for p, c, r in PAIRS[:2]]
+
+
 def test_shares_prompts_only_where_it_changes_nothing(tokenizer, monkeypatch):
-    """The same scores with and without sharing; sharing is used on the plain view, and
-    skipped under activation checkpointing (which drops the KV cache)."""
+    """The same scores with and without sharing; sharing is used on the plain view where it
+    computes fewer positions than the full rows, and skipped under activation checkpointing
+    (which drops the KV cache)."""
     import inspo.models.scoring as scoring
     from inspo.models.load import enable_checkpointing, tiny_llama
 
-    view = pair_view(tokenizer, PAIRS)
+    view = pair_view(tokenizer, LONG_PROMPTS)
     model = tiny_llama(hidden_size=32, num_layers=2, num_heads=2, tokenizer=tokenizer).train()
     calls = []
     real = scoring.shared_prompt_logps
@@ -204,6 +210,13 @@ def test_shares_prompts_only_where_it_changes_nothing(tokenizer, monkeypatch):
     assert calls == [1]
     torch.testing.assert_close(shared.chosen, full.chosen, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.rejected, full.rejected, atol=1e-5, rtol=1e-5)
+    # PAIRS: a long answer after a short prompt; contexts once + responses padded to the
+    # longest answer hold more positions than the rows themselves, so the rows run whole.
+    few = pair_view(tokenizer, PAIRS)
+    split = scoring.split_shared_prompt(few)
+    assert split["context"].numel() + split["response"].numel() > few["input_ids"].numel()
+    rows, _ = scoring.score_pairs(model, few, scoring.Scoring())
+    assert calls == [1] and int(rows.tokens.computed) == few["input_ids"].numel()
     enable_checkpointing(model)
     checkpointed, _ = scoring.score_pairs(model, view, scoring.Scoring())
     assert calls == [1]

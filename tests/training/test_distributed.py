@@ -96,6 +96,23 @@ def test_two_process_training(tmp_path, hardware, reflection):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
+    "batching",
+    [
+        ["data.max_tokens_per_batch=700"],
+        pytest.param(["data.group_by_length=true", "data.group_size=2"], marks=pytest.mark.slow),
+    ],
+    ids=["budget", "grouped"],
+)
+@pytest.mark.subprocess
+def test_two_process_training_packed_with_batch_samplers(tmp_path, batching):
+    """Packed rows (the default) under DDP, with a batch sampler that Lightning re-creates with
+    its DistributedSampler: both processes run the same number of steps, none hangs."""
+    run_dir = train(tmp_path, "run", "hardware=ddp", "data.packing=true", *batching, *DIST)
+    check_run(run_dir, steps=4)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
     "sharded_ckpt", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["file", "folder"]
 )
 @pytest.mark.subprocess

@@ -3,13 +3,18 @@
 Rows are validated once (bad ones are counted in the :class:`~inspo.data.report.DataReport`,
 never silently dropped and never able to crash training), tokenised once with ``Dataset.map``
 (cached on disk under a key of the rows, tokenizer and layout), and padded per batch by
-:class:`~inspo.data.encode.PreferenceCollator`.
+:class:`~inspo.data.collate.PreferenceCollator`. Training batches are drawn in a seeded order
+(:class:`~inspo.data.sampler.EpochShuffle`), or grouped by length or filled to a token budget
+(:mod:`inspo.data.batching`); with ``packing`` the scorer runs each view's rows as one sequence
+without padding (:mod:`inspo.models.packing`), and the data report says what share of the
+computed tokens is padding either way.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +24,12 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from inspo.data.batching import (
+    LengthGroupedBatches,
+    TokenBudgetBatches,
+    batch_tokens,
+    pair_lengths,
+)
 from inspo.data.collate import PreferenceCollator, WithReferenceScores
 from inspo.data.encode import Encoder, tokenizer_fingerprint
 from inspo.data.report import DataReport
@@ -53,6 +64,13 @@ class PreferenceDataModule(L.LightningDataModule):
         reflection: whether reflective sequences are built at all. Validation batches then
             carry both views, so the plain-context policy (the model at inference) is always
             evaluated.
+        packing: whether the scorer packs each view's rows into one sequence without padding
+            (``data.packing``; see :mod:`inspo.models.packing`). Here it sets what a token
+            budget counts and what the data report calls padding.
+        group_by_length: training batches of pairs of similar length (seeded mega-batches of
+            ``group_size`` batches, sorted by length, then shuffled as batches).
+        max_tokens_per_batch: training batches hold as many pairs as fit this many computed
+            tokens (``batch_size`` then only sizes the mega-batches of ``group_by_length``).
     """
 
     def __init__(
@@ -76,6 +94,10 @@ class PreferenceDataModule(L.LightningDataModule):
         max_samples: int | None = None,
         over_long: str = "truncate",
         sft_fraction: float = 0.0,
+        packing: bool = False,
+        group_by_length: bool = False,
+        group_size: int = 50,
+        max_tokens_per_batch: int | None = None,
     ) -> None:
         super().__init__()
         self.source = source
@@ -100,6 +122,10 @@ class PreferenceDataModule(L.LightningDataModule):
         # out reflectively, R(x, other) then the chosen response, so the SFT policy learns the
         # layout InSPO scores in. Rows are picked by a seeded draw over the row order.
         self.sft_fraction = sft_fraction
+        self.packing, self.group_by_length, self.group_size = packing, group_by_length, group_size
+        if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+            raise ValueError(f"data.max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.datasets: dict[str, Dataset] = {}
         self.raw: dict[str, Sequence[dict]] = {}
         # {split: {view: {field: [N]}}}: precomputed reference scores (training.reference),
@@ -117,6 +143,7 @@ class PreferenceDataModule(L.LightningDataModule):
             if split not in self.raw:
                 raise ValueError(f"split {split!r} not in the data; found {sorted(self.raw)}")
             self.datasets[split] = self._build(split, self.raw[split])
+        self._report_batches()
         log.debug("%s", self.report)
 
     def _build(self, split: str, rows: Sequence[dict]) -> Dataset:
@@ -216,6 +243,49 @@ class PreferenceDataModule(L.LightningDataModule):
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         return str(self.cache_dir / f"{split}-{key[:16]}.arrow")
 
+    # ------------------------------------------------------------------ batches
+    def lengths(self, split: str, views: Sequence[str]) -> torch.Tensor:
+        """[N, views, 2]: every pair's chosen and rejected sequence lengths in ``views``."""
+        return pair_lengths(self.datasets[split], views)
+
+    def train_batches(
+        self, sampler: torch.utils.data.Sampler, skip: int = 0
+    ) -> LengthGroupedBatches | TokenBudgetBatches | None:
+        """The training batch sampler of ``group_by_length`` / ``max_tokens_per_batch``, or
+        None when batches are plain runs of ``batch_size`` rows of ``sampler``'s order."""
+        lengths = self.lengths(self.train_split, self.train_views)
+        if self.max_tokens_per_batch is not None:
+            group = self.group_size * self.batch_size if self.group_by_length else None
+            budget = self.max_tokens_per_batch
+            return TokenBudgetBatches(
+                sampler, lengths, budget, self.packing, group, self.seed, skip
+            )
+        if self.group_by_length:
+            longest = lengths.flatten(1).max(-1).values
+            return LengthGroupedBatches(
+                sampler, longest, self.batch_size, self.group_size, self.seed, skip
+            )
+        return None
+
+    def _report_batches(self) -> None:
+        """What one epoch's batches compute, as one process draws them (epoch 0)."""
+        for split, views in ((self.train_split, self.train_views), (self.val_split, self.views)):
+            if split not in self.datasets:
+                continue
+            n = len(self.datasets[split])
+            if split == self.train_split:
+                sampler = EpochShuffle(n, self.seed)
+                batcher = self.train_batches(sampler)
+                if batcher is None:
+                    batches = _runs(list(sampler), self.batch_size)
+                else:
+                    batches = batcher.epoch_batches(0)
+            else:
+                batches = _runs(list(range(n)), self.eval_batch_size)
+            self.report.split(split).batches = batch_tokens(
+                batches, self.lengths(split, views), self.packing
+            )
+
     # ------------------------------------------------------------------ loaders
     def _loader(self, split: str, views: tuple[str, ...], batch_size: int, shuffle: bool):
         ds = self.datasets[split]
@@ -224,26 +294,49 @@ class PreferenceDataModule(L.LightningDataModule):
         collate = PreferenceCollator(self.tokenizer.pad_token_id, views)
         if split in self.reference_scores:
             collate = WithReferenceScores(collate, self.reference_scores[split])
+        common = {
+            "collate_fn": collate,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+        batches = self.train_batches(EpochShuffle(len(ds), self.seed)) if shuffle else None
+        if batches is not None:
+            # skip is an argument, not an attribute set afterwards: under DDP Lightning
+            # re-creates a batch sampler from its arguments, with its DistributedSampler
+            # (which then only tells the process's rank; see inspo.data.batching).
+            world = self.trainer.world_size if self.trainer is not None else 1
+            skip = self._consumed(math.ceil(len(batches.epoch_batches(0)) / world))
+            if skip:
+                batches = self.train_batches(EpochShuffle(len(ds), self.seed), skip)
+            return DataLoader(ds, batch_sampler=batches, **common)
         return DataLoader(
             ds,
             batch_size=batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            **common,
         )
+
+    def _consumed(self, per_epoch: int) -> int:
+        """Batches this process already ran in the current epoch (0 unless resuming); on
+        resume, global_step and current_epoch are restored before the loaders are built."""
+        t = self.trainer
+        if t is None:
+            return 0
+        return max(t.global_step * t.accumulate_grad_batches - t.current_epoch * per_epoch, 0)
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_split, self.train_views, self.batch_size, shuffle=True)
-        if isinstance(loader.sampler, EpochShuffle) and self.trainer is not None:
-            # On resume, global_step and current_epoch are restored before this is called.
-            t = self.trainer
-            done = t.global_step * t.accumulate_grad_batches - t.current_epoch * len(loader)
-            loader.sampler.skip = max(done, 0) * self.batch_size
+        if isinstance(loader.sampler, EpochShuffle):
+            loader.sampler.skip = self._consumed(len(loader)) * self.batch_size
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_split is None:
             return []
         return self._loader(self.val_split, self.views, self.eval_batch_size, shuffle=False)
+
+
+def _runs(order: list[int], size: int) -> list[list[int]]:
+    """Consecutive batches of ``size`` rows, as a DataLoader without a batch sampler makes."""
+    return [order[i : i + size] for i in range(0, len(order), size)]

@@ -3,7 +3,10 @@
 Per split it records ``rows_read``, ``rows_used``, ``skipped`` (reason → count), the first few
 row ids per reason, how many used rows were truncated (``truncated``: anything cut) and how many
 of those had a scored response cut (``response_truncated``); ``rows_read == rows_used +
-sum(skipped.values())`` always holds. It is printed, logged and saved as ``data_report.json``.
+sum(skipped.values())`` always holds. ``batches`` says what one epoch's batches compute: real
+tokens, padded tokens and the share of computed tokens that is padding
+(:func:`~inspo.data.batching.batch_tokens`). It is printed, logged and saved as
+``data_report.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class SplitReport:
     response_truncated: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     examples: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    batches: dict[str, Any] = field(default_factory=dict)
 
     def skip(self, reason: str, row_id: Any) -> None:
         self.skipped[reason] += 1
@@ -43,6 +47,7 @@ class SplitReport:
             "response_truncated": self.response_truncated,
             "skipped": dict(self.skipped),
             "examples": dict(self.examples),
+            "batches": self.batches,
         }
 
 
@@ -66,7 +71,7 @@ class DataReport:
     def to_dict(self) -> dict[str, Any]:
         return {name: s.to_dict() for name, s in self.splits.items()}
 
-    def flat_metrics(self) -> dict[str, int]:
+    def flat_metrics(self) -> dict[str, float]:
         """``data/<split>/<field>`` numbers for a logger."""
         out: dict[str, int] = {}
         for name, s in self.splits.items():
@@ -76,6 +81,8 @@ class DataReport:
             out[f"data/{name}/response_truncated"] = s.response_truncated
             for reason, n in s.skipped.items():
                 out[f"data/{name}/skipped/{reason}"] = n
+            if s.batches:
+                out[f"data/{name}/padding_share"] = s.batches["padding_share"]
         return out
 
     def save(self, path: str | Path) -> None:
@@ -90,4 +97,12 @@ class DataReport:
             )
             for reason, n in sorted(s.skipped.items()):
                 lines.append(f"    skipped {n} × {reason} (e.g. rows {s.examples[reason]})")
+            if s.batches:
+                b = s.batches
+                lines.append(
+                    f"    {b['batches']} batches of {b['pairs_per_batch']:.1f} pairs, "
+                    f"{b['real_tokens']} real tokens; padding {b['padding_share']:.1%} of the "
+                    f"computed tokens ({'packed' if b['packing'] else 'padded'}; padded: "
+                    f"{b['padding_share_without_packing']:.1%})"
+                )
         return "\n".join(lines)

@@ -6,6 +6,12 @@ import torch
 from torch.utils.data import Sampler
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of ``n`` rows in an epoch: a permutation drawn from (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
 class EpochShuffle(Sampler[int]):
     """A permutation drawn from (seed, epoch) alone, never from the global RNG.
 
@@ -23,9 +29,7 @@ class EpochShuffle(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        order, self.skip = order[self.skip :], 0
+        order, self.skip = epoch_order(self.n, self.seed, self.epoch)[self.skip :], 0
         return iter(order)
 
     def __len__(self) -> int:

@@ -140,7 +140,7 @@ def sample_logps(
         cols = torch.arange(ids.shape[1])
         starts = torch.tensor([len(c) for c in ctx])[:, None]
         view = {"input_ids": ids, "attention_mask": att, "loss_mask": (cols >= starts) & att.bool()}
-        sums, _, _ = score_sequences(model, {k: v.to(device) for k, v in view.items()}, ONE_BY_ONE)
+        sums = score_sequences(model, {k: v.to(device) for k, v in view.items()}, ONE_BY_ONE).sums
         out.append(sums.float().cpu())
     return torch.cat(out)
 

@@ -8,15 +8,32 @@ reference's precomputed scores and for evaluation. It picks the cheapest exact p
 - a pair's shared context run once, its KV cache serving both responses
   (:func:`shared_prompt_logps`), when chosen and rejected rows share it token for token;
 - full logits with a chunked log-softmax (:func:`sequence_logps`) when the caller needs the
-  logits or the model's head is not a plain linear map.
+  logits or the model's head is not a plain linear map;
+- with ``Scoring.packing``, every one of these on the view's rows packed into one sequence
+  without padding (:func:`packed_logps`; pairs that share a context hold it once), falling back
+  to the padded view, with one warning, for a model that cannot pack.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import weakref
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from inspo.models.packed_attention import (
+    PACK_KWARG,
+    PackingUnsupported,
+    empty_mask,
+    enable_packing,
+    packing_blocker,
+)
+from inspo.models.packing import pack_view, scored_positions, shared_contexts, unpack
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,22 +43,47 @@ class Scoring:
     ``scored_lm_head``: the LM head only where a scored token is predicted (when the model's
     head allows it). ``share_prompt``: run a pair's shared context once (needs the scored-head
     path and a plain KV cache; off under activation checkpointing, which drops the cache).
-    ``logp_chunk``: sequence chunk of the full-logits path's log-softmax.
+    ``logp_chunk``: sequence chunk of the full-logits path's log-softmax. ``packing``: run the
+    view's rows as one sequence without padding (``data.packing``).
     """
 
     scored_lm_head: bool = True
     share_prompt: bool = True
     logp_chunk: int = 1024
+    packing: bool = False
+
+
+class TokenCount(NamedTuple):
+    """Positions a scoring call ran through the model (``computed``, padding included) and how
+    many of them held real tokens (``real``; a shared context counts once). 0-d tensors, so
+    counting needs no host sync."""
+
+    computed: Tensor
+    real: Tensor
+
+    def __add__(self, other: TokenCount) -> TokenCount:  # type: ignore[override]
+        return TokenCount(self.computed + other.computed, self.real + other.real)
+
+
+class Scored(NamedTuple):
+    """:func:`score_sequences`' result: sums and counts [N], logits when computed, tokens."""
+
+    sums: Tensor
+    counts: Tensor
+    logits: Tensor | None
+    tokens: TokenCount
 
 
 @dataclass
 class ViewScores:
-    """Summed log-probs and scored-token counts of a pair view's chosen and rejected rows; [B]."""
+    """Summed log-probs and scored-token counts of a pair view's chosen and rejected rows; [B].
+    ``tokens``: what scoring them computed (None for precomputed scores)."""
 
     chosen: Tensor
     rejected: Tensor
     chosen_length: Tensor
     rejected_length: Tensor
+    tokens: TokenCount | None = None
 
 
 def forward(model: torch.nn.Module, view: dict[str, Tensor], output: str = "logits") -> Tensor:
@@ -64,24 +106,34 @@ def score_sequences(
     how: Scoring = Scoring(),
     *,
     need_logits: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(sums [N], counts [N], logits or None) for the N rows of ``view`` (``input_ids``,
-    ``attention_mask``, ``loss_mask``: 1 exactly on the scored tokens). Logits come back only
-    when ``need_logits`` or when the model's head forces the full-logits path."""
+) -> Scored:
+    """Sums [N], counts [N], logits (or None) and tokens for the N rows of ``view``
+    (``input_ids``, ``attention_mask``, ``loss_mask``: 1 exactly on the scored tokens). Logits
+    come back only when ``need_logits`` or when the model's head forces the full-logits path."""
     ids, scored = view["input_ids"], view["loss_mask"]
     parts = split_lm_head(model) if how.scored_lm_head and not need_logits else None
+    if how.packing and can_pack(model):
+        try:
+            return packed_logps(model, parts, view, how)
+        except PackingUnsupported as e:  # found during the forward: nothing of it is kept
+            _refuse(model, str(e))
+    padded = TokenCount(_numel(ids), view["attention_mask"].sum())
     if parts is None:
         logits = forward(model, view)
-        return (*sequence_logps(logits, ids, scored, how.logp_chunk), logits)
+        return Scored(*sequence_logps(logits, ids, scored, how.logp_chunk), logits, padded)
     decoder, weight = parts
     checkpointed = getattr(decoder, "gradient_checkpointing", False) and decoder.training
     if how.share_prompt and not checkpointed:
         split = split_shared_prompt(view)
+        if split is not None and not _sharing_computes_less(split, ids):
+            split = None
         sums = None if split is None else shared_prompt_logps(decoder, weight, split)
         if sums is not None:
-            return (*sums, None)
+            shared = [split[k] for k in ("context_mask", "response_mask")]
+            tokens = TokenCount(sum(_numel(m) for m in shared), sum(m.sum() for m in shared))
+            return Scored(*sums, None, tokens)
     hidden = forward(decoder, view, output="last_hidden_state")
-    return (*hidden_sequence_logps(hidden, weight, ids, scored), None)
+    return Scored(*hidden_sequence_logps(hidden, weight, ids, scored), None, padded)
 
 
 def score_pairs(
@@ -98,11 +150,22 @@ def score_pairs(
     n = view["input_ids"].shape[0] // 2
     if chosen_only:
         view = {k: v[:n] for k, v in view.items()}
-        how = Scoring(how.scored_lm_head, False, how.logp_chunk)  # no pairs left to share
-    sums, counts, logits = score_sequences(model, view, how, need_logits=need_logits)
+        how = replace(how, share_prompt=False)  # no pairs left to share
+    sums, counts, logits, tokens = score_sequences(model, view, how, need_logits=need_logits)
     if chosen_only:
-        return ViewScores(sums, torch.zeros_like(sums), counts, torch.ones_like(counts)), logits
-    return ViewScores(sums[:n], sums[n:], counts[:n], counts[n:]), logits
+        zeros, ones = torch.zeros_like(sums), torch.ones_like(counts)
+        return ViewScores(sums, zeros, counts, ones, tokens), logits
+    return ViewScores(sums[:n], sums[n:], counts[:n], counts[n:], tokens), logits
+
+
+def _sharing_computes_less(split: dict[str, Tensor], ids: Tensor) -> bool:
+    """Contexts once and responses apart are two padded rectangles; in a batch of similar total
+    lengths (``data.group_by_length``) they often hold more positions than the rows do."""
+    return split["context"].numel() + split["response"].numel() < ids.numel()
+
+
+def _numel(t: Tensor) -> Tensor:
+    return torch.tensor(t.numel(), device=t.device)
 
 
 def token_logps(logits: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
@@ -206,8 +269,12 @@ def hidden_sequence_logps(
     mask = loss_mask[:, 1:].to(torch.bool)
     rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
     lp = lm_head_logps(hidden[:, :-1][mask], weight, input_ids[:, 1:][mask])
-    sums = torch.zeros(mask.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
-    return sums, mask.sum(-1)
+    return row_sums(lp, rows, mask.shape[0]), mask.sum(-1)
+
+
+def row_sums(values: Tensor, rows: Tensor, n: int) -> Tensor:
+    """Σ of ``values`` per row id in ``rows``, for rows 0..n−1."""
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, rows, values)
 
 
 #: Config fields that change the logits after the LM head's matmul; such models use full logits.
@@ -325,3 +392,68 @@ def shared_prompt_logps(
     targets = torch.cat([response[:, :1], response], dim=1)  # column 0 is never scored
     scored = torch.cat([torch.zeros_like(response_mask[:, :1]), response_mask], dim=1)
     return hidden_sequence_logps(hidden, weight, targets, scored)
+
+
+# --------------------------------------------------------------------------- packed rows
+#: Per model: None when it runs packed sequences, else why not (decided once, then cached).
+_PACKING: weakref.WeakKeyDictionary[torch.nn.Module, str | None] = weakref.WeakKeyDictionary()
+_WARNED: set[tuple[str, str]] = set()
+
+
+def can_pack(model: torch.nn.Module) -> bool:
+    """Whether ``model`` runs packed sequences; on the first call, switches it to the packing
+    attention wrapper, or warns once why it cannot (its batches are then scored padded)."""
+    if model not in _PACKING:
+        reason = packing_blocker(model)
+        if reason is None:
+            enable_packing(model)
+        _PACKING[model] = reason
+        if reason is not None:
+            _refuse(model, reason)
+    return _PACKING[model] is None
+
+
+def _refuse(model: torch.nn.Module, reason: str) -> None:
+    _PACKING[model] = reason
+    key = (type(model).__name__, reason)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("data.packing: %s cannot run packed rows (%s); scoring padded", *key)
+
+
+def packed_logps(
+    model: torch.nn.Module,
+    parts: tuple[torch.nn.Module, Tensor] | None,
+    view: dict[str, Tensor],
+    how: Scoring,
+) -> Scored:
+    """:func:`score_sequences` on the view's rows packed into one sequence (see
+    :mod:`inspo.models.packing`): the same numbers, no padding computed, and each shared
+    context once (no KV cache needed, so this also shares under activation checkpointing).
+
+    ``parts`` = (decoder, LM-head weight) for the scored-position head, else full logits,
+    returned in the padded view's layout. Raises :class:`PackingUnsupported` when an attention
+    layer did not take the packed layout (the caller then scores the padded view).
+    """
+    ids, scored = view["input_ids"], view["loss_mask"]
+    pack = pack_view(view, shared_contexts(view) if how.share_prompt else None)
+    out = (model if parts is None else parts[0])(
+        input_ids=pack.input_ids,
+        position_ids=pack.position_ids,
+        attention_mask=empty_mask(ids.device),
+        use_cache=False,
+        **{PACK_KWARG: pack.blocks},
+    )
+    layers = model.config.get_text_config().num_hidden_layers
+    if pack.blocks.calls != layers:
+        raise PackingUnsupported(
+            f"{pack.blocks.calls} of {layers} attention layers took the packed layout"
+        )
+    real = torch.tensor(pack.tokens, device=ids.device)
+    tokens = TokenCount(real, real)
+    if parts is None:
+        logits = unpack(out.logits, pack)
+        return Scored(*sequence_logps(logits, ids, scored, how.logp_chunk), logits, tokens)
+    rows, before, targets = scored_positions(view, pack)
+    lp = lm_head_logps(out.last_hidden_state[0][before], parts[1], targets)
+    return Scored(row_sums(lp, rows, ids.shape[0]), scored[:, 1:].bool().sum(-1), None, tokens)

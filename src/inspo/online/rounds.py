@@ -275,9 +275,9 @@ class Rounds:
         view = {k: v.to(device) for k, v in view.items()}
         if module.hparams.adapter_reference:
             with adapter_disabled(module.policy) as base:
-                sums, _, _ = score_sequences(base, view, ONE_BY_ONE)
+                sums = score_sequences(base, view, ONE_BY_ONE).sums
         else:
-            sums, _, _ = score_sequences(module.reference.eval(), view, ONE_BY_ONE)
+            sums = score_sequences(module.reference.eval(), view, ONE_BY_ONE).sums
         flat = iter(sums.float().cpu().tolist())
         return [[next(flat) for _ in g] for g in groups]
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 from torch import Tensor
 
-from inspo.models.scoring import ViewScores
+from inspo.models.scoring import TokenCount, ViewScores
 from inspo.names import (
     LOGPS_CHOSEN,
     LOGPS_REJECTED,
@@ -13,6 +16,8 @@ from inspo.names import (
     REWARDS_CHOSEN,
     REWARDS_MARGINS,
     REWARDS_REJECTED,
+    TOKENS_COMPUTED,
+    TOKENS_PADDING_SHARE,
 )
 from inspo.objectives import ObjectiveOutput
 
@@ -36,4 +41,17 @@ def pair_metrics(
         LOGPS_REJECTED: policy.rejected.detach().mean(),
         **{k: v.mean() for k, v in out.metrics.items()},
         **extra,
+    }
+
+
+def token_metrics(tokens: dict[str, TokenCount]) -> dict[str, Tensor]:
+    """The step's computed tokens, over every model (``tokens``: per model), and the share of
+    them that were padding."""
+    if not tokens:
+        return {}
+    total = functools.reduce(operator.add, tokens.values())
+    computed = total.computed.float()
+    return {
+        TOKENS_COMPUTED: computed,
+        TOKENS_PADDING_SHARE: 1 - total.real.float() / computed.clamp(min=1),
     }

@@ -13,6 +13,7 @@ knows which one it got.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -21,13 +22,13 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from inspo.models.load import freeze
-from inspo.models.scoring import Scoring, ViewScores, forward, score_pairs
+from inspo.models.scoring import Scoring, TokenCount, ViewScores, score_pairs, score_sequences
 from inspo.models.sharding import shard
 from inspo.names import PLAIN, REFERENCE_CONTEXTS, REFLECTIONS, REFLECTIVE, TRAIN, VAL, VAL_PLAIN
 from inspo.objectives import Objective, ObjectiveOutput, PairScores
 from inspo.training.distill import distill_kl
 from inspo.training.guards import NonFiniteError, describe_non_finite, finite_everywhere
-from inspo.training.metrics import PROGRESS, pair_metrics
+from inspo.training.metrics import PROGRESS, pair_metrics, token_metrics
 from inspo.training.optim import OptimConfig, build_optimizer
 from inspo.training.reference import adapter_disabled
 from inspo.training.views import policy_view, reference_view, train_views
@@ -47,7 +48,8 @@ class PreferenceModule(L.LightningModule):
     reflective behaviour into the plain context. ``reference_in_checkpoint``: keep the
     reference in checkpoints (``reference=sync``, whose reference is training state).
     ``optim``: :class:`~inspo.training.optim.OptimConfig` fields; ``scored_lm_head``,
-    ``share_prompt``, ``logp_chunk``: :class:`~inspo.models.scoring.Scoring`.
+    ``share_prompt``, ``logp_chunk``, ``packing`` (``data.packing``):
+    :class:`~inspo.models.scoring.Scoring`.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class PreferenceModule(L.LightningModule):
         scored_lm_head: bool = True,
         share_prompt: bool = True,
         logp_chunk: int = 1024,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if reflection not in REFLECTIONS:
@@ -82,7 +85,7 @@ class PreferenceModule(L.LightningModule):
         self.mix = (reflective_weight if reflective else 1.0, standard_weight * reflective)
         self.distill_weight = distill_weight * reflective
         self.optim = OptimConfig(**(optim or {}))
-        self.scoring = Scoring(scored_lm_head, share_prompt, logp_chunk)
+        self.scoring = Scoring(scored_lm_head, share_prompt, logp_chunk, packing)
         self.policy_view = policy_view(reflection)
         self.reference_view = reference_view(reflection, reference_context)
         self.train_views = train_views(
@@ -93,10 +96,17 @@ class PreferenceModule(L.LightningModule):
             distill_weight,
         )
         self._last_reference: ViewScores | None = None  # for a non-finite loss's message
+        # What the current training step computed, per model ("policy", "reference").
+        self.step_tokens: dict[str, TokenCount] = {}
 
     # ------------------------------------------------------------------ scores and losses
     def score_view(self, model: torch.nn.Module, view: dict[str, Tensor]) -> ViewScores:
         return score_pairs(model, view, self.scoring)[0]
+
+    def _count(self, model: str, tokens: TokenCount | None) -> None:
+        if tokens is not None:
+            seen = self.step_tokens.get(model)
+            self.step_tokens[model] = tokens if seen is None else seen + tokens
 
     @torch.no_grad()
     def reference_scores(self, batch: dict[str, Any], view: str) -> ViewScores:
@@ -125,12 +135,14 @@ class PreferenceModule(L.LightningModule):
         ref = None
         if self.objective.requires_reference:
             ref = self.reference_scores(batch, reference_view)
+            self._count("reference", ref.tokens)
         self._last_reference = ref
         chosen_only = not self.objective.pairwise
         view = batch[policy_view]
         pol, logits = score_pairs(
             self.policy, view, self.scoring, chosen_only=chosen_only, need_logits=need_logits
         )
+        self._count("policy", pol.tokens)
         return self.objective(pair_scores(pol, ref, one_sided)), pol, logits
 
     def compute_loss(
@@ -147,7 +159,11 @@ class PreferenceModule(L.LightningModule):
             extra["loss_standard"] = std.losses.detach().mean()
         if self.distill_weight > 0:  # teacher: the reflective logits; student: plain context
             n, plain = pol.chosen.shape[0], batch[PLAIN]
-            student = forward(self.policy, {k: v[:n] for k, v in plain.items()})
+            chosen = {k: v[:n] for k, v in plain.items()}
+            how = replace(self.scoring, share_prompt=False)  # chosen rows only: no pairs
+            scored = score_sequences(self.policy, chosen, how, need_logits=True)
+            student = scored.logits
+            self._count("policy", scored.tokens)
             teacher_mask = batch[self.policy_view]["loss_mask"][:n]
             kl = distill_kl(logits[:n], teacher_mask, student, plain["loss_mask"][:n])
             loss = loss + self.distill_weight * kl
@@ -156,12 +172,14 @@ class PreferenceModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.step_tokens = {}
         loss, out, pol, extra = self.compute_loss(batch)
         if not finite_everywhere([loss], self.trainer.strategy, self.device):
             reason = describe_non_finite(out, pol, self._last_reference)
             where = f"step {self.global_step} (objective {self.objective!r})"
             raise NonFiniteError(f"non-finite loss at {where}; {reason}")
-        self.log_metrics(TRAIN, pair_metrics(loss, out, pol, extra), out.losses.shape[0])
+        values = pair_metrics(loss, out, pol, extra) | token_metrics(self.step_tokens)
+        self.log_metrics(TRAIN, values, out.losses.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

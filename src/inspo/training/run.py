@@ -84,6 +84,10 @@ def build_datamodule(
         cache_dir=str(Path(cfg.paths.cache_dir) / "tokenized"),
         max_samples=d.max_samples,
         over_long=d.over_long,
+        packing=d.packing,
+        group_by_length=d.group_by_length,
+        group_size=d.group_size,
+        max_tokens_per_batch=d.max_tokens_per_batch,
         **data_knobs,
     )
 
@@ -121,6 +125,7 @@ def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> Prefe
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
         adapter_reference=kind == "adapter_disabled",
         reference_in_checkpoint=kind == "sync",  # TR-DPO's reference is training state
+        packing=cfg.data.packing,  # the scorer packs each view's rows (inspo.models.packing)
         **knobs(cfg, MODULE_KNOBS),
     )
 
