@@ -1,0 +1,529 @@
+"""Online preference optimisation per step: inspo's online mode against TRL 1.16's
+``trl.experimental.online_dpo.OnlineDPOTrainer``, CPU fp32, identical work (see
+benchmarks/README.md, "Online: inspo vs TRL OnlineDPOTrainer").
+
+    python benchmarks/bench_online.py                        # tiny, 3 rounds, every config
+    python benchmarks/bench_online.py --sizes tiny,small --rounds 3
+
+Every step of both samples K = 2 responses to each of ``--prompts`` prompts from the live
+policy (HF model forwards on CPU, no vLLM), judges them with the same Python function, and
+trains one DPO step (β 0.1, AdamW lr 5e-7 constant, clipping 1.0) against a frozen copy of the
+initial policy. Every (size, config, round) runs in a child forked after the imports
+(``bench_dpo.in_child``), so each starts from the same post-import state; configurations
+alternate inside each round; warm-up steps are excluded; tables show medians over rounds.
+
+What each side counts as a pair. inspo pairs each prompt's best and worst response and drops
+ties (and other unusable pairs, each counted); a step draws more prompts until it has
+``--prompts`` pairs, so every trained pair has a score gap. TRL trains one pair per prompt
+whatever the scores (a tie's "chosen" is the first sample). ``pairs/s`` counts the pairs each
+trained (``--prompts`` per step for both); ``non-tie pairs/s`` only those with a score gap.
+
+The judge is the number of distinct characters of a response: a random-init policy's samples
+all get the synthetic task's invalid-response gold reward (all ties), this one varies on
+random text, and it costs the same on both sides.
+
+The model is the tiny random-init Llama, made to sample 7-bit ASCII (and EOS) only
+(:func:`ascii_only`), the same for both: inspo pairs texts and re-encodes them for training,
+and a random byte-level model samples bytes >= 128 that decode to U+FFFD, whose re-encoding
+is three bytes (32 sampled tokens trained as ≈ 58). ASCII round-trips exactly, so both train on
+the tokens that were sampled. ``--any-bytes`` keeps the unmodified model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # OnlineDPOTrainer's experimental warning
+
+import lightning as L
+import torch
+import trl
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+import bench_dpo
+import inspo.models.load as inspo_load
+from bench_dpo import in_child
+from inspo.config import compose_config
+from inspo.data.report import DataReport
+from inspo.data.synthetic import prompt_pool
+from inspo.models.load import byte_tokenizer, count_parameters, tiny_llama
+from inspo.online.prompts import Prompt, check_prompts, stream
+from inspo.online.run import Iterate
+from inspo.training.run import run as train_run
+
+BETA, LR, SEED = 0.1, 5e-7, 0  # TRL's OnlineDPOConfig defaults for β and lr
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    model: dict
+    prompts: int  # prompts per step (TRL's per_device_train_batch_size, inspo's data.batch_size)
+    new_tokens: int
+    warmup: int
+    steps: int
+
+    @property
+    def total(self) -> int:  # the first step's end starts the clock
+        return self.warmup + self.steps + 1
+
+
+SIZES = {
+    "tiny": Size("tiny", {}, prompts=8, new_tokens=32, warmup=2, steps=8),
+    "small": Size(
+        "small",
+        {"hidden_size": 512, "num_layers": 8, "num_heads": 8},
+        prompts=8,
+        new_tokens=32,
+        warmup=1,
+        steps=3,
+    ),
+}
+
+# (label, framework, TRL settings). TRL defaults: activation checkpointing on (which also turns
+# the KV cache off in generation), temperature 0.9, fused AdamW; like for like: what inspo
+# does (checkpointing off, temperature 1, torch.optim.AdamW).
+CONFIGS = [
+    ("inspo online", "inspo", {}),
+    (
+        "TRL like-for-like",
+        "trl",
+        {"gradient_checkpointing": False, "temperature": 1.0, "optim": "adamw_torch"},
+    ),
+    ("TRL defaults", "trl", {"gradient_checkpointing": True, "temperature": 0.9}),
+]
+BYTES = ["ascii"]  # set by --any-bytes
+
+
+# --------------------------------------------------------------------------- same work
+def distinct_chars(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """The judge: distinct characters per response (varies on a random policy's samples)."""
+    return [float(len(set(r))) for r in responses]
+
+
+# inspo's Python judge imports the function by name; run as a script, this module is __main__.
+JUDGE = f"{__name__}.distinct_chars"
+
+
+def ascii_only(model: torch.nn.Module, eos_id: int, sign: float = 2.0) -> torch.nn.Module:
+    """Make a random-init model sample 7-bit ASCII and EOS only, keeping its shapes and cost.
+
+    Embedding coordinate 0 (tied with the LM head) becomes +``sign`` for those tokens and
+    −``sign`` for the rest; after an ASCII token it dominates the residual stream, so every
+    other token's logit is ≈ 2·``sign``·|ĥ₀| lower (no token ≥ 128 in 3,763 samples).
+    """
+    emb = model.get_input_embeddings().weight
+    allowed = torch.arange(emb.shape[0]) < 128
+    allowed[eos_id] = True
+    with torch.no_grad():
+        emb[:, 0] = torch.where(allowed, sign, -sign).to(emb.dtype)
+    return model
+
+
+def bench_model(tokenizer: Any, size: Size) -> torch.nn.Module:
+    """The policy both start from: ``tiny_llama`` (seed 0), ASCII-only unless --any-bytes."""
+    model = tiny_llama(tokenizer=tokenizer, seed=SEED, **size.model)
+    return ascii_only(model, tokenizer.eos_token_id) if BYTES[0] == "ascii" else model
+
+
+def prompts(tokenizer: Any) -> list[Prompt]:
+    """inspo's prompt pool (the built-in task's), checked as inspo-iterate checks it."""
+    return check_prompts(prompt_pool(seed=0, n_eval=256), tokenizer, 64, "truncate", DataReport())
+
+
+def checksum(model: torch.nn.Module) -> float:
+    """Σ of the weights: both sides must start from the same model."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def non_ascii(ids: Sequence[int], eos_id: int) -> int:
+    return sum(1 for i in ids if i >= 128 and i != eos_id)
+
+
+# --------------------------------------------------------------------------- inspo
+class StepEnds(L.Callback):
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def timed(record: Callable[[float, Any], None], fn: Callable) -> Callable:
+    """``fn`` that also calls ``record(seconds, result)``."""
+
+    def wrapped(*args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        record(time.perf_counter() - t, out)
+        return out
+
+    return wrapped
+
+
+def run_inspo(size: Size, *, workdir: str) -> dict:
+    """``inspo-iterate experiment=online`` in process, through :func:`inspo.training.run.run`
+    with :class:`Iterate` (what ``inspo.online.run.iterate`` does), plus clocks."""
+    tok = byte_tokenizer()
+    eos = tok.eos_token_id
+    build = inspo_load.tiny_llama  # load_policy builds the tiny model through this name
+    inspo_load.tiny_llama = lambda **kw: (
+        ascii_only(build(**kw), eos) if BYTES[0] == "ascii" else build(**kw)
+    )
+    clock = StepEnds()
+    rounds: list[dict] = []  # per round (= step): what its build drew, generated and timed
+    start: dict = {}
+
+    class Measured(Iterate):
+        def attach(self, cfg, module, datamodule, trainer) -> None:
+            super().attach(cfg, module, datamodule, trainer)
+            trainer.callbacks.append(clock)
+            start["checksum"] = checksum(module.policy)
+            start["reference_checksum"] = checksum(module.reference)
+            r = self.rounds
+
+            def new_round(seconds: float, data: Any) -> None:
+                rep = data.report
+                # Prompts that gave no trained pair: ties and the other counted reasons.
+                surplus = rep["dropped"].get("unused_surplus", 0)
+                unpaired = rep["prompts"] - rep["pairs"] - surplus
+                ties = rep["dropped"].get("tie", 0)
+                rounds[-1].update(
+                    prompts=rep["prompts"], samples=rep["samples"], ties=ties, unpaired=unpaired
+                )
+
+            def generated(seconds: float, groups: Any) -> None:
+                cur = rounds[-1]
+                cur["generate_calls"] += 1
+                ids = [s.ids for g in groups for s in g]
+                cur["tokens"] += sum(map(len, ids))
+                cur["non_ascii"] += sum(non_ascii(x, eos) for x in ids)
+
+            def reference(seconds: float, _: Any) -> None:
+                rounds[-1]["sample_kl_s"] += seconds
+
+            build_round = r.build
+
+            def build_with_record(*a, **k):
+                rounds.append(Counter(generate_calls=0, tokens=0, non_ascii=0, sample_kl_s=0.0))
+                return timed(new_round, build_round)(*a, **k)
+
+            r.build = build_with_record
+            r.backend.generate = timed(generated, r.backend.generate)
+            r.reference_logps = timed(reference, r.reference_logps)
+
+    m = size.model
+    overrides = [
+        "experiment=online",
+        f"iterate.rounds={size.total}",
+        "iterate.steps_per_round=1",
+        "iterate.samples_per_prompt=2",
+        "iterate.save_rounds=false",
+        "iterate.eval_every=0",
+        "eval.n_prompts=0",  # no per-round evaluation (TRL has none either)
+        "data.val_split=null",  # no validation data or validation (TRL has none either)
+        "+data.source.n_sft=0",
+        "+data.source.n_train=0",
+        "+data.source.n_val=0",
+        f"data.batch_size={size.prompts}",
+        f"generation.max_new_tokens={size.new_tokens}",
+        "generation.temperature=1.0",
+        "generation.top_k=0",
+        "generation.top_p=1.0",
+        "judge=python",
+        f"judge.function={JUDGE}",
+        "objective=dpo",
+        f"objective.beta={BETA}",
+        f"optim.lr={LR}",
+        "optim.warmup_steps=0",
+        "optim.scheduler=constant",
+        "trainer.log_every_n_steps=10",
+        "trainer.gradient_clip_val=1.0",
+        "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_train_steps=1000000",  # none during the run (TRL: save_strategy=no)
+        "save_policy=false",
+        "logger=csv",
+        f"paths.cache_dir={workdir}/cache",
+        f"seed={SEED}",
+        *[f"model.tiny.{k}={v}" for k, v in m.items()],
+    ]
+    cfg = compose_config(overrides, workdir, name="iterate")
+    summary = train_run(cfg, Measured(cfg))
+    history = summary["rounds"]
+    steps = []
+    for i in range(size.warmup + 1, size.total):
+        h, r = history[i], rounds[i]
+        steps.append({
+            "step_s": clock.ends[i] - clock.ends[i - 1],
+            "generation_s": h["time/generation_seconds"],
+            "judging_s": h["time/judging_seconds"],
+            "training_s": h["time/training_seconds"],
+            "sample_kl_s": r["sample_kl_s"],
+            "pairs": int(h["objective/pairs"]),
+            "non_tie_pairs": int(h["objective/pairs"]),  # best-worst drops ties
+            "prompts": r["prompts"],
+            "completions": r["samples"],
+            "ties": r["ties"],
+            "unpaired": r["unpaired"],
+            "generate_calls": r["generate_calls"],
+            "tokens": r["tokens"],
+            "non_ascii": r["non_ascii"],
+        })  # fmt: skip
+    return {**start, **summarise(steps)}
+
+
+# --------------------------------------------------------------------------- TRL
+class TrlClock(TrainerCallback):
+    """Step ends, and the phases timed inside each step."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.steps: list[Counter] = []
+        self.cur: Counter = Counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+        self.steps.append(self.cur)
+        self.cur = Counter()
+
+
+def run_trl(size: Size, settings: dict, *, workdir: str) -> dict:
+    """``OnlineDPOTrainer.train()`` on the same model, prompts (in inspo's stream order) and
+    judge; its generation (``_generate``) and reward (``_calculate_rewards_from_functions``)
+    calls timed on the instance."""
+    tok = byte_tokenizer()
+    eos = tok.eos_token_id
+    policy = bench_model(tok, size)
+    start = {"checksum": checksum(policy)}
+    clock = TrlClock()
+
+    def reward(prompts, completions, completion_ids=None, trainer_state=None, **kwargs):
+        # TRL tokenizes prompts without special tokens: the dataset carries inspo's BOS as text.
+        scores = distinct_chars([p.removeprefix("<s>") for p in prompts], completions)
+        half = len(scores) // 2  # TRL's pair i: completions i and i + B
+        clock.cur["ties"] += sum(scores[i] == scores[i + half] for i in range(half))
+        return scores
+
+    pool = prompts(tok)
+    order = stream(pool, SEED, 0, size.prompts * size.total)
+    rows = [{"prompt": tok.bos_token + p.text} for p in order]
+    args = OnlineDPOConfig(
+        output_dir=workdir,
+        per_device_train_batch_size=size.prompts,
+        max_steps=size.total,
+        max_new_tokens=size.new_tokens,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        beta=[BETA],
+        top_k=0,
+        top_p=1.0,
+        bf16=False,  # its default, True, fails on a CPU-only machine
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10,
+        max_grad_norm=1.0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",  # inspo's prompt order
+        seed=SEED,
+        **settings,
+    )
+    trainer = OnlineDPOTrainer(
+        model=policy,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[clock],
+    )
+    start["reference_checksum"] = checksum(trainer.ref_model)
+
+    def generated(seconds: float, out: Any) -> None:
+        completion_ids, mask = out[2], out[3].bool()
+        clock.cur["generation_s"] += seconds
+        clock.cur["tokens"] += int(mask.sum())
+        high = (completion_ids >= 128) & (completion_ids != eos) & mask
+        clock.cur["non_ascii"] += int(high.sum())
+
+    def rewarded(seconds: float, _: Any) -> None:
+        clock.cur["judging_s"] += seconds
+
+    trainer._generate = timed(generated, trainer._generate)
+    trainer._calculate_rewards_from_functions = timed(
+        rewarded, trainer._calculate_rewards_from_functions
+    )
+    trainer.train()
+    steps = []
+    for i in range(size.warmup + 1, size.total):
+        c = clock.steps[i]
+        dt = clock.ends[i] - clock.ends[i - 1]
+        steps.append({
+            "step_s": dt,
+            "generation_s": c["generation_s"],
+            "judging_s": c["judging_s"],
+            "training_s": dt - c["generation_s"] - c["judging_s"],  # all the rest of the step
+            "sample_kl_s": 0.0,  # TRL's KL comes from the training forwards
+            "pairs": size.prompts,
+            "non_tie_pairs": size.prompts - c["ties"],
+            "prompts": size.prompts,
+            "completions": 2 * size.prompts,
+            "ties": c["ties"],
+            "unpaired": 0,  # TRL trains every prompt's pair
+            "generate_calls": 1,
+            "tokens": c["tokens"],
+            "non_ascii": c["non_ascii"],
+        })  # fmt: skip
+    return {**start, **summarise(steps)}
+
+
+# --------------------------------------------------------------------------- summary
+PHASES = ("generation", "judging", "training")
+
+
+def summarise(steps: list[dict]) -> dict:
+    """Rates over the measured steps (sums of counts ÷ sum of step times), phase shares of
+    the step time, and per-step means."""
+    seconds = sum(s["step_s"] for s in steps)
+    total = {k: sum(s[k] for s in steps) for k in steps[0]}
+    n = len(steps)
+    out = {
+        "steps": n,
+        "step_s": seconds / n,
+        "pairs_per_s": total["pairs"] / seconds,
+        "non_tie_pairs_per_s": total["non_tie_pairs"] / seconds,
+        "completions_per_s": total["completions"] / seconds,
+        "generated_tokens_per_s": total["tokens"] / seconds,
+    }
+    for p in PHASES:
+        out[f"{p}_share"] = total[f"{p}_s"] / seconds
+    out["sample_kl_share"] = total["sample_kl_s"] / seconds
+    out["other_share"] = 1 - sum(out[f"{p}_share"] for p in PHASES)
+    for k in ("prompts", "completions", "ties", "unpaired", "generate_calls", "tokens"):
+        out[f"{k}_per_step"] = total[k] / n
+    out["non_ascii_tokens"] = total["non_ascii"]
+    out["step_times"] = [round(s["step_s"], 4) for s in steps]
+    return out
+
+
+def table(rows: dict[tuple[str, str], list[dict]]) -> str:
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "step_times"}
+           for k, v in rows.items()}  # fmt: skip
+    lines = [
+        "| size | config | pairs/s | inspo ÷ this | non-tie pairs/s | completions/s | "
+        "peak mem MB | prompts/step | generation | judging | training | other |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (size, label), m in med.items():
+        ratio = ""
+        ours = med.get((size, "inspo online"))
+        if ours and label != "inspo online":
+            pairs = zip(rows[(size, "inspo online")], rows[(size, label)], strict=False)
+            per_round = [a["pairs_per_s"] / b["pairs_per_s"] for a, b in pairs]
+            ratio = (
+                f"{ours['pairs_per_s'] / m['pairs_per_s']:.2f}× ("
+                + ", ".join(f"{x:.2f}" for x in per_round)
+                + ")"
+            )
+        other = f"{m['other_share']:.0%}"
+        if m["sample_kl_share"] > 0:
+            other += f" (sample KL {m['sample_kl_share']:.0%})"
+        lines.append(
+            f"| {size} | {label} | {m['pairs_per_s']:.2f} | {ratio} | "
+            f"{m['non_tie_pairs_per_s']:.2f} | {m['completions_per_s']:.2f} | "
+            f"{m['peak_mem_mb']:.0f} | {m['prompts_per_step']:.2f} | "
+            f"{m['generation_share']:.0%} | {m['judging_share']:.1%} | "
+            f"{m['training_share']:.0%} | {other} |"
+        )
+    return "\n".join(lines)
+
+
+def lscpu() -> str:
+    """The machine, as lscpu names it (architecture, CPUs, model, threads per core)."""
+    import subprocess
+
+    keep = ("Architecture", "CPU(s)", "Model name", "Thread(s) per core")
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor()
+    fields = (line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return "; ".join(f"{k.strip()}: {v.strip()}" for k, v in fields if k.strip() in keep)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--sizes", default="tiny")
+    ap.add_argument("--configs", default="all", help="comma-separated labels, or all")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of A/B/C (one child each)")
+    ap.add_argument("--steps", type=int, help="measured steps (default: per size)")
+    ap.add_argument("--warmup", type=int, help="warm-up steps (default: per size)")
+    ap.add_argument("--prompts", type=int, help="prompts per step (default 8)")
+    ap.add_argument("--new-tokens", type=int, help="max new tokens (default 32)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--any-bytes", action="store_true", help="the unmodified random model")
+    ap.add_argument("--out", default="benchmarks/results_online.jsonl", help="appended to")
+    args = ap.parse_args()
+    # transformers 5 renames gradient_checkpointing (TRL still passes it): noise, not news.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    bench_dpo.THREADS[0] = args.threads
+    BYTES[0] = "any" if args.any_bytes else "ascii"
+    configs = [c for c in CONFIGS if args.configs == "all" or c[0] in args.configs.split(",")]
+    out = open(args.out, "a")  # noqa: SIM115
+
+    def emit(record: dict) -> None:
+        line = json.dumps(record)
+        print(line, flush=True)
+        out.write(line + "\n")
+        out.flush()
+
+    emit({"kind": "env", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:],
+          "machine": lscpu(), "torch": torch.__version__, "trl": trl.__version__,
+          "lightning": L.__version__, "threads": args.threads, "bytes": BYTES[0],
+          "loadavg": os.getloadavg()})  # fmt: skip
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for size_name in args.sizes.split(","):
+        size = SIZES[size_name]
+        size = replace(
+            size,
+            steps=args.steps or size.steps,
+            warmup=args.warmup if args.warmup is not None else size.warmup,
+            prompts=args.prompts or size.prompts,
+            new_tokens=args.new_tokens or size.new_tokens,
+        )
+        params = count_parameters(tiny_llama(**size.model))
+        emit({"kind": "size", **asdict(size), "params": params})
+        for rep in range(args.rounds):
+            for label, framework, settings in configs:
+                if framework == "inspo":
+                    msg = in_child(run_inspo, size, workdir=True, every=0.01)
+                else:
+                    msg = in_child(run_trl, size, settings, workdir=True, every=0.01)
+                rec = {"kind": "run", "size": size_name, "config": label, "rep": rep,
+                       "loadavg": os.getloadavg()[0]}  # fmt: skip
+                if not msg["ok"]:
+                    emit({**rec, "error": msg["error"]})
+                    continue
+                r = {**msg["result"], "peak_mem_mb": msg["peak_mem_mb"]}
+                emit({**rec, **r})
+                rows.setdefault((size_name, label), []).append(r)
+    print()
+    print(table(rows))
+    out.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
