@@ -226,7 +226,7 @@ def run_inspo(size: Size, mode: str, profile: bool = False, *, workdir: str) -> 
         reference,
         reflection=reflection,
         reference_context=context,
-        optim=OptimConfig(lr=LR),
+        optim=asdict(OptimConfig(lr=LR)),
     )
     rows = make_rows(size)
     dm = PreferenceDataModule(
