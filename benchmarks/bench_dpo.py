@@ -206,7 +206,7 @@ class StepClock(L.Callback):
 
 def computed_tokens(module: PreferenceModule, view: dict) -> int:
     """Tokens that went through the model: with a shared prompt, each pair's context once."""
-    split = split_shared_prompt(view) if module.share_prompt else None
+    split = split_shared_prompt(view) if module.scoring.share_prompt else None
     if split is None:
         return int(view["attention_mask"].sum())
     return int(split["context_mask"].sum() + split["response_mask"].sum())
@@ -237,7 +237,7 @@ def run_inspo(size: Size, mode: str, profile: bool = False, *, workdir: str) -> 
         max_length=4096,
         max_prompt_length=4096,
         reflection=reflection != "off",
-        train_views=module.train_views(),
+        train_views=module.train_views,
         seed=SEED,
     )
     dm.setup("fit")
