@@ -61,6 +61,7 @@ from inspo.data.report import DataReport
 from inspo.data.synthetic import prompt_pool
 from inspo.models.load import byte_tokenizer, count_parameters, tiny_llama
 from inspo.online.prompts import Prompt, check_prompts, stream
+from inspo.online.rounds import Rounds
 from inspo.online.run import Iterate
 from inspo.training.run import run as train_run
 
@@ -98,6 +99,9 @@ SIZES = {
 # does (checkpointing off, temperature 1, torch.optim.AdamW).
 CONFIGS = [
     ("inspo online", "inspo", {}),
+    # Without the look-ahead (inspo.online.rounds.Rounds.lookahead): a chunk that misses pairs
+    # is followed by its own decoding pass, as before it. Selected by name, not in "main".
+    ("inspo online (one pass per chunk)", "inspo", {"lookahead": False}),
     (
         "TRL like-for-like",
         "trl",
@@ -174,9 +178,11 @@ def timed(record: Callable[[float, Any], None], fn: Callable) -> Callable:
     return wrapped
 
 
-def run_inspo(size: Size, *, workdir: str) -> dict:
+def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     """``inspo-iterate experiment=online`` in process, through :func:`inspo.training.run.run`
     with :class:`Iterate` (what ``inspo.online.run.iterate`` does), plus clocks."""
+    if not settings.get("lookahead", True):  # a forked child: the patch dies with it
+        Rounds.lookahead = lambda self, size: 0
     tok = byte_tokenizer()
     eos = tok.eos_token_id
     build = inspo_load.tiny_llama  # load_policy builds the tiny model through this name
@@ -467,7 +473,9 @@ def lscpu() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--sizes", default="tiny")
-    ap.add_argument("--configs", default="all", help="comma-separated labels, or all")
+    ap.add_argument(
+        "--configs", default="main", help="comma-separated labels, main (inspo, TRL ×2) or all"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="rounds of A/B/C (one child each)")
     ap.add_argument("--steps", type=int, help="measured steps (default: per size)")
     ap.add_argument("--warmup", type=int, help="warm-up steps (default: per size)")
@@ -481,7 +489,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     bench_dpo.THREADS[0] = args.threads
     BYTES[0] = "any" if args.any_bytes else "ascii"
-    configs = [c for c in CONFIGS if args.configs == "all" or c[0] in args.configs.split(",")]
+    main_configs = ("inspo online", "TRL like-for-like", "TRL defaults")
+    wanted = {"all": [c[0] for c in CONFIGS], "main": main_configs}.get(
+        args.configs, args.configs.split(",")
+    )
+    configs = [c for c in CONFIGS if c[0] in wanted]
     out = open(args.out, "a")  # noqa: SIM115
 
     def emit(record: dict) -> None:
@@ -508,10 +520,8 @@ def main() -> None:
         emit({"kind": "size", **asdict(size), "params": params})
         for rep in range(args.rounds):
             for label, framework, settings in configs:
-                if framework == "inspo":
-                    msg = in_child(run_inspo, size, workdir=True, every=0.01)
-                else:
-                    msg = in_child(run_trl, size, settings, workdir=True, every=0.01)
+                run = run_inspo if framework == "inspo" else run_trl
+                msg = in_child(run, size, settings, workdir=True, every=0.01)
                 rec = {"kind": "run", "size": size_name, "config": label, "rep": rep,
                        "loadavg": os.getloadavg()[0]}  # fmt: skip
                 if not msg["ok"]:
