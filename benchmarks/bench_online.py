@@ -2,8 +2,8 @@
 ``trl.experimental.online_dpo.OnlineDPOTrainer``, CPU fp32, identical work (see
 benchmarks/README.md, "Online: inspo vs TRL OnlineDPOTrainer").
 
-    python benchmarks/bench_online.py                        # tiny, 3 rounds, every config
-    python benchmarks/bench_online.py --sizes tiny,small --rounds 3
+    python benchmarks/bench_online.py    # tiny, 3 rounds: inspo, TRL like-for-like, TRL defaults
+    python benchmarks/bench_online.py --sizes tiny,small --rounds 4 --configs all
 
 Every step of both samples K = 2 responses to each of ``--prompts`` prompts from the live
 policy (HF model forwards on CPU, no vLLM), judges them with the same Python function, and
@@ -26,7 +26,16 @@ The model is the tiny random-init Llama, made to sample 7-bit ASCII (and EOS) on
 (:func:`ascii_only`), the same for both: inspo pairs texts and re-encodes them for training,
 and a random byte-level model samples bytes >= 128 that decode to U+FFFD, whose re-encoding
 is three bytes (32 sampled tokens trained as ≈ 58). ASCII round-trips exactly, so both train on
-the tokens that were sampled. ``--any-bytes`` keeps the unmodified model.
+the tokens that were sampled (every run counts the tokens >= 128 it sampled:
+``non_ascii_tokens``). ``--any-bytes`` keeps the unmodified model.
+
+Phases, per step: generation (inspo: ``time/generation_seconds``, the sampler and decoding;
+TRL: ``_generate``), judging (inspo: ``time/judging_seconds``; TRL:
+``_calculate_rewards_from_functions``), and training, the rest of the step. Training splits
+into the reference's forwards (inspo: over the round's samples, for its KL and, shared, for
+training, plus any reference forward in the training step; TRL: ``_forward`` on its
+``ref_model``), policy training (inspo: ``time/training_seconds`` less its reference
+forwards; TRL: the rest of the step), and, for inspo, the rest (pairing, encoding, the loop).
 """
 
 from __future__ import annotations
@@ -55,11 +64,12 @@ from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
 import bench_dpo
 import inspo.models.load as inspo_load
-from bench_dpo import in_child
+from bench_dpo import RssPeak, in_child
 from inspo.config import compose_config
 from inspo.data.report import DataReport
 from inspo.data.synthetic import prompt_pool
 from inspo.models.load import byte_tokenizer, count_parameters, tiny_llama
+from inspo.online import run as online_run
 from inspo.online.prompts import Prompt, check_prompts, stream
 from inspo.online.rounds import Rounds
 from inspo.online.run import Iterate
@@ -94,14 +104,16 @@ SIZES = {
     ),
 }
 
-# (label, framework, TRL settings). TRL defaults: activation checkpointing on (which also turns
-# the KV cache off in generation), temperature 0.9, fused AdamW; like for like: what inspo
-# does (checkpointing off, temperature 1, torch.optim.AdamW).
+# (label, framework, settings: OnlineDPOConfig fields for TRL). TRL defaults: activation
+# checkpointing on (which also turns the KV cache off in generation), temperature 0.9, fused
+# AdamW; like for like: what inspo does (checkpointing off, temperature 1, torch.optim.AdamW).
 CONFIGS = [
     ("inspo online", "inspo", {}),
-    # Without the look-ahead (inspo.online.rounds.Rounds.lookahead): a chunk that misses pairs
-    # is followed by its own decoding pass, as before it. Selected by name, not in "main".
-    ("inspo online (one pass per chunk)", "inspo", {"lookahead": False}),
+    # inspo's online step as it was before this branch's two changes to inspo.online: no
+    # look-ahead (a chunk that misses pairs gets its own decoding pass) and a reference
+    # forward per training batch besides the samples' (online.run.shares_reference_scores).
+    # Selected by name or with "all", not in "main".
+    ("inspo online (before)", "inspo", {"lookahead": False, "share_reference": False}),
     (
         "TRL like-for-like",
         "trl",
@@ -127,7 +139,8 @@ def ascii_only(model: torch.nn.Module, eos_id: int, sign: float = 2.0) -> torch.
 
     Embedding coordinate 0 (tied with the LM head) becomes +``sign`` for those tokens and
     −``sign`` for the rest; after an ASCII token it dominates the residual stream, so every
-    other token's logit is ≈ 2·``sign``·|ĥ₀| lower (no token ≥ 128 in 3,763 samples).
+    other token's logit is ≈ 2·``sign``·|ĥ₀| lower; within ASCII the distribution stays the
+    random model's.
     """
     emb = model.get_input_embeddings().weight
     allowed = torch.arange(emb.shape[0]) < 128
@@ -158,12 +171,27 @@ def non_ascii(ids: Sequence[int], eos_id: int) -> int:
 
 
 # --------------------------------------------------------------------------- inspo
+class StepPeak:
+    """Peak RSS from the run function's start (a fresh fork, so the child's start) to the end
+    of the last step: what training holds, without what a run does after it (inspo-iterate
+    writes last.ckpt, which serialises the weights and AdamW state)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.meter, self.mb = steps, RssPeak(every=0.01), 0.0
+
+    def step_ended(self, done: int) -> None:
+        if done == self.steps:
+            self.mb = self.meter.stop() / 2**20
+
+
 class StepEnds(L.Callback):
-    def __init__(self) -> None:
+    def __init__(self, peak: StepPeak) -> None:
         self.ends: list[float] = []
+        self.peak = peak
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.ends.append(time.perf_counter())
+        self.peak.step_ended(len(self.ends))
 
 
 def timed(record: Callable[[float, Any], None], fn: Callable) -> Callable:
@@ -181,15 +209,18 @@ def timed(record: Callable[[float, Any], None], fn: Callable) -> Callable:
 def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     """``inspo-iterate experiment=online`` in process, through :func:`inspo.training.run.run`
     with :class:`Iterate` (what ``inspo.online.run.iterate`` does), plus clocks."""
-    if not settings.get("lookahead", True):  # a forked child: the patch dies with it
+    clock = StepEnds(StepPeak(size.total))
+    # A forked child: the patches die with it.
+    if not settings.get("lookahead", True):
         Rounds.lookahead = lambda self, size: 0
+    if not settings.get("share_reference", True):
+        online_run.shares_reference_scores = lambda cfg, module: False
     tok = byte_tokenizer()
     eos = tok.eos_token_id
     build = inspo_load.tiny_llama  # load_policy builds the tiny model through this name
     inspo_load.tiny_llama = lambda **kw: (
         ascii_only(build(**kw), eos) if BYTES[0] == "ascii" else build(**kw)
     )
-    clock = StepEnds()
     rounds: list[dict] = []  # per round (= step): what its build drew, generated and timed
     start: dict = {}
 
@@ -219,17 +250,27 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
                 cur["non_ascii"] += sum(non_ascii(x, eos) for x in ids)
 
             def reference(seconds: float, _: Any) -> None:
-                rounds[-1]["sample_kl_s"] += seconds
+                rounds[-1]["reference_s"] += seconds
 
             build_round = r.build
 
             def build_with_record(*a, **k):
-                rounds.append(Counter(generate_calls=0, tokens=0, non_ascii=0, sample_kl_s=0.0))
+                rounds.append(Counter(generate_calls=0, tokens=0, non_ascii=0))
                 return timed(new_round, build_round)(*a, **k)
 
             r.build = build_with_record
             r.backend.generate = timed(generated, r.backend.generate)
             r.reference_logps = timed(reference, r.reference_logps)
+            scores = module.reference_scores
+
+            def reference_in_step(batch: dict, view: str) -> Any:
+                t = time.perf_counter()
+                out = scores(batch, view)
+                if module.training:  # the training step's (a forward unless the batch has them)
+                    rounds[-1]["step_reference_s"] += time.perf_counter() - t
+                return out
+
+            module.reference_scores = reference_in_step
 
     m = size.model
     overrides = [
@@ -272,12 +313,15 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     steps = []
     for i in range(size.warmup + 1, size.total):
         h, r = history[i], rounds[i]
+        dt = clock.ends[i] - clock.ends[i - 1]
+        gen, judge = h["time/generation_seconds"], h["time/judging_seconds"]
         steps.append({
-            "step_s": clock.ends[i] - clock.ends[i - 1],
-            "generation_s": h["time/generation_seconds"],
-            "judging_s": h["time/judging_seconds"],
-            "training_s": h["time/training_seconds"],
-            "sample_kl_s": r["sample_kl_s"],
+            "step_s": dt,
+            "generation_s": gen,
+            "judging_s": judge,
+            "training_s": dt - gen - judge,  # the rest of the step
+            "reference_s": r["reference_s"] + r["step_reference_s"],
+            "policy_training_s": h["time/training_seconds"] - r["step_reference_s"],
             "pairs": int(h["objective/pairs"]),
             "non_tie_pairs": int(h["objective/pairs"]),  # best-worst drops ties
             "prompts": r["prompts"],
@@ -288,33 +332,35 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
             "tokens": r["tokens"],
             "non_ascii": r["non_ascii"],
         })  # fmt: skip
-    return {**start, **summarise(steps)}
+    return {**start, **summarise(steps), "peak_steps_mb": clock.peak.mb}
 
 
 # --------------------------------------------------------------------------- TRL
 class TrlClock(TrainerCallback):
     """Step ends, and the phases timed inside each step."""
 
-    def __init__(self) -> None:
+    def __init__(self, peak: StepPeak) -> None:
         self.ends: list[float] = []
         self.steps: list[Counter] = []
         self.cur: Counter = Counter()
+        self.peak = peak
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ends.append(time.perf_counter())
         self.steps.append(self.cur)
         self.cur = Counter()
+        self.peak.step_ended(len(self.ends))
 
 
 def run_trl(size: Size, settings: dict, *, workdir: str) -> dict:
     """``OnlineDPOTrainer.train()`` on the same model, prompts (in inspo's stream order) and
     judge; its generation (``_generate``) and reward (``_calculate_rewards_from_functions``)
     calls timed on the instance."""
+    clock = TrlClock(StepPeak(size.total))
     tok = byte_tokenizer()
     eos = tok.eos_token_id
     policy = bench_model(tok, size)
     start = {"checksum": checksum(policy)}
-    clock = TrlClock()
 
     def reward(prompts, completions, completion_ids=None, trainer_state=None, **kwargs):
         # TRL tokenizes prompts without special tokens: the dataset carries inspo's BOS as text.
@@ -372,6 +418,16 @@ def run_trl(size: Size, settings: dict, *, workdir: str) -> dict:
     trainer._calculate_rewards_from_functions = timed(
         rewarded, trainer._calculate_rewards_from_functions
     )
+    forward = trainer._forward
+
+    def timed_forward(model: Any, *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        out = forward(model, *args, **kwargs)
+        if model is trainer.ref_model:
+            clock.cur["reference_s"] += time.perf_counter() - t
+        return out
+
+    trainer._forward = timed_forward
     trainer.train()
     steps = []
     for i in range(size.warmup + 1, size.total):
@@ -381,8 +437,9 @@ def run_trl(size: Size, settings: dict, *, workdir: str) -> dict:
             "step_s": dt,
             "generation_s": c["generation_s"],
             "judging_s": c["judging_s"],
-            "training_s": dt - c["generation_s"] - c["judging_s"],  # all the rest of the step
-            "sample_kl_s": 0.0,  # TRL's KL comes from the training forwards
+            "training_s": dt - c["generation_s"] - c["judging_s"],  # the rest of the step
+            "reference_s": c["reference_s"],  # its KL comes from the training forwards
+            "policy_training_s": dt - c["generation_s"] - c["judging_s"] - c["reference_s"],
             "pairs": size.prompts,
             "non_tie_pairs": size.prompts - c["ties"],
             "prompts": size.prompts,
@@ -393,11 +450,11 @@ def run_trl(size: Size, settings: dict, *, workdir: str) -> dict:
             "tokens": c["tokens"],
             "non_ascii": c["non_ascii"],
         })  # fmt: skip
-    return {**start, **summarise(steps)}
+    return {**start, **summarise(steps), "peak_steps_mb": clock.peak.mb}
 
 
 # --------------------------------------------------------------------------- summary
-PHASES = ("generation", "judging", "training")
+PHASES = ("generation", "judging", "training", "reference", "policy_training")
 
 
 def summarise(steps: list[dict]) -> dict:
@@ -416,8 +473,8 @@ def summarise(steps: list[dict]) -> dict:
     }
     for p in PHASES:
         out[f"{p}_share"] = total[f"{p}_s"] / seconds
-    out["sample_kl_share"] = total["sample_kl_s"] / seconds
-    out["other_share"] = 1 - sum(out[f"{p}_share"] for p in PHASES)
+        out[f"{p}_ms"] = 1e3 * total[f"{p}_s"] / n
+    out["other_ms"] = out["training_ms"] - out["reference_ms"] - out["policy_training_ms"]
     for k in ("prompts", "completions", "ties", "unpaired", "generate_calls", "tokens"):
         out[f"{k}_per_step"] = total[k] / n
     out["non_ascii_tokens"] = total["non_ascii"]
@@ -426,12 +483,20 @@ def summarise(steps: list[dict]) -> dict:
 
 
 def table(rows: dict[tuple[str, str], list[dict]]) -> str:
+    """The comparison (medians over rounds; the ratio also per round, rounds paired), then
+    where a step's time goes."""
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0] if m != "step_times"}
            for k, v in rows.items()}  # fmt: skip
     lines = [
-        "| size | config | pairs/s | inspo ÷ this | non-tie pairs/s | completions/s | "
-        "peak mem MB | prompts/step | generation | judging | training | other |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | config | pairs/s | inspo ÷ this (rounds) | non-tie pairs/s | completions/s | "
+        "peak MB, steps (run) | prompts/step | generation | judging | training |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    phases = [
+        "",
+        "| size | config | step ms | generation | judging | reference forwards | "
+        "policy training | other | decoding passes/step | ties/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (size, label), m in med.items():
         ratio = ""
@@ -444,17 +509,21 @@ def table(rows: dict[tuple[str, str], list[dict]]) -> str:
                 + ", ".join(f"{x:.2f}" for x in per_round)
                 + ")"
             )
-        other = f"{m['other_share']:.0%}"
-        if m["sample_kl_share"] > 0:
-            other += f" (sample KL {m['sample_kl_share']:.0%})"
         lines.append(
             f"| {size} | {label} | {m['pairs_per_s']:.2f} | {ratio} | "
             f"{m['non_tie_pairs_per_s']:.2f} | {m['completions_per_s']:.2f} | "
-            f"{m['peak_mem_mb']:.0f} | {m['prompts_per_step']:.2f} | "
+            f"{m['peak_steps_mb']:.0f} ({m['peak_mem_mb']:.0f}) | {m['prompts_per_step']:.2f} | "
             f"{m['generation_share']:.0%} | {m['judging_share']:.1%} | "
-            f"{m['training_share']:.0%} | {other} |"
+            f"{m['training_share']:.0%} |"
         )
-    return "\n".join(lines)
+        ms = [m[f"{p}_ms"] for p in ("generation", "judging", "reference", "policy_training")]
+        phases.append(
+            f"| {size} | {label} | {m['step_s'] * 1e3:.0f} | "
+            + " | ".join(f"{x:.0f}" if x >= 1 else f"{x:.2f}" for x in ms)
+            + f" | {m['other_ms']:.0f} | {m['generate_calls_per_step']:.2f} | "
+            f"{m['ties_per_step']:.2f} |"
+        )
+    return "\n".join(lines + phases)
 
 
 def lscpu() -> str:
