@@ -14,8 +14,8 @@ class AsciiHF(HF):
     a random byte-level model's bytes >= 128 decode to U+FFFD, whose text does not re-encode
     to the sampled tokens; these do."""
 
-    def generate(self, prompts, n, seed, all_done=None, noise_keys=None):
-        groups = super().generate(prompts, n, seed, all_done, noise_keys)
+    def generate(self, prompts, n, seed, all_done=None):
+        groups = super().generate(prompts, n, seed, all_done)
         eos = self.tokenizer.eos_token_id
         fold = [[replace(s, ids=[t if t == eos else t % 128 for t in s.ids]) for s in g]
                 for g in groups]  # fmt: skip

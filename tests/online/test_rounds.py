@@ -13,7 +13,7 @@ from inspo.config import ConfigError, compose_config
 from inspo.online import run as online_run
 from inspo.online.generation import HF
 from inspo.online.judges import JudgeError
-from inspo.online.rounds import RoundError, Rounds
+from inspo.online.rounds import RoundError
 from inspo.training.module import PreferenceModule
 from inspo.training.run import run as train_run
 
@@ -187,56 +187,6 @@ def test_every_form_trains_online(tmp_path, objective):
     assert summary["steps"] == 2 and math.isfinite(summary["metrics"]["val/plain/loss"])
     assert summary["choices"]["reflection"] == "inspo"
     assert ("objective/kl" in summary["rounds"][0]) == (objective != "simpo")
-
-
-def no_lookahead(self, size):
-    """One decoding pass per chunk, as before the look-ahead."""
-    return 0
-
-
-def round_files(run_dir):
-    """Each round's pairs, samples (log-probs apart) and data report, as written."""
-    out = []
-    for folder in sorted((run_dir / "rounds").iterdir()):
-        samples = lines(folder / "samples.jsonl")
-        logps = [s.pop(k) for s in samples for k in ("logp", "sampler_logp", "reference_logp")]
-        report = json.loads((folder / "data_report.json").read_text())
-        out.append(((folder / "pairs.jsonl").read_text(), samples, logps, report))
-    return out
-
-
-@pytest.mark.parametrize("lookahead", ["default", "generous"])
-def test_sampling_the_next_chunk_ahead_changes_nothing_but_the_decoding_passes(
-    tmp_path, monkeypatch, lookahead
-):
-    """A chunk that misses pairs (ties) is followed by one as long as the pairs missing; its
-    first prompts are decoded in the previous chunk's pass, with the noise their own pass would
-    give them. The rounds (pairs, samples, reports, metrics) are those of one pass per chunk,
-    in fewer passes."""
-    calls = generations(monkeypatch)
-    common = ["iterate.rounds=3", "eval.n_prompts=0"]
-    with monkeypatch.context() as m:
-        m.setattr(Rounds, "lookahead", no_lookahead)
-        exact = iterate(tmp_path / "exact", *common)
-    passes = len(calls)
-    calls.clear()
-    with monkeypatch.context() as m:
-        if lookahead == "generous":  # the whole next chunk, and more (the surplus is unused)
-            m.setattr(Rounds, "lookahead", lambda self, size: 2 * size)
-        ahead = iterate(tmp_path / "ahead", *common)
-    want, got = round_files(tmp_path / "exact"), round_files(tmp_path / "ahead")
-    assert sum(r[3]["dropped"].get("tie", 0) for r in want) > 0  # there were chunks to follow
-    assert len(calls) < passes
-    for (pairs, samples, logps, report), (pairs2, samples2, logps2, report2) in zip(
-        want, got, strict=True
-    ):
-        assert pairs2 == pairs and samples2 == samples and report2 == report
-        assert logps2 == pytest.approx(logps, abs=1e-4)  # another batch: float rounding only
-    for a, b in zip(exact["rounds"], ahead["rounds"], strict=True):
-        for key in ("objective/scores", "objective/scores_margin", "objective/kl"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
-    for key in VAL:
-        assert ahead["metrics"][key] == pytest.approx(exact["metrics"][key], rel=1e-5, abs=1e-5)
 
 
 def train_losses(run_dir):

@@ -136,15 +136,12 @@ def sample_ids(
     progress: bool = False,
     desc: str = "sampling",
     all_done: Callable[[bool], bool] | None = None,
-    noise_keys: Sequence[tuple[int, int]] | None = None,
 ) -> list[list[Sample]]:
     """``n`` responses to each token-id prompt (texts left empty).
 
     ``batch_size`` counts decoded rows: ``batch_size // n`` prompts (at least one) per batch.
     ``prompts[i]``'s j-th sample uses the noise of (``config.seed``, i, j), so an online loop
-    that wants fresh samples each step passes a fresh seed. ``noise_keys[i] = (seed, index)``
-    replaces (``config.seed``, i) for ``prompts[i]``: prompts keyed for different calls can be
-    decoded in one, and each draws what it would have drawn in its own.
+    that wants fresh samples each step passes a fresh seed.
 
     ``all_done(local_done) -> bool`` decides when a batch stops decoding; a sharded (FSDP)
     policy needs every process to run the same forwards, so it passes a function that is
@@ -154,10 +151,6 @@ def sample_ids(
         raise ValueError("n must be at least 1")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("an empty prompt: nothing to condition the first token on")
-    if noise_keys is None:
-        noise_keys = [(config.seed, i) for i in range(len(prompts))]
-    elif len(noise_keys) != len(prompts):
-        raise ValueError(f"{len(noise_keys)} noise keys for {len(prompts)} prompts")
     was_training = model.training
     model.eval()
     per_batch = max(1, batch_size // n)
@@ -169,7 +162,7 @@ def sample_ids(
             out += _sample_batch(
                 model,
                 rows,
-                noise_keys[start : start + len(rows)],
+                range(start, start + len(rows)),
                 config,
                 n,
                 set(eos_token_ids),
@@ -184,7 +177,7 @@ def sample_ids(
 def _sample_batch(
     model: PreTrainedModel,
     rows: list[list[int]],
-    keys: Sequence[tuple[int, int]],
+    indices: range,
     config: SamplingConfig,
     n: int,
     eos: set[int],
@@ -194,7 +187,7 @@ def _sample_batch(
     """Decode ``n`` samples of each row of one batch, step by step on one KV cache."""
     cache, logits, att, pos = _prefill(model, rows, n, pad)
     device, n_rows = logits.device, logits.shape[0]
-    noise = None if config.greedy else _noise(config, keys, n).to(device)
+    noise = None if config.greedy else _noise(config, indices, n).to(device)
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     done = torch.zeros(n_rows, dtype=torch.bool, device=device)
     finished, length = torch.zeros_like(done), torch.zeros(n_rows, dtype=torch.long, device=device)
@@ -281,12 +274,11 @@ def _takes_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _noise(config: SamplingConfig, keys: Sequence[tuple[int, int]], n: int) -> torch.Tensor:
-    """Uniforms [rows, max_new_tokens] in float64; sample j of the prompt keyed (seed, i)
-    from the generator of (seed, i, j)."""
-    out = torch.empty((len(keys) * n, config.max_new_tokens), dtype=torch.float64)
-    for r, (seed, i, j) in enumerate((s, i, j) for s, i in keys for j in range(n)):
-        gen = torch.Generator().manual_seed(_row_seed(seed, i, j))
+def _noise(config: SamplingConfig, indices: range, n: int) -> torch.Tensor:
+    """Uniforms [rows, max_new_tokens] in float64, row (i, j) from its own generator."""
+    out = torch.empty((len(indices) * n, config.max_new_tokens), dtype=torch.float64)
+    for r, (i, j) in enumerate((i, j) for i in indices for j in range(n)):
+        gen = torch.Generator().manual_seed(_row_seed(config.seed, i, j))
         out[r] = torch.rand(config.max_new_tokens, generator=gen, dtype=torch.float64)
     return out
 

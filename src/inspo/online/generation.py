@@ -2,12 +2,10 @@
 (``conf/generation/``).
 
 A backend is bound to the policy and its tokenizer once, then asked for ``n`` samples per
-prompt (token ids, laid out as in training) with a seed, or with a (seed, index) noise key per
-prompt (``noise_keys`` of :func:`inspo.models.sampling.sample_ids`); :meth:`Backend.sync`
-makes its weights follow the policy after training steps. Every backend samples with the
-explicit settings of its config (temperature, top-p, top-k, max new tokens), never a
-checkpoint's ``generation_config``, and returns each sample's log-prob under the sampling
-policy.
+prompt (token ids, laid out as in training) with a seed; :meth:`Backend.sync` makes its weights
+follow the policy after training steps. Every backend samples with the explicit settings of its
+config (temperature, top-p, top-k, max new tokens), never a checkpoint's ``generation_config``,
+and returns each sample's log-prob under the sampling policy.
 
 - :class:`HF`: the policy itself, through :func:`inspo.models.sampling.sample_ids`: seeded,
   batched, KV-cached, each prompt prefilled once for its ``n`` samples. Nothing to sync.
@@ -58,7 +56,6 @@ class Backend:
         n: int,
         seed: int,
         all_done: Callable[[bool], bool] | None = None,
-        noise_keys: Sequence[tuple[int, int]] | None = None,
     ) -> list[list[Sample]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -80,7 +77,6 @@ class HF(Backend):
         n: int,
         seed: int,
         all_done: Callable[[bool], bool] | None = None,
-        noise_keys: Sequence[tuple[int, int]] | None = None,
     ) -> list[list[Sample]]:
         tok = self.tokenizer
         eos = tok.eos_token_id
@@ -93,6 +89,5 @@ class HF(Backend):
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
             batch_size=self.batch_size,
             all_done=all_done,
-            noise_keys=noise_keys,
         )
         return self.decode(groups)

@@ -5,8 +5,7 @@ Round r (:meth:`Rounds.start`), before its first training step:
        (``samples_per_prompt`` responses each, from the live policy);
     2. the judge scores every response, pairing turns each prompt's responses into pairs, and
        the pairs of all processes are gathered, until the round has ``steps_per_round ×``
-       global batch pairs (more prompts are drawn while pairs are missing: the next chunk of
-       the stream, as many prompts as pairs are missing);
+       global batch pairs (more prompts are drawn while pairs are missing);
     3. the round's folder is written: ``samples.jsonl``, ``pairs.jsonl`` (trainable with
        ``inspo-train data=jsonl`` as it is), ``data_report.json``, ``round.json``;
 then ``steps_per_round`` optimiser steps train on its pairs, and at its end (:meth:`Rounds.end`)
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -83,15 +81,6 @@ class RoundData:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Ahead:
-    """This process's samples of the first ``span`` prompts of the chunk that follows the one
-    being built, drawn in the same decoding pass with the noise that chunk gives them."""
-
-    span: int = 0
-    groups: dict[int, list[Sample]] = field(default_factory=dict)  # by stream position
-
-
 class Rounds:
     """The loop's state and its work; see the module docstring."""
 
@@ -130,9 +119,6 @@ class Rounds:
         self.history: list[dict[str, Any]] = []
         self.pending: dict[str, float] = {}  # the finished round's metrics, for the logger
         self.timer: dict[str, float] = {}
-        # Prompts and the pairs they gave, over the run's chunks: the look-ahead's estimate.
-        # Only the speed depends on it, so it is not kept in checkpoints.
-        self.seen = [0, 0]
         # The reference's scores of the samples, taken for the round's KL, are also the plain
         # view's reference scores in training (see online.run.shares_reference_scores): one
         # reference forward per sample, not a second one per trained pair.
@@ -184,7 +170,6 @@ class Rounds:
         samples: list[dict] = []
         dropped: Counter = Counter()
         seconds = Counter()
-        ahead = Ahead()  # the policy changes between rounds: nothing is drawn ahead across them
         self.backend.sync(module.policy)
         while len(rows) < needed:
             if cursor - start > self.icfg.max_prompts_factor * needed:
@@ -193,12 +178,9 @@ class Rounds:
                     f"{cursor - start} prompts; dropped: {dict(dropped)}"
                 )
             chunk = stream(self.pool, self.seed, cursor, max(needed - len(rows), _world()[0]))
-            got = self.chunk(index, chunk, cursor, module, seconds, ahead)
+            got = self.chunk(index, chunk, cursor, module, seconds)
             parts = _gather(got)  # every process ends with the same list, in stream order
-            new = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["position"])
-            self.seen[0] += len(chunk)
-            self.seen[1] += len(new)
-            rows += new
+            rows += sorted((r for p in parts for r in p["rows"]), key=lambda r: r["position"])
             samples += sorted((x for p in parts for x in p["samples"]), key=lambda x: x["position"])
             for part in parts:
                 dropped.update(part["dropped"])
@@ -216,73 +198,20 @@ class Rounds:
         }
         return RoundData(index, start, cursor, rows, metrics, report | {"samples_": samples})
 
-    def lookahead(self, size: int) -> int:
-        """How many prompts of the next chunk to sample with a chunk of ``size`` prompts: the
-        pairs it is expected to miss plus one standard deviation, from the pairs per prompt
-        seen so far (0 before any, or when every prompt has given a pair).
-
-        A chunk that misses pairs is followed by one as long as the pairs missing, and its own
-        decoding pass costs almost as much as a full one (a pass's cost is mostly its
-        per-token steps); sampling its first prompts ahead saves that pass most of the time.
-        """
-        prompts, pairs = self.seen
-        if not prompts or pairs >= prompts:
-            return 0
-        y = pairs / prompts
-        return math.ceil(size * (1 - y) + math.sqrt(size * y * (1 - y)))
-
-    def generate(
-        self, chunk: list[Prompt], at: int, module: Any, ahead: Ahead
-    ) -> list[list[Sample]]:
-        """The samples of this process's share of ``chunk`` (the stream from ``at``): those
-        drawn ahead, and the rest decoded now together with the next chunk's first prompts
-        (which replace ``ahead``).
-
-        Prompt ``k`` of a process's share of a chunk from ``at`` always gets the noise of
-        (``seed(at, rank)``, ``k``), whichever pass decodes it, so the samples are those of
-        one pass per chunk (up to float rounding of a differently padded batch); and every
-        process decodes as many prompts (a sharded policy needs equal forwards).
-        """
-        world, rank = _world()
-        mine = list(range(rank, len(chunk), world))
-        covered = min(ahead.span, len(chunk))
-        todo = [i for i in mine if i >= covered]
-        width = -(-(len(chunk) - covered) // world)  # the most any process has left
-        extra = self.lookahead(len(chunk)) if width else 0  # only when decoding anyway
-        after = at + len(chunk)
-        look = list(range(rank, extra, world))
-        nxt = stream(self.pool, self.seed, after, extra)
-        ids = [chunk[i].ids for i in todo] + [nxt[i].ids for i in look]
-        seed, next_seed = _noise_seed(self.seed, at, rank), _noise_seed(self.seed, after, rank)
-        keys = [(seed, i // world) for i in todo] + [(next_seed, i // world) for i in look]
-        fresh: list[list[Sample]] = []
-        count = width + -(-extra // world)
-        if count:
-            ids += [ids[-1] if ids else chunk[0].ids] * (count - len(ids))
-            keys += [keys[-1] if keys else (seed, 0)] * (count - len(keys))
-            device = next(module.policy.parameters()).device
-            n = self.icfg.samples_per_prompt
-            fresh = self.backend.generate(ids, n, seed, _all_done(device), noise_keys=keys)
-        got = {i: ahead.groups[at + i] for i in mine if i < covered}
-        got.update(zip(todo, fresh, strict=False))
-        ahead.span = extra
-        ahead.groups = {after + i: g for i, g in zip(look, fresh[len(todo) :], strict=False)}
-        return [got[i] for i in mine]
-
     def chunk(
-        self,
-        index: int,
-        chunk: list[Prompt],
-        at: int,
-        module: Any,
-        seconds: Counter,
-        ahead: Ahead,
+        self, index: int, chunk: list[Prompt], at: int, module: Any, seconds: Counter
     ) -> dict[str, Any]:
         """This process's share of a chunk of prompts: sampled, judged, paired, encoded."""
         world, rank = _world()
         mine = list(range(rank, len(chunk), world))
+        # Every process decodes as many prompts (a sharded policy needs equal forwards).
+        ids = [chunk[i].ids for i in mine] or [chunk[0].ids]
+        ids += [ids[-1]] * (-(-len(chunk) // world) - len(ids))
         t = time.perf_counter()
-        groups = self.generate(chunk, at, module, ahead)
+        seed = int(np.random.SeedSequence([self.seed, at, rank]).generate_state(1)[0] >> 1)
+        device = next(module.policy.parameters()).device
+        groups = self.backend.generate(ids, self.icfg.samples_per_prompt, seed, _all_done(device))
+        groups = groups[: len(mine)]
         seconds["generation"] += time.perf_counter() - t
         t = time.perf_counter()
         judged = [
@@ -536,11 +465,6 @@ def _public(report: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- processes
-def _noise_seed(seed: int, at: int, rank: int) -> int:
-    """The sampling seed of a process's share of the chunk that starts at ``at``."""
-    return int(np.random.SeedSequence([seed, at, rank]).generate_state(1)[0] >> 1)
-
-
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
