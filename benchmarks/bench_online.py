@@ -71,7 +71,6 @@ from inspo.data.synthetic import prompt_pool
 from inspo.models.load import byte_tokenizer, count_parameters, tiny_llama
 from inspo.online import run as online_run
 from inspo.online.prompts import Prompt, check_prompts, stream
-from inspo.online.rounds import Rounds
 from inspo.online.run import Iterate
 from inspo.training.run import run as train_run
 
@@ -109,11 +108,10 @@ SIZES = {
 # AdamW; like for like: what inspo does (checkpointing off, temperature 1, torch.optim.AdamW).
 CONFIGS = [
     ("inspo online", "inspo", {}),
-    # inspo's online step as it was before this branch's two changes to inspo.online: no
-    # look-ahead (a chunk that misses pairs gets its own decoding pass) and a reference
-    # forward per training batch besides the samples' (online.run.shares_reference_scores).
-    # Selected by name or with "all", not in "main".
-    ("inspo online (before)", "inspo", {"lookahead": False, "share_reference": False}),
+    # inspo's online step as it was before this branch: a reference forward per training batch
+    # besides the one over the round's samples (online.run.shares_reference_scores). Selected
+    # by name or with "all", not in "main".
+    ("inspo online (before)", "inspo", {"share_reference": False}),
     (
         "TRL like-for-like",
         "trl",
@@ -210,10 +208,7 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     """``inspo-iterate experiment=online`` in process, through :func:`inspo.training.run.run`
     with :class:`Iterate` (what ``inspo.online.run.iterate`` does), plus clocks."""
     clock = StepEnds(StepPeak(size.total))
-    # A forked child: the patches die with it.
-    if not settings.get("lookahead", True):
-        Rounds.lookahead = lambda self, size: 0
-    if not settings.get("share_reference", True):
+    if not settings.get("share_reference", True):  # a forked child: the patch dies with it
         online_run.shares_reference_scores = lambda cfg, module: False
     tok = byte_tokenizer()
     eos = tok.eos_token_id
