@@ -595,13 +595,12 @@ def logp_memory(kind: str, rows: int, vocab: int, hidden: int = 256, chunk: int 
 THREADS = [1]  # set by --threads; the same for the matmul peak and the training runs
 
 
-def _child(conn, fn, args) -> None:
+def _child(conn, fn, args, workdir: bool, every: float) -> None:
     torch.set_num_threads(THREADS[0])
-    runs = (run_inspo, run_trl, trl_padding_free)
-    meter = RssPeak(every=0.01 if fn in runs else 0.0005)
+    meter = RssPeak(every=every)
     try:
         with tempfile.TemporaryDirectory() as d:
-            out = fn(*args, workdir=d) if fn in runs else fn(*args)
+            out = fn(*args, workdir=d) if workdir else fn(*args)
         peak = meter.stop()
         conn.send({"ok": True, "result": out, "peak_mem_mb": peak / 2**20})
     except Exception as e:  # reported, not raised: one failed config must not stop the run
@@ -611,10 +610,19 @@ def _child(conn, fn, args) -> None:
     conn.close()
 
 
-def in_child(fn, *args) -> dict:
+def in_child(fn, *args, workdir: bool | None = None, every: float | None = None) -> dict:
+    """``fn(*args)`` in a child forked from this process: ``{"ok", "result", "peak_mem_mb"}``
+    or ``{"ok": False, "error"}``. ``workdir``: pass ``fn`` a temporary ``workdir=``;
+    ``every``: the RSS sampling interval in seconds. Both default to a training run's (a
+    workdir, 10 ms: a finer sampler would take the GIL from the step it measures) for
+    :func:`run_inspo`, :func:`run_trl` and :func:`trl_padding_free`, and to a short
+    measurement's (none, 0.5 ms) else."""
+    run = fn in (run_inspo, run_trl, trl_padding_free)
+    workdir = run if workdir is None else workdir
+    every = (0.01 if run else 0.0005) if every is None else every
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(child, fn, args))
+    p = ctx.Process(target=_child, args=(child, fn, args, workdir, every))
     p.start()
     child.close()
     msg = parent.recv()

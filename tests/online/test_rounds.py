@@ -14,6 +14,7 @@ from inspo.online import run as online_run
 from inspo.online.generation import HF
 from inspo.online.judges import JudgeError
 from inspo.online.rounds import RoundError
+from inspo.training.module import PreferenceModule
 from inspo.training.run import run as train_run
 
 MODEL = [o for o in FAST if not o.startswith(("data.batch_size", "+data.source.n_train"))]
@@ -186,3 +187,57 @@ def test_every_form_trains_online(tmp_path, objective):
     assert summary["steps"] == 2 and math.isfinite(summary["metrics"]["val/plain/loss"])
     assert summary["choices"]["reflection"] == "inspo"
     assert ("objective/kl" in summary["rounds"][0]) == (objective != "simpo")
+
+
+def train_losses(run_dir):
+    rows = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",").index("train/loss")
+    return [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]]
+
+
+def test_the_samples_reference_scores_serve_the_training_steps(tmp_path, monkeypatch):
+    """A round scores its samples under the reference (for its KL); the plain view's rows that
+    hold exactly the sampled tokens take those scores in training instead of a second
+    reference forward: the same pairs and losses, one reference forward per sample."""
+    common = ["generation._target_=fake_backends.AsciiHF", "eval.n_prompts=0"]
+    given = []  # per training-time reference lookup: did the batch carry the scores?
+    lookup = PreferenceModule.reference_scores
+
+    def spy(self, batch, view):
+        if self.training:
+            given.append("reference_scores" in batch)
+        return lookup(self, batch, view)
+
+    monkeypatch.setattr(PreferenceModule, "reference_scores", spy)
+    with monkeypatch.context() as m:
+        m.setattr(online_run, "shares_reference_scores", lambda cfg, module: False)
+        separate = iterate(tmp_path / "separate", *common)
+    assert given and not any(given)
+    given.clear()
+    shared = iterate(tmp_path / "shared", *common)
+    assert len(given) == shared["steps"] and all(given)
+    for r in ("000", "001"):
+        a, b = (tmp_path / run / "rounds" / r / "pairs.jsonl" for run in ("separate", "shared"))
+        assert a.read_text() == b.read_text()
+    want, got = train_losses(tmp_path / "separate"), train_losses(tmp_path / "shared")
+    assert len(got) == shared["steps"] and got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    for key in VAL:
+        assert shared["metrics"][key] == pytest.approx(separate["metrics"][key], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("why", ["synced reference", "reflective reference view"])
+def test_no_shared_reference_scores_where_the_reference_would_score_otherwise(
+    tmp_path, monkeypatch, why
+):
+    """A synced reference moves at a round's first step, after its samples were scored; an
+    InSPO reference scoring the reflective context scores other tokens."""
+    extra = {"synced reference": ["iterate.reference=previous"],
+             "reflective reference view": ["reflection=inspo"]}[why]  # fmt: skip
+    cfg = compose_config([*ITER, *extra], tmp_path, name="iterate")
+    seen = []
+    real = online_run.shares_reference_scores
+    monkeypatch.setattr(
+        online_run, "shares_reference_scores", lambda c, m: seen.append(real(c, m)) or seen[-1]
+    )
+    online_run.iterate(cfg)
+    assert seen == [False]

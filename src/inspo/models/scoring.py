@@ -136,6 +136,23 @@ def score_sequences(
     return Scored(*hidden_sequence_logps(hidden, weight, ids, scored), None, padded)
 
 
+def scored_token_logps(
+    model: torch.nn.Module, view: dict[str, Tensor], how: Scoring = Scoring()
+) -> Tensor:
+    """log π(token t+1 | tokens ≤ t) at every position t whose next token is scored, 0
+    elsewhere: [N, T − 1], float32 at least. Its row sums are :func:`score_sequences`' sums
+    (without prompt sharing); sums over parts of ``loss_mask`` come from the same forward."""
+    ids, mask = view["input_ids"], view["loss_mask"][:, 1:].to(torch.bool)
+    parts = split_lm_head(model) if how.scored_lm_head else None
+    if parts is None:
+        lp = token_logps(forward(model, view)[:, :-1], ids[:, 1:], chunk=how.logp_chunk)
+        return torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+    decoder, weight = parts
+    hidden = forward(decoder, view, output="last_hidden_state")
+    lp = lm_head_logps(hidden[:, :-1][mask], weight, ids[:, 1:][mask])
+    return lp.new_zeros(mask.shape).masked_scatter(mask, lp)
+
+
 def score_pairs(
     model: torch.nn.Module,
     view: dict[str, Tensor],

@@ -41,8 +41,8 @@ from inspo.data.collate import PreferenceCollator, pad_rows
 from inspo.data.encode import Encoder
 from inspo.evaluation.metrics import ONE_BY_ONE
 from inspo.models.sampling import Sample
-from inspo.models.scoring import score_sequences
-from inspo.names import EOS_RATE, SAMPLE_ENTROPY, SAMPLE_KL, SCORES, SCORES_MARGIN
+from inspo.models.scoring import scored_token_logps
+from inspo.names import EOS_RATE, PLAIN, SAMPLE_ENTROPY, SAMPLE_KL, SCORES, SCORES_MARGIN
 from inspo.online.generation import Backend
 from inspo.online.judges import Group, Judge, JudgeError
 from inspo.online.pairing import Candidate, Pairing
@@ -98,6 +98,7 @@ class Rounds:
         seed: int,
         out_dir: Path,
         evaluate: Callable[[Any, Path | None], dict[str, float]] | None = None,
+        share_reference: bool = False,
     ) -> None:
         self.icfg, self.pool, self.backend, self.judge, self.pairing = (
             icfg,
@@ -118,6 +119,10 @@ class Rounds:
         self.history: list[dict[str, Any]] = []
         self.pending: dict[str, float] = {}  # the finished round's metrics, for the logger
         self.timer: dict[str, float] = {}
+        # The reference's scores of the samples, taken for the round's KL, are also the plain
+        # view's reference scores in training (see online.run.shares_reference_scores): one
+        # reference forward per sample, not a second one per trained pair.
+        self.share_reference = share_reference
 
     # ------------------------------------------------------------------ steps
     @property
@@ -132,7 +137,16 @@ class Rounds:
         world, rank = _world()
         per_step = self.batch_size * world
         rows = self.current.rows[s * per_step : (s + 1) * per_step][rank::world]
-        return self.collate([{**row, "index": 0} for row in rows])
+        batch = self.collate([{**row, "index": 0} for row in rows])
+        # Rows whose tokens are not the sampled ones (re-encoding, truncation), or reloaded
+        # from a round's folder, carry none: the batch then runs the reference forward.
+        if self.share_reference and rows and all(REFERENCE in row for row in rows):
+            columns = zip(*(row[REFERENCE] for row in rows), strict=True)
+            fields = ("chosen", "rejected", "chosen_length", "rejected_length")
+            batch["reference_scores"] = {
+                PLAIN: {f: torch.tensor(c) for f, c in zip(fields, columns, strict=True)}
+            }
+        return batch
 
     # ------------------------------------------------------------------ a round
     def start(self, index: int, module: Any) -> None:
@@ -209,7 +223,7 @@ class Rounds:
         except Exception as e:
             raise JudgeError(f"judge {self.judge!r} failed in round {index}: {e}") from e
         seconds["judging"] += time.perf_counter() - t
-        ref = self.reference_logps(module, [chunk[i].ids for i in mine], groups)
+        ref, trained = self.reference_logps(module, [chunk[i].ids for i in mine], groups)
         rng = random.Random(at * 1_000_003 + rank)
         dropped, pairs, samples = Counter(), [], []
         for k, (i, g, sc) in enumerate(zip(mine, groups, scores, strict=True)):
@@ -217,7 +231,11 @@ class Rounds:
             for s, v, r in zip(g, sc, ref[k], strict=True):
                 samples.append(sample_row(chunk[i].text, at + i, s, v, r))
             for hi, lo in self.pairing.pairs(cands, rng, dropped):
-                pairs.append((at + i, chunk[i].text, hi, lo))
+                shared = None
+                if trained is not None:  # the samples behind the pair, and their scores
+                    a, b = (next(j for j, c in enumerate(cands) if c is x) for x in (hi, lo))
+                    shared = (chunk[i].ids, g[a], g[b], trained[k][a], trained[k][b])
+                pairs.append((at + i, chunk[i].text, hi, lo, shared))
         return {"rows": self.encode(index, pairs, dropped), "samples": samples, "dropped": dropped}
 
     def encode(self, index: int, pairs: list, dropped: Counter) -> list[dict]:
@@ -233,7 +251,7 @@ class Rounds:
         enc = self.encoder.encode_batch(text, self.views)
         rows = []
         v = self.views[0]
-        for k, (position, prompt, hi, lo) in enumerate(pairs):
+        for k, (position, prompt, hi, lo, shared) in enumerate(pairs):
             row = {key: values[k] for key, values in enc.items()}
             if (
                 row[f"{v}_chosen"][row[f"{v}_chosen_start"] :]
@@ -250,36 +268,58 @@ class Rounds:
                 position=position,
                 round=index,
             )
+            scores = self.trained_scores(row, shared) if shared is not None else None
+            if scores is not None:
+                row[REFERENCE] = scores
             rows.append(row)
         return rows
+
+    def trained_scores(self, row: dict, shared: tuple) -> list | None:
+        """[chosen, rejected, chosen length, rejected length] of the reference on the row's plain
+        view, from the samples' scores, when the view holds exactly the sampled tokens (and the
+        EOS that training appends to a sample that ran out of tokens); else None."""
+        prompt, *samples = shared[:3]
+        for side, s in zip(("chosen", "rejected"), samples, strict=True):
+            tokens = list(prompt) + s.ids + ([] if s.finished else self.encoder.eos)
+            if row[f"{PLAIN}_{side}"] != tokens or row[f"{PLAIN}_{side}_start"] != len(prompt):
+                return None
+        (chosen, n_chosen), (rejected, n_rejected) = shared[3:]
+        return [chosen, rejected, n_chosen, n_rejected]
 
     @torch.no_grad()
     def reference_logps(
         self, module: Any, prompts: list[tuple[int, ...]], groups: list[list[Sample]]
-    ) -> list[list[float]]:
+    ) -> tuple[list[list[float]], list[list[tuple[float, int]]] | None]:
         """log π_ref of each sample after its prompt (NaN without a reference): the KL term of
-        the round's metrics."""
+        the round's metrics; and, with ``share_reference``, each sample's reference score as
+        training scores it, (sum, scored tokens): its tokens and the EOS that training appends
+        to a sample that ran out of tokens (one forward for both)."""
         if not module.objective.requires_reference or not groups:
-            return [[float("nan")] * len(g) for g in groups]
-        rows = [list(p) + s.ids for p, g in zip(prompts, groups, strict=True) for s in g]
-        starts = [len(p) for p, g in zip(prompts, groups, strict=True) for _ in g]
+            return [[float("nan")] * len(g) for g in groups], None
+        eos = self.encoder.eos if self.share_reference else []
+        seqs = [(list(p), s) for p, g in zip(prompts, groups, strict=True) for s in g]
+        rows = [p + s.ids + ([] if s.finished else eos) for p, s in seqs]
+        starts = torch.tensor([len(p) for p, _ in seqs])[:, None]
+        ends = torch.tensor([len(p) + len(s.ids) for p, s in seqs])[:, None]  # the KL's part
         pad = self.backend.tokenizer.pad_token_id
         ids, att = pad_rows(rows, pad if pad is not None else 0)
         cols = torch.arange(ids.shape[1])
-        view = {
-            "input_ids": ids,
-            "attention_mask": att,
-            "loss_mask": (cols >= torch.tensor(starts)[:, None]) & att.bool(),
-        }
+        view = {"input_ids": ids, "attention_mask": att, "loss_mask": (cols >= starts) & att.bool()}
         device = next(module.policy.parameters()).device
         view = {k: v.to(device) for k, v in view.items()}
         if module.hparams.adapter_reference:
             with adapter_disabled(module.policy) as base:
-                sums = score_sequences(base, view, ONE_BY_ONE).sums
+                tokens = scored_token_logps(base, view, ONE_BY_ONE)
         else:
-            sums = score_sequences(module.reference.eval(), view, ONE_BY_ONE).sums
-        flat = iter(sums.float().cpu().tolist())
-        return [[next(flat) for _ in g] for g in groups]
+            tokens = scored_token_logps(module.reference.eval(), view, ONE_BY_ONE)
+        tokens = tokens.float().cpu()  # column t scores token t + 1
+        kl = iter(torch.where(cols[1:] < ends, tokens, 0.0).sum(-1).tolist())
+        out = [[next(kl) for _ in g] for g in groups]
+        if not self.share_reference:
+            return out, None
+        sums, counts = tokens.sum(-1).tolist(), view["loss_mask"].sum(-1).tolist()
+        scored = iter(zip(sums, counts, strict=True))
+        return out, [[next(scored) for _ in g] for g in groups]
 
     def end(self, index: int, module: Any) -> dict[str, float]:
         """After the round's last step: evaluate (when due), record, return the metrics."""
@@ -375,6 +415,10 @@ class Rounds:
             self.cursor = state["start"]
         else:  # at a round boundary: the next round starts where the last one ended
             self.cursor = state["end"]
+
+
+#: A row's reference scores from its samples (:meth:`Rounds.trained_scores`).
+REFERENCE = "reference_plain"
 
 
 def sample_row(prompt: str, position: int, s: Sample, score: float, ref_logp: float) -> dict:

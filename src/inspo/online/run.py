@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.config import ConfigError
 from inspo.evaluation.stage import EvalConfig, draw, eval_prompts, evaluate, initial_policy
+from inspo.names import PLAIN
 from inspo.objectives import Objective
 from inspo.online.datamodule import OnlineDataModule
 from inspo.online.prompts import check_prompts
@@ -86,6 +87,7 @@ class Iterate(Extension):
             cfg.seed,
             Path(HydraConfig.get().runtime.output_dir),
             round_evaluator(cfg, tokenizer, trainer) if cfg.eval.n_prompts > 0 else None,
+            share_reference=shares_reference_scores(cfg, module),
         )
         datamodule.rounds = self.rounds
         # Before the checkpoint callbacks: a checkpoint taken at a round's end holds that round.
@@ -95,6 +97,19 @@ class Iterate(Extension):
         result["rounds"] = self.rounds.history if self.rounds is not None else []
         result["choices"]["iterate"] = {**vars(self.icfg)}
         result["choices"]["iterate_reference"] = self.icfg.reference  # what reports group by
+
+
+def shares_reference_scores(cfg: DictConfig, module: PreferenceModule) -> bool:
+    """Whether the reference's scores of the samples (a round takes them for its KL) can be the
+    training batches' reference scores: the reference scores the plain view (the standard form,
+    or InSPO with ``reference_context=plain``), and it stays fixed while a round trains (a
+    synced reference, ``iterate.reference=previous``, moves at the round's first step, after
+    the samples were scored)."""
+    return (
+        module.objective.requires_reference
+        and module.reference_view == PLAIN
+        and cfg.reference.kind != "sync"
+    )
 
 
 def round_evaluator(cfg: DictConfig, tokenizer: Any, trainer: L.Trainer):
