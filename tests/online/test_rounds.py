@@ -178,15 +178,26 @@ def test_config_errors_before_any_model(tmp_path):
         iterate(tmp_path, "reference=precomputed")
 
 
-@pytest.mark.parametrize("objective", ["dpo", "ipo", "simpo"])
-def test_every_form_trains_online(tmp_path, objective):
-    """A reflective objective online (its views built from the fresh pairs), and a
-    reference-free one (no reference, so no sample KL)."""
+@pytest.mark.parametrize(
+    ("objective", "context"),
+    [("dpo", "reflective"), ("ipo", "reflective"), ("simpo", "reflective"), ("dpo", "plain")],
+)
+def test_every_form_trains_online(tmp_path, monkeypatch, objective, context):
+    """A reflective objective online (its views built from the fresh pairs), a reference-free
+    one (no reference, so no sample KL), and InSPO whose reference scores the plain view (the
+    samples' reference scores then serve its training steps)."""
+    shared = []
+    real = online_run.shares_reference_scores
+    monkeypatch.setattr(
+        online_run, "shares_reference_scores", lambda c, m: shared.append(real(c, m)) or shared[-1]
+    )
     summary = iterate(tmp_path, f"objective={objective}", "reflection=inspo",
+                      f"reflection.reference_context={context}",
                       "iterate.steps_per_round=1", "iterate.eval_every=0")  # fmt: skip
     assert summary["steps"] == 2 and math.isfinite(summary["metrics"]["val/plain/loss"])
     assert summary["choices"]["reflection"] == "inspo"
     assert ("objective/kl" in summary["rounds"][0]) == (objective != "simpo")
+    assert shared == [context == "plain"]
 
 
 def train_losses(run_dir):
