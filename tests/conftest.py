@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 # One thread per process: the tiny models gain nothing from a second thread, and tests that
@@ -34,6 +38,26 @@ FAST = [
     "optim.warmup_steps=0",
     "logger=csv",
 ]
+
+
+def train_user_module(
+    tmp_path: Path, module: str, source: str, *overrides: str
+) -> subprocess.CompletedProcess:
+    """``inspo-train`` in a child process with ``tmp_path/module.py`` (``source``) importable,
+    as a user's own module is: the run folder is ``tmp_path/run``."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    cmd = [sys.executable, "-m", "inspo.cli.train", *overrides, *FAST,
+           f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/c"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def full_and_resumed(train: Callable[..., dict], tmp_path: Path, *common: str) -> tuple[dict, dict]:
+    """Summaries of a 6-step run, uninterrupted (``tmp_path/full``) and "killed" after 3 steps
+    then resumed with ``ckpt_path=last`` (``tmp_path/cut``); ``common`` sets max_steps=6."""
+    full = train(tmp_path / "full", *common)
+    train(tmp_path / "cut", *common, "trainer.max_steps=3")
+    return full, train(tmp_path / "cut", *common, "ckpt_path=last")
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import FAST
+from conftest import FAST, full_and_resumed
 from inspo.config import compose_config
 from inspo.names import TOKENS_PADDING_SHARE
 from inspo.training.run import run
@@ -61,9 +61,7 @@ def test_a_packed_run_equals_the_padded_run(tmp_path, setup):
 )
 def test_grouped_batches_resume_exactly(tmp_path, batching):
     common = ["trainer.max_steps=6", "checkpoint.every_n_train_steps=1", *batching]
-    full = train(tmp_path / "full", *common)
-    train(tmp_path / "cut", *common, "trainer.max_steps=3")
-    resumed = train(tmp_path / "cut", *common, "ckpt_path=last")
+    full, resumed = full_and_resumed(train, tmp_path, *common)
     assert resumed["steps"] == full["steps"] == 6
     for key in ("val/loss", "val/rewards/margins", "val/logps/chosen"):
         assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-5, abs=1e-7)

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAST
+from conftest import FAST, full_and_resumed
 from inspo.config import ConfigError, compose_config
 from inspo.training.run import run
 
@@ -59,10 +59,7 @@ def test_a_run_can_start_from_a_saved_policy(tmp_path):
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     common = ["trainer.max_steps=6", "checkpoint.every_n_train_steps=1", "reflection=inspo"]
-    full = train(tmp_path / "full", *common)
-    # "Kill" a run after 3 steps (max_steps=3), then resume it with the full budget.
-    train(tmp_path / "cut", *common, "trainer.max_steps=3")
-    resumed = train(tmp_path / "cut", *common, "ckpt_path=last")
+    full, resumed = full_and_resumed(train, tmp_path, *common)
     assert resumed["steps"] == full["steps"] == 6
     for key in ("val/loss", "val/rewards/margins", "val/plain/logps/chosen"):
         assert resumed["metrics"][key] == pytest.approx(full["metrics"][key], rel=1e-4, abs=1e-6)
@@ -112,9 +109,7 @@ def test_resume_continues_bco_running_mean(tmp_path):
     ends where the uninterrupted run ends (it restarted from 0 when it was not checkpointed)."""
     common = ["objective=bco_pair", "objective.running_mean=true", "trainer.max_steps=6",
               "checkpoint.every_n_train_steps=1"]  # fmt: skip
-    full = train(tmp_path / "full", *common)
-    train(tmp_path / "cut", *common, "trainer.max_steps=3")
-    resumed = train(tmp_path / "cut", *common, "ckpt_path=last")
+    full, resumed = full_and_resumed(train, tmp_path, *common)
     assert full["metrics"]["val/delta"] != 0.0
     assert resumed["metrics"]["val/delta"] == pytest.approx(full["metrics"]["val/delta"], rel=1e-6)
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from conftest import FAST
+from conftest import FAST, train_user_module
 
 USER_MODULE = '''
 import torch.nn.functional as F
@@ -34,14 +31,9 @@ class MyLoss(Objective):
 
 @pytest.mark.subprocess
 def test_user_objective_trains_from_its_own_module(tmp_path):
-    (tmp_path / "mymod.py").write_text(textwrap.dedent(USER_MODULE))
-    cmd = [
-        sys.executable, "-m", "inspo.cli.train", "objective._target_=mymod.MyLoss",
-        "+objective.penalty=0.5", *FAST, "trainer.max_steps=2", "save_policy=false",
-        f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/c",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    overrides = ["objective._target_=mymod.MyLoss", "+objective.penalty=0.5",
+                 "trainer.max_steps=2", "save_policy=false"]  # fmt: skip
+    res = train_user_module(tmp_path, "mymod", USER_MODULE, *overrides)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2

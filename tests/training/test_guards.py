@@ -4,15 +4,11 @@ checkpoint, writes no policy, exits non-zero, and leaves summary.json valid JSON
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
-from conftest import FAST
+from conftest import FAST, train_user_module
 from inspo.config import compose_config
 from inspo.models.scoring import ViewScores
 from inspo.objectives import DPO, ObjectiveOutput
@@ -52,15 +48,10 @@ class NaNGradient(DPO):
 
 @pytest.mark.subprocess
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    (tmp_path / "nanmod.py").write_text(textwrap.dedent(NAN_AFTER))
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "inspo.cli.train", "objective._target_=nanmod.NaNAfter",
-        "+objective.after=3", *FAST, "trainer.max_steps=8", "checkpoint.every_n_train_steps=1",
-        f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/c",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = train_user_module(tmp_path, "nanmod", NAN_AFTER, "objective._target_=nanmod.NaNAfter",
+                            "+objective.after=3", "trainer.max_steps=8",
+                            "checkpoint.every_n_train_steps=1")  # fmt: skip
     assert res.returncode != 0
     assert "non-finite loss at step 3" in res.stderr and "NaNAfter" in res.stderr
     assert "objective's own arithmetic" in res.stderr  # its inputs were finite
