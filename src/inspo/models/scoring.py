@@ -145,8 +145,7 @@ def scored_token_logps(
     ids, mask = view["input_ids"], view["loss_mask"][:, 1:].to(torch.bool)
     parts = split_lm_head(model) if how.scored_lm_head else None
     if parts is None:
-        lp = token_logps(forward(model, view)[:, :-1], ids[:, 1:], chunk=how.logp_chunk)
-        return torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        return masked_token_logps(forward(model, view), ids, view["loss_mask"], how.logp_chunk)
     decoder, weight = parts
     hidden = forward(decoder, view, output="last_hidden_state")
     lp = lm_head_logps(hidden[:, :-1][mask], weight, ids[:, 1:][mask])
@@ -212,12 +211,19 @@ def sequence_logps(
     token t+1, so token 0 is never scored. Padding may be on either side: masked positions
     contribute nothing. Returns (sum [N], count [N]); the mean score is sum / count.
     """
-    targets = input_ids[:, 1:]
+    lp = masked_token_logps(logits, input_ids, loss_mask, chunk)
+    return lp.sum(-1), loss_mask[:, 1:].to(torch.bool).sum(-1)
+
+
+def masked_token_logps(
+    logits: Tensor, input_ids: Tensor, loss_mask: Tensor, chunk: int = 1024
+) -> Tensor:
+    """Per position t of [N, T − 1]: log π(token t+1 | tokens ≤ t) where that token is scored,
+    0 elsewhere (the terms :func:`sequence_logps` sums)."""
     mask = loss_mask[:, 1:].to(torch.bool)
     # Masked targets may be pad ids; they are gathered and then zeroed, never out of range.
-    lp = token_logps(logits[:, :-1], targets, chunk=chunk)
-    lp = torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
-    return lp.sum(-1), mask.sum(-1)
+    lp = token_logps(logits[:, :-1], input_ids[:, 1:], chunk=chunk)
+    return torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
 
 
 # --------------------------------------------------------------------------- LM head on scored rows
