@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from inspo.models.hf_compat import eager_attention
+
 log = logging.getLogger(__name__)
 
 #: The forward keyword argument that carries the :class:`Blocks` of a packed sequence.
@@ -150,9 +152,12 @@ def _sdpa(module: torch.nn.Module) -> Callable:
 
 
 def _eager(module: torch.nn.Module) -> Callable:
-    # The function the attention module itself falls back to for "eager": the
-    # ``eager_attention_forward`` of the module that defines its forward.
-    return type(module).forward.__globals__["eager_attention_forward"]
+    # The function the attention module itself falls back to for "eager". packing_blocker
+    # refuses a model whose file has none, so the wrapper is never installed without it.
+    found = eager_attention(module)
+    if found is None:
+        raise PackingUnsupported(f"no eager_attention_forward for {type(module).__name__}")
+    return found
 
 
 def _register() -> None:
@@ -180,6 +185,8 @@ def packing_blocker(model: torch.nn.Module) -> str | None:
         return None
     if impl not in WRAPPERS:
         return f"attention implementation {impl!r} (packing needs sdpa or eager)"
+    if impl == "eager" and eager_attention(model) is None:
+        return f"no eager_attention_forward in {type(model).__module__}"
     text = config.get_text_config()
     if getattr(text, "attn_logit_softcapping", None) is not None:
         return "attention logit soft-capping"

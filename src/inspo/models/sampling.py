@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
+from inspo.models.hf_compat import cache_kwargs
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -263,7 +265,7 @@ def _next_logits(
         input_ids=ids,
         attention_mask=att,
         position_ids=pos,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         **keep,
     )

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from inspo.models.hf_compat import cache_kwargs
 from inspo.models.packed_attention import (
     PACK_KWARG,
     PackingUnsupported,
@@ -395,7 +396,7 @@ def shared_prompt_logps(
         input_ids=ctx,
         attention_mask=ctx_mask,
         position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache,
+        **cache_kwargs(decoder, cache),
         use_cache=True,
     )
     rows = torch.cat([torch.arange(b, device=ctx.device)] * 2)
@@ -406,7 +407,7 @@ def shared_prompt_logps(
         input_ids=response,
         attention_mask=torch.cat([ctx_mask[rows], response_mask], dim=1),
         position_ids=positions,
-        past_key_values=cache,
+        **cache_kwargs(decoder, cache),
         use_cache=True,
     ).last_hidden_state
     # The context's last hidden state predicts the first response token.
