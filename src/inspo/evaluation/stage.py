@@ -253,7 +253,10 @@ def initial_policy(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     m.pop("tokenizer", None)
     m.pop("lora", None)
     m["gradient_checkpointing"] = False
-    return load_policy(tokenizer=tokenizer, **m)
+    # The run's cache (where a GGUF file's converted checkpoint is); outside a Hydra run (as in
+    # inspo-eval) ${hydra:...} does not resolve, and the default cache is used.
+    cache_dir = OmegaConf.select(cfg, "paths.cache_dir", throw_on_resolution_failure=False)
+    return load_policy(tokenizer=tokenizer, cache_dir=cache_dir, **m)
 
 
 def reference_policy(

@@ -1,15 +1,19 @@
-"""Policies, references and tokenizers: the embedded tiny model and anything from_pretrained.
+"""Policies, references and tokenizers: the embedded tiny model, anything from_pretrained, and
+GGUF files.
 
 The embedded default (``model=tiny``) is a small Llama with random weights and a byte-level
 tokenizer built in memory, so the whole pipeline runs with no downloads. Both save with
 ``save_pretrained`` and load back with the ``Auto*`` classes, so a trained tiny policy is an
-ordinary Hugging Face checkpoint.
+ordinary Hugging Face checkpoint. A GGUF file (``model.gguf_file``, e.g. ``model=smollm2``) is
+dequantized once into an ordinary checkpoint in the run's dtype (:mod:`inspo.models.gguf`) and
+loaded from there, so its policy saves like any other.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from inspo.models.gguf import gguf_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +87,22 @@ def tiny_llama(
         return LlamaForCausalLM(cfg)
 
 
-def load_tokenizer(name_or_path: str | None, **kwargs: Any) -> PreTrainedTokenizerBase:
-    """The byte tokenizer when ``name_or_path`` is None, else ``AutoTokenizer.from_pretrained``.
+def load_tokenizer(
+    name_or_path: str | None,
+    gguf_file: str | None = None,
+    dtype: str = "fp32",
+    cache_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> PreTrainedTokenizerBase:
+    """The byte tokenizer when ``name_or_path`` is None, else ``AutoTokenizer.from_pretrained``
+    (for a GGUF file, of its converted checkpoint: see :func:`load_policy`).
 
     A missing pad token is set to EOS (the usual choice for causal LMs); padding is on the right
-    for training, and generation code switches to the left where it needs to.
+    for training, and generation code switches to the left where it needs to. Nothing finds a
+    response's end or padding by token id, so pad = EOS (SmolLM2's ``<|im_end|>``) is safe.
     """
+    if gguf_file is not None:
+        name_or_path = str(gguf_checkpoint(name_or_path, gguf_file, dtype, cache_dir))
     if name_or_path is None:
         return byte_tokenizer()
     tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
@@ -135,12 +151,19 @@ def load_policy(
     revision: str | None = None,
     lora: dict[str, Any] | None = None,
     disable_dropout: bool = True,
+    gguf_file: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> PreTrainedModel:
     """Build the policy: ``tiny_llama(**tiny)`` when no path is given, else ``from_pretrained``.
 
+    ``gguf_file``: a GGUF file in the folder ``name_or_path`` (or a path to one), dequantized
+    to ``dtype`` and cached as an ordinary checkpoint under ``cache_dir``
+    (:func:`inspo.models.gguf.gguf_checkpoint`), then loaded from there.
     Dropout is off unless ``disable_dropout=False`` (see :func:`turn_off_dropout`)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown model.dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if gguf_file is not None:
+        name_or_path = str(gguf_checkpoint(name_or_path, gguf_file, dtype, cache_dir))
     if name_or_path is None:
         model = tiny_llama(tokenizer=tokenizer, **(tiny or {})).to(DTYPES[dtype])
     else:

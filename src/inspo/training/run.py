@@ -110,11 +110,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     )
 
 
+def run_tokenizer(cfg: DictConfig) -> Any:
+    """``model.tokenizer`` when set, else the model's own (a GGUF file's: of its converted
+    checkpoint, which this converts on first use)."""
+    m = cfg.model
+    if m.tokenizer:
+        return load_tokenizer(m.tokenizer)
+    return load_tokenizer(m.name_or_path, m.get("gguf_file"), m.dtype, cfg.paths.cache_dir)
+
+
 def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> PreferenceModule:
     resolve_auto(cfg, objective)  # idempotent: callers outside run() may pass reference=auto
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.pop("tokenizer")
-    policy = load_policy(tokenizer=tokenizer, **model)
+    policy = load_policy(tokenizer=tokenizer, cache_dir=cfg.paths.cache_dir, **model)
     kind = cfg.reference.kind
     reference = make_reference(policy, cfg.reference)
     return PreferenceModule(
@@ -148,12 +157,17 @@ def run_choices(cfg: DictConfig) -> dict[str, Any]:
         "sync_every": ref.get("sync_every"),
         "sync_alpha": ref.get("sync_alpha"),
         "seed": cfg.seed,
-        "model": cfg.model.name_or_path or "tiny",
+        "model": model_label(cfg),
         "max_steps": cfg.trainer.max_steps,
         "lr": cfg.optim.lr,
         "wandb_group": cfg.get("wandb_group"),
         "tags": list(cfg.get("tags") or []),
     }
+
+
+def model_label(cfg: DictConfig) -> str:
+    """The model a run started from, as reports name it: its GGUF file, path or ``tiny``."""
+    return cfg.model.get("gguf_file") or cfg.model.name_or_path or "tiny"
 
 
 def summary(
@@ -237,7 +251,7 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
         cfg.tags = run_tags(cfg)
         cfg.run_name = cfg.get("run_name") or run_name(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    tokenizer = run_tokenizer(cfg)
     datamodule = extension.datamodule(cfg, tokenizer, objective)
     trainer = build_trainer(cfg, run_dir)
     datamodule.setup("fit")
