@@ -12,7 +12,7 @@ from datasets import Dataset
 from inspo.data import sources
 from inspo.data.datamodule import PreferenceDataModule
 from inspo.data.report import DataError
-from inspo.data.rows import split_implicit, to_text
+from inspo.data.rows import dialogue_messages, split_implicit, to_text
 from inspo.data.sources import preference_data
 
 CHAT = (
@@ -146,6 +146,27 @@ def test_implicit_prompt_extraction_and_mismatch():
     r2 = "\n\nHuman: hey\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: sure"
     assert split_implicit(c, r2) == "implicit_prompt_mismatch"
     assert split_implicit("no turns", "at all") == "no_assistant_turn"
+
+
+def test_hh_dialogues_become_chat_turns_with_a_chat_template_and_stay_text_without(tokenizer):
+    row = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: no",
+        "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: sure, one",
+    }
+    plain = to_text(row, tokenizer, keep_chat=True)  # the byte tokenizer has no template
+    assert plain["prompt"].endswith("\n\nHuman: joke?\n\nAssistant:") and plain["chosen"] == " no"
+    tokenizer.chat_template = CHAT
+    chat = to_text(row, tokenizer, keep_chat=True)
+    turns = [("user", "hi"), ("assistant", "hello"), ("user", "joke?")]
+    assert json.loads(chat["chat"]) == [{"role": r, "content": c} for r, c in turns]
+    assert chat["prompt"] == "<|user|>hi\n<|assistant|>hello</s>\n<|user|>joke?\n<|assistant|>"
+    assert (chat["chosen"], chat["rejected"]) == ("no", "sure, one")
+    # A prompt that is not a dialogue is one user turn; an empty answer is still a reason.
+    assert dialogue_messages("Question?\n\nAssistant:") is None
+    odd = {"chosen": "Question?\n\nAssistant: a", "rejected": "Question?\n\nAssistant: b"}
+    assert to_text(odd, tokenizer)["prompt"] == "<|user|>Question?\n\nAssistant:\n<|assistant|>"
+    empty = {"chosen": row["chosen"], "rejected": row["chosen"].removesuffix(" no") + "  "}
+    assert to_text(empty, tokenizer) == "empty_response"
 
 
 def test_conversational_rows_use_the_chat_template_without_duplicate_specials(tokenizer):
