@@ -203,6 +203,29 @@ def test_conversational_rows_use_the_chat_template_without_duplicate_specials(to
         to_text(row, tokenizer)
 
 
+def test_a_pair_left_without_responses_in_the_reflective_view_is_dropped_and_counted(tokenizer):
+    # A long earlier turn fills the chat reflective context (earlier turns are never cut): both
+    # scored responses are cut to nothing there, while the plain view still holds them.
+    tokenizer.chat_template = CHAT
+    history = [{"role": "user", "content": "x" * 120}, {"role": "assistant", "content": "ok"}]
+    turn = [*history, {"role": "user", "content": "Name a colour."}]
+    rows = [
+        {"chosen": [*turn, {"role": "assistant", "content": c}],
+         "rejected": [*turn, {"role": "assistant", "content": r}]}
+        for c, r in (("Blue.", "No."), ("Red.", "Hm."))
+    ]  # fmt: skip
+    rows[1]["chosen"][0] = rows[1]["rejected"][0] = {"role": "user", "content": "short"}
+    dm = build(
+        tokenizer, lambda: {"train": rows}, max_length=160, max_prompt_length=160,
+        reflection=True, template="chat",
+    )  # fmt: skip
+    rep = dm.report.split("train")
+    assert rep.rows_used == 1 and dict(rep.skipped) == {"identical_after_truncation": 1}
+    kept = dm.datasets["train"][0]
+    for view in ("plain", "reflective"):
+        assert len(kept[f"{view}_chosen"]) > kept[f"{view}_chosen_start"]
+
+
 def test_over_long_policy(tmp_path, tokenizer):
     rows = [{"prompt": "P", "chosen": "W" * 80, "rejected": "L"}, *GOOD]
     src = lambda: {"train": [dict(r) for r in rows]}
