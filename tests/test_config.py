@@ -145,3 +145,49 @@ def test_the_wheel_ships_every_config(tmp_path):
     # Every module of the package, subpackages included (a missing __init__ drops a room).
     modules = {str(p.relative_to(repo / "src")) for p in (repo / "src" / "inspo").rglob("*.py")}
     assert "inspo/config.py" in modules and modules <= set(zipfile.ZipFile(wheel).namelist())
+
+
+HH_ROWS = "data.source.path=/nowhere/hh.jsonl"  # never read: the refusal comes first
+NO_MODEL = "model=hf model.name_or_path=/nowhere/model"  # building a model would fail otherwise
+
+
+@pytest.mark.parametrize(
+    ("app", "overrides", "message"),
+    [
+        ("train", ["eval.generate=true"], r"eval\.scorer=gold .* or eval\.generate=false$"),
+        ("iterate", [], r"eval\.scorer=gold .* or eval\.n_prompts=0$"),
+        ("iterate", ["eval.n_prompts=0"], r"^judge=gold .*judge=reward_model"),
+    ],
+)
+def test_a_gold_scorer_or_judge_on_other_prompts_is_refused_before_any_model(
+    tmp_path, app, overrides, message
+):
+    from inspo.online.run import iterate
+    from inspo.training.run import run
+
+    iterate_pool = ["iterate.prompts=${data.source}"] if app == "iterate" else []
+    cfg = compose_config(
+        ["data=hh_rlhf", HH_ROWS, *NO_MODEL.split(), *iterate_pool, *overrides], tmp_path, app
+    )
+    with pytest.raises(ConfigError, match=message) as err:
+        (iterate if app == "iterate" else run)(cfg)
+    assert "inspo.data.sources.preference_data (/nowhere/hh.jsonl)" in str(err.value)
+    assert "\n" not in str(err.value)
+    # On the built-in task both are its own reward: no refusal there.
+    from inspo.config import check_config, resolve_auto
+
+    ok = compose_config(["eval.generate=true", *overrides], tmp_path / "ok", app)
+    objective = build_objective(ok)
+    resolve_auto(ok, objective)
+    check_config(ok, objective)
+
+
+def test_inspo_eval_refuses_the_gold_scorer_on_a_run_of_other_data(tmp_path):
+    from inspo.evaluation.stage import EvalConfig, evaluate_run
+
+    cfg = compose_config(["data=hh_rlhf", HH_ROWS], tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                   tmp_path / ".hydra" / "config.yaml")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"eval\.scorer=gold is the built-in task's reward"):
+        evaluate_run(tmp_path, EvalConfig(scorer="gold"))  # no policy/ folder: refused first

@@ -18,9 +18,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from inspo.data.synthetic import SOURCES as SYNTHETIC_SOURCES
 from inspo.models.gguf import package_dir
 from inspo.names import REFERENCE_KINDS, REFLECTIONS
 from inspo.objectives import Objective
+
+GOLD_JUDGE = "inspo.online.judges.Gold"
 
 
 class ConfigError(ValueError):
@@ -114,6 +117,43 @@ def check_config(cfg: DictConfig, objective: Objective) -> None:
         )
     if kind == "adapter_disabled" and not cfg.model.get("lora"):
         raise ConfigError("reference=adapter_disabled needs a LoRA policy: set model.lora")
+    if "iterate" in cfg and cfg.eval.n_prompts > 0:  # every round is evaluated
+        check_scorer_fits(cfg.data.source, cfg.eval.scorer, "or eval.n_prompts=0")
+    elif cfg.eval.get("generate"):
+        check_scorer_fits(cfg.data.source, cfg.eval.scorer, "or eval.generate=false")
+    if "iterate" in cfg and "judge" in cfg and uses_gold_judge(cfg.judge):
+        pool = cfg.iterate.get("prompts") or cfg.data.source
+        if pool.get("_target_") not in SYNTHETIC_SOURCES:
+            raise ConfigError(
+                "judge=gold is the built-in task's reward and cannot judge the prompts of "
+                f"{describe_source(pool)}: use judge=reward_model (judge.name_or_path=...), "
+                "judge=python or judge=pairwise"
+            )
+
+
+def check_scorer_fits(source: DictConfig, scorer: str, alternative: str) -> None:
+    """The gold scorer (the synthetic task's reward) on another source's prompts is refused
+    before any model is built: it would score them by the rules of a spelling game."""
+    if scorer == "gold" and source.get("_target_") not in SYNTHETIC_SOURCES:
+        raise ConfigError(
+            "eval.scorer=gold is the built-in task's reward and cannot score the prompts of "
+            f"{describe_source(source)}: set eval.scorer to a reward model (the path or name "
+            f"of a sequence-classification model), {alternative}"
+        )
+
+
+def uses_gold_judge(judge: Any) -> bool:
+    """Whether a judge config is, or sums (``Weighted``), the gold judge."""
+    if OmegaConf.is_dict(judge):
+        if judge.get("_target_") == GOLD_JUDGE:
+            return True
+        return any(uses_gold_judge(v) for v in judge.values())
+    return OmegaConf.is_list(judge) and any(uses_gold_judge(v) for v in judge)
+
+
+def describe_source(source: DictConfig) -> str:
+    path = OmegaConf.select(source, "path", default=None, throw_on_resolution_failure=False)
+    return f"{source.get('_target_')}" + (f" ({path})" if path else "")
 
 
 def objective_name(cfg: DictConfig) -> str:

@@ -36,11 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from inspo.config import run_name
+from inspo.config import check_scorer_fits, run_name
 from inspo.evaluation.metrics import (
     length_controlled_win_rate,
     monte_carlo_kl,
@@ -48,6 +47,7 @@ from inspo.evaluation.metrics import (
     win_rate,
 )
 from inspo.evaluation.scorers import Scorer, make_scorer
+from inspo.models.load import resolve_device
 from inspo.models.sampling import SamplingConfig, sample
 
 
@@ -83,14 +83,6 @@ class EvalConfig:
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
         )
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """Where evaluation runs: ``auto`` is the CUDA device when there is one, else the CPU;
-    anything else is taken as a torch device string (``cpu``, ``cuda:1``, ``mps``)."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -129,7 +121,9 @@ def evaluate(
     """
     t0 = time.perf_counter()
     prompts = list(prompts)[: ecfg.n_prompts]
-    scorer = scorer or make_scorer(ecfg.scorer, tokenizer)
+    # A reward model scores where the policy is, in the policy's dtype (the run's model.dtype).
+    param = next(policy.parameters())
+    scorer = scorer or make_scorer(ecfg.scorer, tokenizer, device=param.device, dtype=param.dtype)
     sampling = ecfg.sampling()
     pol_ids, pol_text = draw(policy, tokenizer, prompts, sampling, ecfg, "sampling policy")
     ref_text = reference_samples
@@ -325,6 +319,7 @@ def evaluate_run(
     from inspo.models.load import load_policy, load_tokenizer
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    check_scorer_fits(cfg.data.source, ecfg.scorer, "e.g. inspo-eval RUN_DIR --scorer PATH")
     path = policy_path or str(run_dir / "policy")
     tokenizer = load_tokenizer(path)
     device = resolve_device(ecfg.device)

@@ -37,6 +37,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>")
 
 
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """Where a model runs: ``auto`` is the CUDA device when there is one, else the CPU;
+    anything else is taken as a torch device (``cpu``, ``cuda:1``, ``mps``)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from a config name (``fp32``, ``bf16``, ``fp16``) or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer: token id = byte value (0–255), then <pad>, <s>, </s>.
 

@@ -78,7 +78,7 @@ class Iterate(Extension):
             self.icfg,
             self.pool,
             backend,
-            instantiate(cfg.judge),
+            instantiate(cfg.judge).to(trainer.strategy.root_device),  # a model judge runs there
             instantiate(cfg.pairing),
             datamodule.encoder,
             datamodule.train_views,
