@@ -682,7 +682,11 @@ def in_child(fn, *args, workdir: bool | None = None, every: float | None = None)
     p = ctx.Process(target=_child, args=(child, fn, args, workdir, every))
     p.start()
     child.close()
-    msg = parent.recv()
+    try:
+        msg = parent.recv()
+    except EOFError:  # the child died without a word: killed (out of memory, most often)
+        p.join()
+        return {"ok": False, "error": f"the run's process died (exit code {p.exitcode})"}
     p.join()
     return msg
 
