@@ -77,3 +77,17 @@ def test_inspo_trains_smollm2_on_hh_rows_and_saves_an_ordinary_checkpoint(real_m
     with torch.no_grad():
         moved = policy(input_ids=real_model.probe_ids).logits
     assert not torch.allclose(moved, real_model.probe_logits)  # it trained
+
+
+def test_inspo_iterate_builds_the_same_model_from_the_same_config_group(real_model, tmp_path):
+    """model=smollm2 serves inspo-iterate too: its tokenizer and the initial policy that every
+    round is evaluated against come from the same converted checkpoint."""
+    from inspo.evaluation.stage import initial_policy
+    from inspo.training.run import run_tokenizer
+
+    cfg = compose_config(real_model.overrides(), tmp_path, name="iterate")
+    tok = run_tokenizer(cfg)
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
+    with torch.no_grad():
+        logits = initial_policy(cfg, tok)(input_ids=real_model.probe_ids).logits
+    torch.testing.assert_close(logits, real_model.probe_logits, rtol=0, atol=0)
