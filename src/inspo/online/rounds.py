@@ -40,6 +40,7 @@ import torch.distributed as dist
 from inspo.data.collate import PreferenceCollator, pad_rows
 from inspo.data.encode import Encoder
 from inspo.evaluation.metrics import ONE_BY_ONE
+from inspo.jsonio import json_line, write_json
 from inspo.models.sampling import Sample
 from inspo.models.scoring import scored_token_logps
 from inspo.names import EOS_RATE, PLAIN, SAMPLE_ENTROPY, SAMPLE_KL, SCORES, SCORES_MARGIN
@@ -47,22 +48,10 @@ from inspo.online.generation import Backend
 from inspo.online.judges import Group, Judge, JudgeError
 from inspo.online.pairing import Candidate, Pairing
 from inspo.online.prompts import Prompt, stream
+from inspo.settings import IterateConfig
 from inspo.training.reference import adapter_disabled
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class IterateConfig:
-    """``iterate.*`` of ``conf/iterate.yaml``."""
-
-    rounds: int = 4
-    steps_per_round: int = 50
-    samples_per_prompt: int = 2
-    reference: str = "initial"  # initial | previous: the last round's policy (see online.run)
-    save_rounds: bool = True  # a folder per round (samples, pairs, report, evaluation)
-    eval_every: int = 1  # evaluate every k rounds (and after the last); 0: after the last only
-    max_prompts_factor: int = 20  # a round gives up after this many × the pairs it needs
 
 
 class RoundError(RuntimeError):
@@ -342,10 +331,10 @@ class Rounds:
         self.history = [h for h in self.history if h["round"] != index] + [metrics]
         if _world()[1] == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_json(self.out_dir / "iterate.json", {"rounds": self.history})
+            write_json(self.out_dir / "iterate.json", {"rounds": self.history})
             if self.icfg.save_rounds and self.folder(index).exists():
                 saved = {"report": _public(data.report), "metrics": metrics}
-                atomic_json(self.folder(index) / "round.json", saved | self.span(data))
+                write_json(self.folder(index) / "round.json", saved | self.span(data))
         self.pending = metrics
         return metrics
 
@@ -360,7 +349,7 @@ class Rounds:
         tmp.mkdir(parents=True)
         with open(tmp / "samples.jsonl", "w") as f:
             for row in data.report["samples_"]:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_line(row))
         keep = (
             "prompt",
             "chosen",
@@ -372,11 +361,11 @@ class Rounds:
         )
         with open(tmp / "pairs.jsonl", "w") as f:
             for row in data.rows:
-                f.write(json.dumps({k: row[k] for k in keep}) + "\n")
+                f.write(json_line({k: row[k] for k in keep}))
         report = {"round": data.index, **self.span(data), **_public(data.report)}
-        atomic_json(tmp / "data_report.json", report)
+        write_json(tmp / "data_report.json", report)
         saved = {"report": _public(data.report), "metrics": data.metrics}
-        atomic_json(tmp / "round.json", saved | self.span(data))
+        write_json(tmp / "round.json", saved | self.span(data))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
 
@@ -452,12 +441,6 @@ def round_metrics(samples: list[dict], rows: list[dict]) -> dict[str, float]:
     if samples and all(v == v for v in kl):  # NaN without a reference
         out[SAMPLE_KL] = sum(kl) / n
     return out
-
-
-def atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _public(report: dict[str, Any]) -> dict[str, Any]:
