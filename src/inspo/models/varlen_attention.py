@@ -195,23 +195,33 @@ def varlen_attention(
     return out[None]
 
 
-@functools.cache
 def varlen_kernel() -> Callable | None:
     """``kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left)``, causal aligned to the
-    last key, for [tokens, heads, dim] inputs (keys may have fewer heads), or None."""
+    last key, for [tokens, heads, dim] inputs (keys may have fewer heads): the flash_attn
+    package's where it is installed, else torch's, else None."""
+    return flash_attn_kernel() or torch_varlen_kernel()
+
+
+@functools.cache
+def flash_attn_kernel() -> Callable | None:
+    """``flash_attn_varlen_func`` of the flash_attn package, or None where it is absent."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
-        flash_attn_varlen_func = None
-    if flash_attn_varlen_func is not None:
+        return None
 
-        def flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, left):
-            return flash_attn_varlen_func(
-                q, k, v, cu_q, cu_k, max_q, max_k,
-                dropout_p=0.0, softmax_scale=scale, causal=True, window_size=(left, 0),
-            )  # fmt: skip
+    def flash(q, k, v, cu_q, cu_k, max_q, max_k, scale, left):
+        return flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, max_q, max_k,
+            dropout_p=0.0, softmax_scale=scale, causal=True, window_size=(left, 0),
+        )  # fmt: skip
 
-        return flash
+    return flash
+
+
+@functools.cache
+def torch_varlen_kernel() -> Callable | None:
+    """torch's ``varlen_attn`` (torch >= 2.11, whose signature takes a window), or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
