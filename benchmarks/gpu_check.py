@@ -304,6 +304,11 @@ class Meter:
             "seconds": seconds,
             "pairs_per_s": self.pairs / seconds,
             "tokens_per_s": self.tokens / seconds,
+            "tokens": self.tokens,
+            "ref_tokens": self.ref_tokens,
+            "attention_pairs": self.att,
+            "ref_attention_pairs": self.ref_att,
+            "params": shape.params,
             "model_flops": flops,
             "tflops": flops / seconds / 1e12,
             "mfu": flops / seconds / peak if peak else None,
@@ -588,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     warm, timed = rows[: setup.batch * setup.warmup], rows[setup.batch * setup.warmup :]
     peak, peak_note = peak_flops(setup)
     device = "CPU" if cpu else torch.cuda.get_device_name()
-    env = {"kind": "env", "device": device, "peak": peak_note, "torch": torch.__version__,
+    env = {"kind": "env", "device": device, "peak": peak_note, "peak_flops": peak,
+           "torch": torch.__version__,
            "lengths": source, **vars(setup)}  # fmt: skip
     records: list[dict] = []
     out = open(args.out, "w") if args.out else None  # noqa: SIM115
