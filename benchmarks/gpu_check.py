@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import gc
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -472,34 +473,58 @@ def run_trl(setup: Setup, tokenizer, warm: list[dict], timed: list[dict],
 
 
 # --------------------------------------------------------------------------- CUDA tests
+def test_files() -> tuple[list[str], str | None]:
+    """The test files holding CUDA-marked tests (only those are imported: the rest of the
+    suite needs packages the GPU machine may lack), and the vLLM tests where vLLM is installed;
+    with a note on vLLM otherwise."""
+    files = sorted(
+        str(p.relative_to(REPO))
+        for p in (REPO / "tests").rglob("test_*.py")
+        if "mark.cuda" in p.read_text(encoding="utf-8")
+    )
+    if importlib.util.find_spec("vllm") is not None:
+        return [*files, "tests/online/test_vllm.py"], None
+    return files, "vllm not installed (its wheel alone exceeds the 64 MiB that may travel)"
+
+
 def cuda_tests(timeout: int) -> list[dict]:
-    """``pytest -m cuda`` over the suite: one row per test (passed, failed, skipped: why)."""
+    """The CUDA-marked tests (and vLLM's): one row per test (passed, failed, skipped: why)."""
+    files, vllm_note = test_files()
+    rows = pytest_rows(["-m", "cuda", *files[: len(files) - (vllm_note is None)]], timeout)
+    if vllm_note:
+        rows.append({"check": "CUDA test", "config": "test_vllm.py (generation=vllm)",
+                     "status": "skipped", "note": vllm_note})  # fmt: skip
+    else:  # the vLLM tests carry no marker: they skip themselves without CUDA
+        rows += pytest_rows([files[-1]], timeout)
+    return rows
+
+
+def pytest_rows(args: list[str], timeout: int) -> list[dict]:
+    """``pytest ARGS`` in a child: a row per test, then one for the whole run."""
+    whole = {"check": "CUDA tests", "config": "pytest " + " ".join(a for a in args if "/" not in a)}
     with tempfile.TemporaryDirectory() as d:
         xml = Path(d) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-               "--continue-on-collection-errors", f"--junitxml={xml}", "tests"]  # fmt: skip
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               f"--junitxml={xml}", *args]  # fmt: skip
         try:
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return [{"check": "CUDA tests", "config": "pytest -m cuda", "status": "error",
-                     "note": f"timed out after {timeout} s"}]  # fmt: skip
+            return [{**whole, "status": "error", "note": f"timed out after {timeout} s"}]
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
         if not xml.exists():
-            return [{"check": "CUDA tests", "config": "pytest -m cuda", "status": "error",
-                     "note": tail[0]}]  # fmt: skip
+            return [{**whole, "status": "error", "note": tail[0]}]
         rows = []
         for case in ET.parse(xml).iter("testcase"):
             status, note = "passed", ""
-            for tag in ("failure", "error", "skipped"):
+            for tag, word in (("failure", "FAILED"), ("error", "error"), ("skipped", "skipped")):
                 found = case.find(tag)
                 if found is not None:
-                    status = {"failure": "FAILED", "error": "error", "skipped": "skipped"}[tag]
-                    note = (found.get("message") or "").splitlines()[0][:160] if found.get(
-                        "message") else ""  # fmt: skip
+                    status = word
+                    note = (found.get("message") or "").strip().split("\n")[0][:160]
             name = f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
             rows.append({"check": "CUDA test", "config": name, "status": status, "note": note})
-        rows.append({"check": "CUDA tests", "config": "pytest -m cuda", "status":
-                     "ok" if proc.returncode == 0 else "FAILED", "note": tail[0]})  # fmt: skip
+        ok = proc.returncode in (0, 5)  # 5: no test collected (none marked)
+        rows.append({**whole, "status": "ok" if ok else "FAILED", "note": tail[0]})
         return rows
 
 
@@ -570,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds for the whole check; later rows are skipped")  # fmt: skip
     ap.add_argument("--no-trl", action="store_true", help="leave TRL's row out")
     ap.add_argument("--out", default=None, help="JSON lines of every record")
+    ap.add_argument("--table", default=None, help="also write the table (and its footer) here")
     args = ap.parse_args(argv)
     cpu = args.cpu
     if not cpu and not torch.cuda.is_available():
@@ -648,9 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         records.append(rec)
         emit(rec)
         print(f"# {label}: {rec['status']} at {time.perf_counter() - t0:.0f} s", flush=True)
-    print(table(records))
-    print(f"\n(total {time.perf_counter() - t0:.0f} s; MFU against {peak_note}; FLOPs = "
-          "6·N·policy tokens + 2·N·reference tokens + attention)")  # fmt: skip
+    text = (f"{table(records)}\n\n(total {time.perf_counter() - t0:.0f} s on {device}; MFU "
+            f"against {peak_note}; FLOPs = 6·N·policy tokens + 2·N·reference tokens + "
+            f"attention; lengths: {source})\n")  # fmt: skip
+    print(text)
+    if args.table:
+        Path(args.table).write_text(text)
     if out:
         out.close()
     failed = [r for r in records if r.get("status") in ("FAILED", "error")]

@@ -113,3 +113,19 @@ def test_the_card_is_found_by_name(monkeypatch):
         None,
         "Some Other GPU: bf16 peak unknown (MFU not computed)",
     )
+
+
+@pytest.mark.subprocess
+def test_the_cuda_tests_are_found_run_and_reported():
+    """Every test file with a cuda mark is run with -m cuda in a child pytest, one row per
+    test; here each is skipped with the reason, and vLLM's absence is said, not hidden."""
+    rows = gpu_check.cuda_tests(timeout=300)
+    tests = [r for r in rows if r["check"] == "CUDA test" and "::" in r["config"]]
+    names = {r["config"].split("[")[0] for r in tests}
+    assert "test_cuda::test_fp32_kernels_score_as_padded_on_cuda" in names
+    assert "test_distributed::test_fsdp2_on_one_gpu_over_nccl" in names
+    if not torch.cuda.is_available():
+        assert all(r["status"] == "skipped" and r["note"] for r in tests)
+    whole = next(r for r in rows if r["check"] == "CUDA tests")
+    assert whole["status"] == "ok" and f"{len(tests)} skipped" in whole["note"]
+    assert any("vllm" in r["config"] for r in rows)

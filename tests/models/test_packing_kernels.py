@@ -217,3 +217,25 @@ def test_kernel_choice(tokenizer, monkeypatch):
     how = Scoring(packing=True, packing_kernel="varlen")
     with pytest.raises(RuntimeError, match=r"flash_attn package, or torch >= 2\.11"):
         score_pairs(model, batch(tokenizer)["plain"], how)
+
+
+@pytest.mark.slow
+def test_compiled_flex_serves_every_layout_with_one_compilation():
+    """The compiled kernel the GPU runs (here inductor's CPU build, forward only: about 30 s
+    to compile): block-sparse over our block mask, equal to the dense reference, and one
+    graph for layouts of other lengths, windows and contexts."""
+    from torch._dynamo.utils import counters  # the count of compiled graphs
+
+    counters.clear()
+    fn = va.compiled_flex()
+    for seed in range(3):
+        blocks = random_layout(seed)
+        t = blocks.positions.shape[0]
+        mask = va.flex_block_mask(blocks, None if seed % 2 else 7)
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(1, h, t, 16, generator=g) for h in (4, 2, 2))
+        with torch.no_grad():
+            got = fn(q, k, v, block_mask=mask, enable_gqa=True)
+            want = flex_reference(q, k, v, block_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -134,13 +134,19 @@ def flex_mask_mod(own_lo: Tensor, ctx_lo: Tensor, ctx_hi: Tensor) -> Callable:
     return mask_mod
 
 
-@functools.cache
 def _flex(device_type: str) -> Callable:
+    """Compiled on an accelerator; eager on CPU (a reference implementation, forward only)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device_type == "cpu":  # eager (a reference implementation, forward only), no compiler
-        return flex_attention
-    # Pack lengths change every batch: one compilation with dynamic shapes serves them all.
+    return flex_attention if device_type == "cpu" else compiled_flex()
+
+
+@functools.cache
+def compiled_flex() -> Callable:
+    """flex attention compiled once with dynamic shapes: pack lengths and layouts change
+    every batch, and one compilation serves them all."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     return torch.compile(flex_attention, dynamic=True)
 
 
