@@ -22,6 +22,16 @@ from inspo.models.scoring import Scoring, score_pairs
 pytestmark = pytest.mark.cuda
 
 
+@pytest.fixture(autouse=True)
+def full_fp32_matmuls():
+    """float32 means float32 here, whatever a run in this process set (inspo's runtime turns
+    TF32 on for CUDA runs)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 def model_on_cuda(tokenizer, family="llama", dtype=torch.float32, **extra):
     return tiny(family, tokenizer, initializer_range=0.2, **extra).to("cuda", dtype)
 
@@ -59,7 +69,7 @@ def test_bf16_scores_track_fp32_and_stay_float32(tokenizer):
 @pytest.mark.parametrize("kernel", ["blocks", "flex"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_fp32_kernels_score_as_padded_on_cuda(tokenizer, family, kernel):
-    """float32 (TF32 off, torch's default for matmuls): every kernel equals the padded batch
+    """float32 (TF32 off): every kernel equals the padded batch
     to float32 rounding, in value and gradient; Mistral with a window shorter than the rows."""
     extra = {"sliding_window": 5} if family == "mistral" else {}
     model = model_on_cuda(tokenizer, family, **extra)
