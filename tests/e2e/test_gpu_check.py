@@ -43,8 +43,8 @@ def test_the_table_has_every_row_and_column(run):
     assert configs == [
         "policy scores, kernel blocks",
         "inspo packed (blocks)",
-        "inspo padded",
         "TRL DPOTrainer",
+        "inspo padded",
     ]
     assert all(r["status"] == "ok" for r in table)
     env = records[0]
@@ -129,3 +129,15 @@ def test_the_cuda_tests_are_found_run_and_reported():
     whole = next(r for r in rows if r["check"] == "CUDA tests")
     assert whole["status"] == "ok" and f"{len(tests)} skipped" in whole["note"]
     assert any("vllm" in r["config"] for r in rows)
+
+
+def test_the_gpu_model_is_qwen25_05b_shaped():
+    """The config written in the script builds Qwen2.5-0.5B's 494 M parameters (tied
+    embedding once), 24 layers of 14 query and 2 key/value heads of 64, which the FLOPs count."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(gpu_check.qwen_config())
+    shape = gpu_check.Shape.of(model)
+    assert (shape.params, shape.layers, shape.heads, shape.head_dim) == (494_032_768, 24, 14, 64)
+    assert model.config.num_key_value_heads == 2 and model.config.tie_word_embeddings
