@@ -187,12 +187,13 @@ def test_kernels_cut_sliding_windows(tokenizer, kernels, family, kernel):
         assert_same(model, view, Scoring(packing_kernel=kernel))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma"])
 def test_real_flex_forward_on_cpu_scores_as_padded(tokenizer, family):
-    """torch's own flex attention (eager on CPU, forward only) with our block mask: the
-    reference's scores, shared contexts and a sliding window included."""
+    """torch's own flex attention (eager on CPU, forward only, slow: it evaluates the mask
+    everywhere) with our block mask: the padded scores under grouped-query attention, a
+    sliding window and the eager wrapper (Gemma), shared contexts included."""
     extra = {"sliding_window": 5} if family == "mistral" else {}
-    model = tiny(family, tokenizer, **extra).eval()
+    model = tiny(family, tokenizer, "sdpa" if family != "gemma" else "eager", **extra).eval()
     b = batch(tokenizer)
     with torch.no_grad():
         for view in (b["plain"], b["reflective"]):
