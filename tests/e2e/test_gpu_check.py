@@ -141,3 +141,13 @@ def test_the_gpu_model_is_qwen25_05b_shaped():
     shape = gpu_check.Shape.of(model)
     assert (shape.params, shape.layers, shape.heads, shape.head_dim) == (494_032_768, 24, 14, 64)
     assert model.config.num_key_value_heads == 2 and model.config.tie_word_embeddings
+
+
+def test_a_spent_time_budget_skips_rows_and_says_so(capsys):
+    """On a GPU slot the check must end in time: configurations left when the budget is spent
+    become rows marked skipped, with the reason, not silent omissions."""
+    code = gpu_check.main(["--cpu", "--batch", "2", "--steps", "1", "--budget", "1e-9"])
+    table = gpu_check.parse_table(capsys.readouterr().out)
+    steps = [r for r in table if r["check"] == "DPO steps"]
+    assert code == 0 and len(steps) == 3
+    assert all(r["status"] == "skipped" and "time budget" in r["note"] for r in steps)
