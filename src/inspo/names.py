@@ -84,6 +84,16 @@ class OverLong(Choice):
     drop = "drop"
 
 
+class PackingKernel(Choice):
+    """``data.packing_kernel``: how a packed sequence's attention is computed
+    (:mod:`inspo.models.varlen_attention`)."""
+
+    auto = "auto"  # blocks on CPU; on CUDA varlen in bf16/fp16 where installed, else flex
+    blocks = "blocks"  # sdpa per row, no [T, T] mask
+    flex = "flex"  # flex_attention with a block mask
+    varlen = "varlen"  # flash-attention's varlen kernel
+
+
 class Dtype(Choice):
     """``model.dtype``: the weights' floating-point type."""
 

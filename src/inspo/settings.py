@@ -48,6 +48,7 @@ from inspo.names import (
     Dtype,
     IterateReference,
     OverLong,
+    PackingKernel,
     ReferenceKind,
     Reflection,
     Scheduler,
@@ -207,7 +208,10 @@ class DataConfig:
     ``over_long``: a row whose scored response is cut is kept and counted (``truncate``) or
     skipped (``drop``); ``strict``: the first bad row is a start-up error;
     ``max_samples``: at most this many used rows per split; ``packing``: each view's rows run
-    as one sequence without padding (:mod:`inspo.models.packing`; the same scores);
+    as one sequence without padding (:mod:`inspo.models.packing`; the same scores; a model that
+    cannot pack is scored padded, with one warning); ``packing_kernel``: how a packed
+    sequence's attention is computed (``auto``: per row on CPU; on CUDA flash-attention's
+    varlen kernel in bf16/fp16 where installed, else flex attention; the same numbers);
     ``group_by_length``: batches of pairs of similar length (mega-batches of ``group_size``
     batches); ``max_tokens_per_batch``: as many pairs per batch as fit this many computed
     tokens (None: ``batch_size`` pairs).
@@ -226,6 +230,7 @@ class DataConfig:
     num_workers: int = 0
     max_samples: int | None = None
     packing: bool = True
+    packing_kernel: PackingKernel = PackingKernel.auto
     group_by_length: bool = False
     group_size: int = 50
     max_tokens_per_batch: int | None = None
@@ -241,6 +246,7 @@ class DataConfig:
                 f"got {self.max_length}",
             )
         self.over_long = choice(OverLong, "over_long", self.over_long)
+        self.packing_kernel = choice(PackingKernel, "packing_kernel", self.packing_kernel)
         at_least("num_workers", self.num_workers, 0)
         at_least("max_samples", self.max_samples, 1)
         at_least("group_size", self.group_size, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
 from inspo.config import build_objective, check_run, compose_config, resolve_reference, run_tags
 from inspo.models.load import byte_tokenizer
@@ -71,3 +72,15 @@ def test_auto_reference_and_tags(tmp_path, objective, kind):
     tags = run_tags(cfg)
     assert tags[0] == "mine" and f"reference:{kind}" in tags and "reflection:inspo" in tags
     assert any(t.startswith("psi:") for t in tags) and any(t.startswith("objective:") for t in tags)
+
+
+def test_packing_kernel_from_config(tmp_path):
+    """data.packing_kernel reaches the module's scorer (auto by default); a misspelt kernel
+    stops the run before any model is trained, naming the valid ones."""
+    module, _ = build(cfg_for(tmp_path=tmp_path))
+    assert (module.scoring.packing, module.scoring.packing_kernel) == (True, "auto")
+    module, _ = build(cfg_for("data=hh_rlhf", "data.packing_kernel=flex", tmp_path=tmp_path))
+    assert module.scoring.packing_kernel == "flex"
+    with pytest.raises(ConfigCompositionException) as err:  # while Hydra composes
+        cfg_for("data.packing_kernel=flash", tmp_path=tmp_path)
+    assert "expected one of [auto, blocks, flex, varlen]" in str(err.value.__cause__)

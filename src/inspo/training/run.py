@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from inspo.config import (
@@ -102,8 +102,15 @@ def build_trainer(
     )
     strategy = instantiate(strategy_cfg) if strategy_cfg else "auto"
     callbacks = [checkpoint, LastValidation(), *reference_callbacks(settings.reference)]
+    trainer = dataclasses.asdict(settings.trainer)
+    if settings.trainer.enable_progress_bar:
+        # tqdm's bar counts steps; Rich's (Lightning's default when rich is installed) reads
+        # "Epoch 0/-2" when the steps, not the epochs, bound the run (max_epochs=-1).
+        callbacks.append(TQDMProgressBar())
+    if settings.data.val_split is None:  # no validation loop, rather than an empty loader per stage
+        trainer["limit_val_batches"] = 0
     return L.Trainer(
-        **dataclasses.asdict(settings.trainer),
+        **trainer,
         strategy=strategy,
         logger=logger,
         callbacks=callbacks,
@@ -114,7 +121,7 @@ def build_trainer(
 def build_module(settings: RunConfig, objective: Objective, tokenizer: Any) -> PreferenceModule:
     """The policy of ``settings.model``, its reference and the training module around them."""
     reference = resolve_reference(settings.reference, objective)  # callers may pass auto
-    policy = load_model(settings.model, tokenizer)
+    policy, data = load_model(settings.model, tokenizer), settings.data
     kind = reference.kind
     return PreferenceModule(
         policy,
@@ -124,7 +131,9 @@ def build_module(settings: RunConfig, objective: Objective, tokenizer: Any) -> P
         optim=settings.optim,
         adapter_reference=kind is ReferenceKind.adapter_disabled,
         reference_in_checkpoint=kind is ReferenceKind.sync,  # TR-DPO's reference is training state
-        scoring=Scoring(packing=settings.data.packing),  # inspo.models.packing
+        # the scorer packs each view's rows (inspo.models.packing); their attention: per row
+        # on CPU, varlen on GPU
+        scoring=Scoring(packing=data.packing, packing_kernel=str(data.packing_kernel)),
     )
 
 
