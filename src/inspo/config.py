@@ -148,9 +148,8 @@ def run_name(settings: RunConfig) -> str:
     """``objective-Ψ-reflection-reference-seedN``: what a run is, readable in a wandb sweep."""
     picked = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     objective = picked.get("objective") or objective_name(settings.objective)
-    r = settings
-    psi = scalarization(r.objective)
-    return f"{objective}-{psi}-{r.reflection.mode}-{r.reference.kind}-seed{r.seed}"
+    psi, mode = scalarization(settings.objective), settings.reflection.mode
+    return f"{objective}-{psi}-{mode}-{settings.reference.kind}-seed{settings.seed}"
 
 
 def run_tags(settings: RunConfig) -> list[str]:

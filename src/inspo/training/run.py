@@ -209,9 +209,9 @@ def save_policy(module: PreferenceModule, tokenizer: Any, out: Path, trainer: L.
 
 class Extension:
     """What a kind of run changes in :func:`run` (the iterative loop is one): what it refuses
-    or changes in the settings, its own data module, what it attaches once the models exist,
-    what it adds to the summary. It receives the composed config once, to build its own
-    components."""
+    or changes in the settings (and the components it builds from them, before any model),
+    its own data module, what it attaches once the models exist, what it adds to the
+    summary."""
 
     def check(self, settings: RunConfig, objective: Objective) -> RunConfig:
         """Refuse settings this kind of run cannot use (before any model is built); return
