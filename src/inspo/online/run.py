@@ -1,5 +1,6 @@
 """An iterative or online run (``inspo-iterate``): an ordinary training run whose training
-batches come from :class:`~inspo.online.rounds.Rounds`.
+batches come from :class:`~inspo.online.rounds.Rounds` (each round built by
+:class:`~inspo.online.builder.RoundBuilder`, kept by :class:`~inspo.online.store.RoundStore`).
 
 Everything else is :func:`inspo.training.run.run`: the same objective, reflection, reference,
 model, hardware and logger groups, the same checkpoints and summary.json (which gains
@@ -22,9 +23,11 @@ from inspo.config import ConfigError
 from inspo.evaluation.stage import EvalConfig, draw, eval_prompts, evaluate, initial_policy
 from inspo.names import PLAIN
 from inspo.objectives import Objective
+from inspo.online.builder import RoundBuilder
 from inspo.online.datamodule import OnlineDataModule
 from inspo.online.prompts import check_prompts
 from inspo.online.rounds import IterateConfig, RoundEnd, Rounds
+from inspo.online.store import RoundStore
 from inspo.training.module import PreferenceModule
 from inspo.training.run import Extension, build_datamodule, run
 
@@ -74,20 +77,25 @@ class Iterate(Extension):
         tokenizer = datamodule.tokenizer
         backend = instantiate(cfg.generation)
         backend.bind(module.policy, tokenizer)
-        self.rounds = Rounds(
-            self.icfg,
+        builder = RoundBuilder(
             self.pool,
             backend,
             instantiate(cfg.judge),
             instantiate(cfg.pairing),
             datamodule.encoder,
             datamodule.train_views,
-            tokenizer.pad_token_id,
-            cfg.data.batch_size,
-            cfg.seed,
-            Path(HydraConfig.get().runtime.output_dir),
-            round_evaluator(cfg, tokenizer, trainer) if cfg.eval.n_prompts > 0 else None,
+            samples_per_prompt=self.icfg.samples_per_prompt,
+            max_prompts_factor=self.icfg.max_prompts_factor,
+            seed=cfg.seed,
             share_reference=shares_reference_scores(cfg, module),
+        )
+        self.rounds = Rounds(
+            self.icfg,
+            builder,
+            RoundStore(Path(HydraConfig.get().runtime.output_dir), self.icfg.save_rounds),
+            batch_size=cfg.data.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            evaluate=round_evaluator(cfg, tokenizer, trainer) if cfg.eval.n_prompts > 0 else None,
         )
         datamodule.rounds = self.rounds
         # Before the checkpoint callbacks: a checkpoint taken at a round's end holds that round.

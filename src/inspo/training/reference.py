@@ -84,6 +84,22 @@ def adapter_disabled(policy: Any) -> Iterator[Any]:
         policy.train(was_training)
 
 
+@contextlib.contextmanager
+def reference_model(
+    policy: Any, reference: torch.nn.Module | None, adapter_reference: bool
+) -> Iterator[torch.nn.Module]:
+    """The model that scores as π_ref, in eval mode: the LoRA policy with its adapter off
+    (``adapter_reference``), else the frozen ``reference``. Every live reference score, in
+    training steps and in the loop's rounds, is taken inside this."""
+    if adapter_reference:
+        with adapter_disabled(policy) as base:
+            yield base
+        return
+    if reference is None:
+        raise RuntimeError("this objective needs reference scores but no reference is set")
+    yield reference.eval()
+
+
 # --------------------------------------------------------------------------- keys
 def model_fingerprint(model: torch.nn.Module, name_or_path: str | None = None) -> str:
     """Identify a reference model: a hash of its weights, or for large named checkpoints its
