@@ -23,11 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from inspo.data.collate import pad_rows
 from inspo.data.encode import Encoder
-from inspo.evaluation.metrics import ONE_BY_ONE
+from inspo.evaluation.metrics import response_logps
 from inspo.models.sampling import Sample
-from inspo.models.scoring import scored_token_logps
 from inspo.names import EOS_RATE, PLAIN, SAMPLE_ENTROPY, SAMPLE_KL, SCORES, SCORES_MARGIN
 from inspo.online import processes
 from inspo.online.generation import Backend
@@ -37,6 +35,7 @@ from inspo.online.prompts import Prompt, stream
 from inspo.online.records import (
     Pair,
     PairRecord,
+    PairTokens,
     PlainReference,
     Response,
     Round,
@@ -57,15 +56,6 @@ class Chunk:
     pairs: list[TrainingPair]
     samples: list[SampleRecord]
     dropped: Counter
-
-
-@dataclass
-class ReferenceLogps:
-    """The reference's scores of a chunk's samples, per prompt and sample: the KL term
-    (``kl``) and, when training shares them, the score as training takes it (``trained``)."""
-
-    kl: list[list[float]]
-    trained: list[list[tuple[float, int]]] | None = None
 
 
 class RoundBuilder:
@@ -150,12 +140,8 @@ class RoundBuilder:
         dropped: Counter = Counter()
         pairs: list[Pair] = []
         samples: list[SampleRecord] = []
-        for k, (i, group, sc) in enumerate(zip(mine, groups, scores, strict=True)):
-            trained = ref.trained[k] if ref.trained is not None else [None] * len(group)
-            responses = [
-                Response(s, v, r, t)
-                for s, v, r, t in zip(group, sc, ref.kl[k], trained, strict=True)
-            ]
+        for i, group, sc, lp in zip(mine, groups, scores, ref, strict=True):
+            responses = [Response(s, v, r) for s, v, r in zip(group, sc, lp, strict=True)]
             samples += [sample_record(prompts[i].text, at + i, r) for r in responses]
             pairs += self.pair(at + i, prompts[i], responses, rng, dropped)
         return Chunk(self.encode(index, pairs, dropped), samples, dropped)
@@ -216,12 +202,13 @@ class RoundBuilder:
         ]
 
     def encode(self, index: int, pairs: list[Pair], dropped: Counter) -> list[TrainingPair]:
-        """The token rows of the views training needs; a pair identical after truncation is
-        dropped (counted)."""
-        if not pairs:
-            return []
-        records = [
-            PairRecord(
+        """The pairs as training takes them: the token rows of the views it needs, built from
+        the sampled ids (never from their decoded text, which need not tokenise back to them);
+        a pair identical after truncation is dropped (counted)."""
+        out = []
+        v = self.views[0]
+        for p in pairs:
+            record = PairRecord(
                 prompt=p.prompt.text,
                 chosen=p.chosen.sample.text,
                 rejected=p.rejected.sample.text,
@@ -230,80 +217,75 @@ class RoundBuilder:
                 position=p.position,
                 round=index,
             )
-            for p in pairs
-        ]
-        out = []
-        v = self.views[0]
-        for pair, record, tokens in zip(pairs, records, self.tokens(records), strict=True):
+            sampled = PairTokens(
+                list(p.prompt.ids), p.prompt.chat, p.chosen.sample.ids, p.rejected.sample.ids
+            )
+            tokens = self.tokens(sampled)
             if (
                 tokens[f"{v}_chosen"][tokens[f"{v}_chosen_start"] :]
                 == tokens[f"{v}_rejected"][tokens[f"{v}_rejected_start"] :]
             ):
                 dropped["identical_after_truncation"] += 1
                 continue
-            out.append(TrainingPair(record, tokens, self.plain_reference(tokens, pair)))
+            out.append(TrainingPair(record, sampled, tokens, self.plain_reference(tokens, p)))
         return out
 
-    def encode_saved(self, records: list[PairRecord]) -> list[TrainingPair]:
-        """The training pairs of a round's saved pairs (reloaded after a restart)."""
-        return [TrainingPair(r, t) for r, t in zip(records, self.tokens(records), strict=True)]
-
-    def tokens(self, records: list[PairRecord]) -> list[dict[str, Any]]:
-        if not records:
-            return []
-        text = {k: [getattr(r, k) for r in records] for k in ("prompt", "chosen", "rejected")}
-        enc = self.encoder.encode_batch(text, self.views)
-        return [{key: values[k] for key, values in enc.items()} for k in range(len(records))]
+    def tokens(self, sampled: PairTokens) -> dict[str, Any]:
+        """The views' token rows of a pair's sampled ids: the prompt as it was sampled on, each
+        response as it was sampled (an EOS it ended with kept once; none added to a response
+        that ran out of tokens)."""
+        enc, eos = self.encoder, self.encoder.eos
+        x = (
+            sampled.prompt[len(enc.bos) :]
+            if sampled.prompt[: len(enc.bos)] == enc.bos
+            else sampled.prompt
+        )
+        ended = [bool(eos) and y[-len(eos) :] == eos for y in (sampled.chosen, sampled.rejected)]
+        y_w, y_l = (
+            y[: len(y) - len(eos)] if e else y
+            for y, e in zip((sampled.chosen, sampled.rejected), ended, strict=True)
+        )
+        return enc.encode_ids(x, y_w, y_l, self.views, sampled.chat or None, eos=tuple(ended))
 
     def plain_reference(self, tokens: dict[str, Any], pair: Pair) -> PlainReference | None:
         """The reference's scores of the pair's plain view, from its samples' scores, when the
-        view holds exactly the sampled tokens (and the EOS that training appends to a sample
-        that ran out of tokens); else None."""
-        responses = (pair.chosen, pair.rejected)
-        if any(r.trained_reference is None for r in responses):
+        view holds exactly the sampled tokens after the prompt (not truncated); else None."""
+        if not self.share_reference:
             return None
         prompt = list(pair.prompt.ids)
+        responses = (pair.chosen, pair.rejected)
         for side, r in zip(("chosen", "rejected"), responses, strict=True):
-            s = r.sample
-            expected = prompt + s.ids + ([] if s.finished else self.encoder.eos)
-            if tokens.get(f"{PLAIN}_{side}") != expected:
+            if tokens.get(f"{PLAIN}_{side}") != prompt + r.sample.ids:
                 return None
             if tokens[f"{PLAIN}_{side}_start"] != len(prompt):
                 return None
-        (chosen, n_chosen), (rejected, n_rejected) = (r.trained_reference for r in responses)
-        return PlainReference(chosen, rejected, n_chosen, n_rejected)
+        chosen, rejected = responses
+        return PlainReference(
+            chosen.reference_logp,
+            rejected.reference_logp,
+            len(chosen.sample.ids),
+            len(rejected.sample.ids),
+        )
 
     @torch.no_grad()
     def reference_logps(
         self, module: Any, prompts: list[tuple[int, ...]], groups: list[list[Sample]]
-    ) -> ReferenceLogps:
-        """log π_ref of each sample after its prompt (NaN without a reference): the KL term of
-        the round's metrics; and, with ``share_reference``, each sample's reference score as
-        training scores it, (sum, scored tokens): its tokens and the EOS that training appends
-        to a sample that ran out of tokens (one forward for both)."""
+    ) -> list[list[float]]:
+        """log π_ref of each sample's tokens after its prompt, per prompt (NaN without a
+        reference), ``backend.batch_size`` rows per forward: the KL term of the round's
+        metrics, and with ``share_reference`` the plain view's reference score in training
+        (which scores exactly these tokens)."""
         if not module.objective.requires_reference or not groups:
-            return ReferenceLogps([[float("nan")] * len(g) for g in groups])
-        eos = self.encoder.eos if self.share_reference else []
-        seqs = [(list(p), s) for p, g in zip(prompts, groups, strict=True) for s in g]
-        rows = [p + s.ids + ([] if s.finished else eos) for p, s in seqs]
-        starts = torch.tensor([len(p) for p, _ in seqs])[:, None]
-        ends = torch.tensor([len(p) + len(s.ids) for p, s in seqs])[:, None]  # the KL's part
+            return [[float("nan")] * len(g) for g in groups]
+        contexts = [p for p, g in zip(prompts, groups, strict=True) for _ in g]
+        responses = [s.ids for g in groups for s in g]
         pad = self.backend.tokenizer.pad_token_id
-        ids, att = pad_rows(rows, pad if pad is not None else 0)
-        cols = torch.arange(ids.shape[1])
-        view = {"input_ids": ids, "attention_mask": att, "loss_mask": (cols >= starts) & att.bool()}
-        device = next(module.policy.parameters()).device
-        view = {k: v.to(device) for k, v in view.items()}
+        pad = pad if pad is not None else self.encoder.eos[0] if self.encoder.eos else 0
         with module.reference_model() as reference:
-            tokens = scored_token_logps(reference, view, ONE_BY_ONE)
-        tokens = tokens.float().cpu()  # column t scores token t + 1
-        kl = iter(torch.where(cols[1:] < ends, tokens, 0.0).sum(-1).tolist())
-        out = ReferenceLogps([[next(kl) for _ in g] for g in groups])
-        if self.share_reference:
-            sums, counts = tokens.sum(-1).tolist(), view["loss_mask"].sum(-1).tolist()
-            scored = iter(zip(sums, counts, strict=True))
-            out.trained = [[next(scored) for _ in g] for g in groups]
-        return out
+            flat = iter(
+                response_logps(reference, contexts, responses, pad, self.backend.batch_size)
+            )
+        return [[float(next(flat)) for _ in g] for g in groups]
 
 
 def sample_record(prompt: str, position: int, r: Response) -> SampleRecord:

@@ -13,14 +13,13 @@ from inspo.online.prompts import Prompt
 @dataclass(frozen=True)
 class Response:
     """A sampled response as the loop keeps it: the sample, its judge's score, and the
-    reference's log-prob of its tokens after the prompt (NaN without a reference; the KL term
-    of the round's metrics). ``trained_reference``: the reference's score of the sample as
-    training scores it, (sum, scored tokens), when the round shares its scores with training."""
+    reference's log-prob of its tokens after the prompt (NaN without a reference): the KL term
+    of the round's metrics, and the reference's score of it in training where training shares
+    the samples' scores."""
 
     sample: Sample
     score: float
     reference_logp: float
-    trained_reference: tuple[float, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,14 +70,28 @@ class PlainReference:
     rejected_length: int
 
 
+@dataclass(frozen=True)
+class PairTokens:
+    """A pair's token ids as they were sampled, what training scores: the prompt (``[bos] +
+    prompt``, as the policy was sampled on), its messages as JSON (for a chat reflective
+    template), and each response with its EOS where it ended with one (one that ran out of
+    tokens has none). One line of a round's ``tokens.jsonl``, with the reference's scores."""
+
+    prompt: list[int]
+    chat: str
+    chosen: list[int]
+    rejected: list[int]
+
+
 @dataclass
 class TrainingPair:
-    """A pair as the training steps take it: its record, the token sequences of the views
-    training needs (:meth:`inspo.data.encode.Encoder.encode_ids`' output), and the reference's
-    plain-view scores where the samples' scores serve training (else None: the step runs the
-    reference forward)."""
+    """A pair as the training steps take it: its record, its sampled ids, the token sequences
+    of the views training needs (:meth:`inspo.data.encode.Encoder.encode_ids`' output), and the
+    reference's plain-view scores where the samples' scores serve training (else None: the
+    step runs the reference forward)."""
 
     record: PairRecord
+    sampled: PairTokens
     tokens: dict[str, Any]
     reference: PlainReference | None = None
 

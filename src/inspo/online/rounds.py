@@ -84,8 +84,8 @@ class Rounds:
         per_step = self.batch_size * size
         pairs = self.current.pairs[s * per_step : (s + 1) * per_step][rank::size]
         batch = self.collate([{**p.tokens, "index": 0} for p in pairs])
-        # Pairs whose tokens are not the sampled ones (re-encoding, truncation), or reloaded
-        # from a round's folder, carry none: the batch then runs the reference forward.
+        # Pairs whose plain view is not exactly their sampled tokens (truncation) carry none:
+        # the batch then runs the reference forward.
         if pairs and all(p.reference is not None for p in pairs):
             batch["reference_scores"] = {
                 PLAIN: {
@@ -100,7 +100,7 @@ class Rounds:
         built (and saved)."""
         self.timer = {"start": time.perf_counter()}
         if self.store.saved(index):
-            self.current = self.store.load(index, self.builder.encode_saved)
+            self.current = self.store.load(index, self.builder.tokens)
         else:
             size, rank = processes.world()
             needed = self.icfg.steps_per_round * self.batch_size * size

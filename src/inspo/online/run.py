@@ -25,7 +25,7 @@ from inspo.names import PLAIN
 from inspo.objectives import Objective
 from inspo.online.builder import RoundBuilder
 from inspo.online.datamodule import OnlineDataModule
-from inspo.online.prompts import check_prompts
+from inspo.online.prompts import check_prompts, pool_rows
 from inspo.online.rounds import IterateConfig, RoundEnd, Rounds
 from inspo.online.store import RoundStore
 from inspo.training.module import PreferenceModule
@@ -65,7 +65,7 @@ class Iterate(Extension):
 
     def datamodule(self, cfg: DictConfig, tokenizer: Any, objective: Objective) -> OnlineDataModule:
         dm = build_datamodule(cfg, tokenizer, objective, OnlineDataModule, train_split=None)
-        rows = instantiate(cfg.iterate.prompts)
+        rows = pool_rows(instantiate(prompt_source(cfg)), cfg.data.train_split)
         self.pool = check_prompts(
             rows, tokenizer, cfg.data.max_prompt_length, cfg.data.over_long, dm.report
         )
@@ -105,6 +105,15 @@ class Iterate(Extension):
         result["rounds"] = self.rounds.history if self.rounds is not None else []
         result["choices"]["iterate"] = {**vars(self.icfg)}
         result["choices"]["iterate_reference"] = self.icfg.reference  # what reports group by
+
+
+def prompt_source(cfg: DictConfig) -> DictConfig:
+    """Where the prompt pool comes from: ``iterate.prompts``, else the data's own pool
+    (``data.prompts``), else the data source itself (its train split's prompts)."""
+    for source in (cfg.iterate.get("prompts"), cfg.data.get("prompts")):
+        if source is not None:
+            return source
+    return cfg.data.source
 
 
 def shares_reference_scores(cfg: DictConfig, module: PreferenceModule) -> bool:
