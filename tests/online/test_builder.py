@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from inspo.objectives import DPO
 from inspo.online.builder import RoundBuilder
 from inspo.online.generation import Backend
 from inspo.online.judges import Python
-from inspo.online.pairing import BestWorst
+from inspo.online.pairing import BestWorst, Random
 from inspo.online.prompts import check_prompts
 from inspo.online.records import Pair, Response
 from inspo.training.module import PreferenceModule
@@ -181,6 +182,25 @@ def test_the_reference_scores_a_rounds_samples_in_batches(tokenizer, small_model
     alone = sample_logps(reference.model, tokenizer, [t for t in texts for _ in range(4)], flat,
                          batch_size=1)  # fmt: skip
     assert [x for g in got for x in g] == pytest.approx(alone.tolist(), rel=1e-5, abs=1e-5)
+
+
+def test_random_pairing_follows_the_runs_seed(tokenizer, small_model):
+    """The same chunk of prompts and samples, two run seeds: ``pairing=random`` draws other
+    pairs (it used the stream position and rank only)."""
+    module = PreferenceModule(small_model, DPO(), frozen_copy(small_model))
+    words = ["ba", "bab", "abba", "bob", "obi", "bibo"]
+    groups = [[sample(tokenizer, tokenizer(w, add_special_tokens=False)["input_ids"], True)
+               for w in random.Random(k).sample(words, 4)] for k in range(8)]  # fmt: skip
+    prompts = [prompt(tokenizer, {"prompt": f"p{k}: "}) for k in range(8)]
+
+    def chosen(seed):
+        b = builder(tokenizer, pairing=Random(), seed=seed, backend=Fixed(groups=groups))
+        b.samples_per_prompt = 4
+        part = b.chunk(0, prompts, 0, module, Counter())
+        return [(p.record.chosen, p.record.rejected) for p in part.pairs]
+
+    assert chosen(0) == chosen(0)
+    assert len({tuple(chosen(s)) for s in range(4)}) > 1
 
 
 def test_a_pairs_shared_reference_scores_are_its_samples_scores(tokenizer, small_model):

@@ -136,7 +136,7 @@ class RoundBuilder:
         groups = self.sample([p.ids for p in prompts], mine, at, module, seconds)
         scores = self.judge_groups(index, [prompts[i] for i in mine], groups, seconds)
         ref = self.reference_logps(module, [prompts[i].ids for i in mine], groups)
-        rng = random.Random(at * 1_000_003 + rank)
+        rng = random.Random(stream_seed(self.seed, at, rank, PAIRING))
         dropped: Counter = Counter()
         pairs: list[Pair] = []
         samples: list[SampleRecord] = []
@@ -161,7 +161,7 @@ class RoundBuilder:
         ids = [prompts[i] for i in mine] or [prompts[0]]
         ids += [ids[-1]] * (-(-len(prompts) // size) - len(ids))
         t = time.perf_counter()
-        seed = int(np.random.SeedSequence([self.seed, at, rank]).generate_state(1)[0] >> 1)
+        seed = stream_seed(self.seed, at, rank)
         device = next(module.policy.parameters()).device
         n = self.samples_per_prompt
         groups = self.backend.generate(ids, n, seed, processes.all_done(device))
@@ -286,6 +286,17 @@ class RoundBuilder:
                 response_logps(reference, contexts, responses, pad, self.backend.batch_size)
             )
         return [[float(next(flat)) for _ in g] for g in groups]
+
+
+#: Tags the pairing draws' seeds apart from the sampling noise's.
+PAIRING = 1
+
+
+def stream_seed(seed: int, position: int, rank: int, *tag: int) -> int:
+    """The seed of what a process draws for the chunk at ``position`` of the prompt stream in
+    the run seeded ``seed``: nearby arguments give unrelated streams, and a resumed run draws
+    the same."""
+    return int(np.random.SeedSequence([seed, position, rank, *tag]).generate_state(1)[0] >> 1)
 
 
 def sample_record(prompt: str, position: int, r: Response) -> SampleRecord:

@@ -62,9 +62,13 @@ class Rounds:
         batch_size: int,
         pad_id: int,
         evaluate: Callable[[Any, Path | None], dict[str, float]] | None = None,
+        reference_sync: Callable[[int, Any], None] | None = None,
     ) -> None:
         self.icfg, self.builder, self.store = icfg, builder, store
         self.batch_size, self.evaluate = batch_size, evaluate
+        # A synced reference's update owed before a step is made before its batch is built,
+        # so a round scores its samples with the reference its steps train with.
+        self.reference_sync = reference_sync
         self.collate = PreferenceCollator(pad_id, builder.views)
         self.current: Round | None = None
         self.cursor = 0  # where the next round starts in the prompt stream
@@ -78,6 +82,8 @@ class Rounds:
     def batch(self, step: int, module: Any) -> dict[str, Any]:
         """The batch of optimiser step ``step`` (global), building its round when it starts."""
         index, s = divmod(step, self.icfg.steps_per_round)
+        if self.reference_sync is not None:
+            self.reference_sync(step, module)
         if self.current is None or self.current.index != index:
             self.start(index, module)
         size, rank = processes.world()

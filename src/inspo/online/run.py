@@ -5,8 +5,9 @@ batches come from :class:`~inspo.online.rounds.Rounds` (each round built by
 Everything else is :func:`inspo.training.run.run`: the same objective, reflection, reference,
 model, hardware and logger groups, the same checkpoints and summary.json (which gains
 ``rounds``, the per-round metrics also in ``iterate.json``). ``iterate.reference=previous`` is
-TR-DPO's synced reference at α = 1 once per round: at each round's start the reference is the
-policy the last round ended with (kept in checkpoints, so a resume is exact).
+TR-DPO's synced reference at α = 1 once per round: at each round's start, before its samples
+are scored, the reference becomes the policy the last round ended with (kept in checkpoints, so
+a resume is exact); the final validation compares the policy with the last round's reference.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from inspo.online.prompts import check_prompts, pool_rows
 from inspo.online.rounds import IterateConfig, RoundEnd, Rounds
 from inspo.online.store import RoundStore
 from inspo.training.module import PreferenceModule
+from inspo.training.reference import ReferenceSync
 from inspo.training.run import Extension, build_datamodule, run
 
 
@@ -96,6 +98,9 @@ class Iterate(Extension):
             batch_size=cfg.data.batch_size,
             pad_id=tokenizer.pad_token_id,
             evaluate=round_evaluator(cfg, tokenizer, trainer) if cfg.eval.n_prompts > 0 else None,
+            reference_sync=next(
+                (c.catch_up for c in trainer.callbacks if isinstance(c, ReferenceSync)), None
+            ),
         )
         datamodule.rounds = self.rounds
         # Before the checkpoint callbacks: a checkpoint taken at a round's end holds that round.
@@ -119,9 +124,8 @@ def prompt_source(cfg: DictConfig) -> DictConfig:
 def shares_reference_scores(cfg: DictConfig, module: PreferenceModule) -> bool:
     """Whether the reference's scores of the samples (a round takes them for its KL) can be the
     training batches' reference scores: the reference scores the plain view (the standard form,
-    or InSPO with ``reference_context=plain``), and it stays fixed while a round trains (a
-    synced reference, ``iterate.reference=previous``, moves at the round's first step, after
-    the samples were scored)."""
+    or InSPO with ``reference_context=plain``), and it is not a synced reference, which can move
+    while a round trains (``reference=sync`` with any ``sync_every``)."""
     return (
         module.objective.requires_reference
         and module.reference_view == PLAIN
