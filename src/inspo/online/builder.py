@@ -113,6 +113,8 @@ class RoundBuilder:
             for part in parts:
                 dropped.update(part.dropped)
             cursor += len(prompts)
+        # The last chunk's surplus is dropped (counted): a round trains on exactly its own
+        # pairs. Carrying it into the next round would start here, with the round's span.
         dropped["unused_surplus"] += len(pairs) - needed
         pairs = pairs[:needed]
         metrics = round_metrics(samples, [p.record for p in pairs])
