@@ -13,9 +13,10 @@ same work. A timed call is what a round costs the backend: the in-memory weight 
 table shows medians over the timed rounds.
 
 ``loop``: a short ``inspo-iterate`` run with each backend (same seed, data, judge and
-settings), alternating, and per round the mean score and the mean sample KL (log π − log π_ref
-per sample) of each, with their standard errors over the round's samples, the z of their
-difference, and the seconds the round spent generating and in all. Round 0 samples the same
+settings; the judge counts distinct characters), one after the other, and per round the mean
+score and the mean sample KL (log π − log π_ref per sample) of each, with their standard
+errors over the round's samples, the z of their difference, and the seconds the round spent
+generating and in all. Round 0 samples the same
 initial policy with both backends, so its z tests the backends alone; later rounds also carry
 the runs' different training histories, which standard errors of one round do not count (a
 |z| there is, if anything, too large).
@@ -128,10 +129,17 @@ def speed(args) -> None:
               f"{r['vllm_start_seconds']:.1f} | {r['load']} |")  # fmt: skip
 
 
+def distinct_characters(prompts: list[str], responses: list[str]) -> list[float]:
+    """The loop's judge: distinct characters per response (``judge=python``). Any judge would
+    do to compare the backends; this one is instant and rarely ties, so every prompt pairs."""
+    return [float(len(set(r))) for r in responses]
+
+
 def loop(args) -> None:
     runs = Path(args.dir)
     common = [
-        "model=hf", f"model.name_or_path={args.model}", "data.batch_size=8",
+        "model=hf", f"model.name_or_path={args.model}", f"data.batch_size={args.batch}",
+        "judge=python", "judge.function=bench_vllm.distinct_characters",
         f"iterate.rounds={args.rounds}", f"iterate.steps_per_round={args.steps}",
         f"iterate.samples_per_prompt={args.k}", f"generation.max_new_tokens={args.new_tokens}",
         "eval.n_prompts=0", "optim.lr=5e-6", "optim.warmup_steps=0", "save_policy=false",
@@ -144,8 +152,10 @@ def loop(args) -> None:
         folder = runs / backend
         cmd = [sys.executable, "-m", "inspo.cli.iterate", *common, f"generation={backend}",
                *extra, f"hydra.run.dir={folder}"]  # fmt: skip
+        path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "PYTHONPATH": path}  # the judge: bench_vllm.distinct_characters
         t = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=env)
         seconds[backend] = time.perf_counter() - t
     rows = []
     for r in range(args.rounds):
@@ -211,8 +221,9 @@ def main() -> None:
     lp = sub.add_parser("loop")
     lp.add_argument("--model", required=True, help="a checkpoint folder")
     lp.add_argument("--rounds", type=int, default=3)
-    lp.add_argument("--steps", type=int, default=2, help="optimiser steps per round")
-    lp.add_argument("--k", type=int, default=4)
+    lp.add_argument("--steps", type=int, default=1, help="optimiser steps per round")
+    lp.add_argument("--batch", type=int, default=4, help="pairs per optimiser step")
+    lp.add_argument("--k", type=int, default=8, help="samples per prompt")
     lp.add_argument("--new-tokens", type=int, default=32)
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--dir", default="logs/bench_vllm")

@@ -167,18 +167,17 @@ def test_eos_and_max_new_tokens_as_the_hf_backend(tiny):
         assert len(got["vllm"][0]) == length and got["vllm"][1] is finished
 
 
-def test_a_round_with_generation_vllm_samples_from_the_synced_policy(tiny, tmp_path):
-    """Two rounds of one step on the tiny model through inspo-iterate (head size 32: vLLM's CPU
-    attention has none of 16): in round 0 every sample's log-prob (vLLM's) is the initial
-    policy's, which is the reference's score of it; in round 1 the policy has trained (lr 1e-2)
-    and the engine's log-probs moved with it. (``tiny``: skipped where vLLM cannot run.)"""
+def two_rounds(tmp_path: Path, *model: str) -> None:
+    """Two rounds of one step through ``inspo-iterate generation=vllm``: in round 0 every
+    sample's log-prob (vLLM's) is the initial policy's, which is the reference's score of it;
+    in round 1 the policy has trained (lr 1e-2) and the engine's log-probs moved with it."""
     overrides = [
-        "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
-        "+data.source.n_sft=64", "+data.source.n_val=32", "+data.source.n_eval=16",
+        *model, "+data.source.n_sft=64", "+data.source.n_val=32", "+data.source.n_eval=16",
         "data.eval_batch_size=16", "data.batch_size=4", "optim.lr=1e-2", "optim.warmup_steps=0",
         "iterate.rounds=2", "iterate.steps_per_round=1", "eval.n_prompts=0",
         "generation=vllm", "generation.max_new_tokens=6", "generation.enforce_eager=true",
-        "generation.kv_cache_gib=0.05", "judge=python", "judge.function=fake_judges.distinct",
+        "generation.kv_cache_gib=0.1", "generation.max_model_len=256",
+        "judge=python", "judge.function=fake_judges.distinct",
         "trainer.enable_progress_bar=false", "logger=csv", "save_policy=false",
         f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache",
     ]  # fmt: skip
@@ -192,16 +191,32 @@ def test_a_round_with_generation_vllm_samples_from_the_synced_policy(tiny, tmp_p
     assert sum(moved) / len(moved) > 20
 
 
+def test_a_round_with_generation_vllm_samples_from_the_synced_policy(tiny, tmp_path):
+    """On the tiny model (head size 32: vLLM's CPU attention has none of 16); ``tiny`` skips
+    it where vLLM cannot run."""
+    two_rounds(tmp_path, "model.tiny.hidden_size=64", "model.tiny.num_layers=2",
+               "model.tiny.num_heads=2")  # fmt: skip
+
+
 # --------------------------------------------------------------------------- vLLM, SmolLM2
+def smollm2() -> str:
+    path = os.environ.get("INSPO_SMOLLM2")
+    if not path or not Path(path).is_dir():
+        pytest.skip("set INSPO_SMOLLM2 to a SmolLM2-135M-Instruct checkpoint folder")
+    return path
+
+
+@pytest.mark.slow
+def test_a_round_with_generation_vllm_on_smollm2(tmp_path):
+    two_rounds(tmp_path, "model=hf", f"model.name_or_path={smollm2()}")
+
+
 @pytest.mark.slow
 def test_smollm2_samples_match_the_policy_and_stop_at_its_eos(tmp_path):
     """The real instruct model (pad = eos, a chat template, 48 new tokens): log-probs on the
     same tokens, in-memory sync, seeds, and the EOS: a finished sample ends with its first EOS,
     an unfinished one has exactly max_new_tokens tokens and no EOS, for both backends."""
-    path = os.environ.get("INSPO_SMOLLM2")
-    if not path or not Path(path).is_dir():
-        pytest.skip("set INSPO_SMOLLM2 to a SmolLM2-135M-Instruct checkpoint folder")
-    res = run_checks(tmp_path, "hf", path)
+    res = run_checks(tmp_path, "hf", smollm2())
     assert res["pad"] == res["eos"]
     assert worst(res["sampled"]) <= 1 and worst(res["synced"]) <= 1
     moved = [abs(r["logp"] - sum(r["policy"])) / tolerance(len(r["ids"])) for r in res["stale"]]
