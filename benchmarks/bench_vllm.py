@@ -146,10 +146,14 @@ def loop(args) -> None:
         "trainer.enable_progress_bar=false", "logger=csv", f"seed={args.seed}",
         f"paths.cache_dir={runs}/cache",
     ]  # fmt: skip
-    vllm = ["generation.max_model_len=512", "generation.enforce_eager=true"]
+    vllm = ["generation.max_model_len=512", "generation.kv_cache_gib=0.25",
+            "generation.enforce_eager=true"]  # fmt: skip
     seconds = {}
     for backend, extra in (("hf", []), ("vllm", vllm)):
         folder = runs / backend
+        if len(done_rounds(folder)) == args.rounds:  # finished before: not redone
+            seconds[backend] = None
+            continue
         cmd = [sys.executable, "-m", "inspo.cli.iterate", *common, f"generation={backend}",
                *extra, f"hydra.run.dir={folder}"]  # fmt: skip
         path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
@@ -196,6 +200,11 @@ def loop(args) -> None:
               f"{r['hf_eos']:.2f} / {r['vllm_eos']:.2f} | "
               f"{r['hf_generation_seconds']:.1f} / {r['vllm_generation_seconds']:.1f} | "
               f"{r['hf_round_seconds']:.1f} / {r['vllm_round_seconds']:.1f} |")  # fmt: skip
+
+
+def done_rounds(folder: Path) -> list:
+    path = folder / "iterate.json"
+    return json.loads(path.read_text())["rounds"] if path.exists() else []
 
 
 def save(rows: list[dict]) -> None:
