@@ -140,7 +140,7 @@ def test_weights_follow_the_policy_in_memory(tiny):
     """Perturbed in place and synced: the old samples' scores moved far beyond the tolerance,
     the new samples' scores agree with the perturbed policy, and greedy decoding follows."""
     moved = [abs(r["logp"] - sum(r["policy"])) / tolerance(len(r["ids"])) for r in tiny["stale"]]
-    assert min(moved) > 20
+    assert min(moved) > 10
     assert worst(tiny["synced"]) <= 1
     before, after = tiny["greedy"], tiny["greedy_synced"]
     assert [r["ids"] for r in after["vllm"]] == after["hf"] != before["hf"]
@@ -165,6 +165,18 @@ def test_eos_and_max_new_tokens_as_the_hf_backend(tiny):
         got = cases[str(limit)]
         assert got["vllm"] == got["hf"]
         assert len(got["vllm"][0]) == length and got["vllm"][1] is finished
+
+
+@pytest.mark.slow
+def test_the_push_reaches_a_compiled_engine(tmp_path):
+    """vLLM's default on CPU compiles the model (``enforce_eager=false``): the weights pushed
+    in memory must reach the compiled code too (its linear layers' packed weights are rebuilt
+    by the reload)."""
+    res = run_checks(tmp_path, "tiny", "--compiled")
+    assert worst(res["sampled"]) <= 1 and worst(res["synced"]) <= 1
+    moved = [abs(r["logp"] - sum(r["policy"])) / tolerance(len(r["ids"])) for r in res["stale"]]
+    assert min(moved) > 10
+    assert [r["ids"] for r in res["greedy_synced"]["vllm"]] == res["greedy_synced"]["hf"]
 
 
 def two_rounds(tmp_path: Path, *model: str) -> None:
@@ -220,7 +232,7 @@ def test_smollm2_samples_match_the_policy_and_stop_at_its_eos(tmp_path):
     assert res["pad"] == res["eos"]
     assert worst(res["sampled"]) <= 1 and worst(res["synced"]) <= 1
     moved = [abs(r["logp"] - sum(r["policy"])) / tolerance(len(r["ids"])) for r in res["stale"]]
-    assert min(moved) > 20
+    assert min(moved) > 10
     assert [r["ids"] for r in res["greedy"]["vllm"]] == res["greedy"]["hf"]
     assert [r["ids"] for r in res["greedy_synced"]["vllm"]] == res["greedy_synced"]["hf"]
     assert res["seed_repeats"] and res["seed_differs"] and res["batch_free"]

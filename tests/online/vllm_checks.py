@@ -6,6 +6,7 @@ and asserts on the JSON it writes. One engine start serves every check:
 
     python tests/online/vllm_checks.py tiny OUT.json            # a random-init tiny Llama
     python tests/online/vllm_checks.py hf OUT.json MODEL_DIR    # a real checkpoint (SmolLM2)
+    python tests/online/vllm_checks.py tiny OUT.json --compiled # vLLM with torch.compile
 
 Every sample vLLM draws is scored again by the policy itself (teacher forcing, the HF model
 in this process), token by token, so its log-prob can be compared with vLLM's on the same
@@ -95,18 +96,21 @@ def unavailable() -> str | None:
 
 
 def main() -> None:
-    kind, out = sys.argv[1], Path(sys.argv[2])
+    compiled = "--compiled" in sys.argv  # vLLM's torch.compile path instead of eager
+    argv = [a for a in sys.argv if a != "--compiled"]
+    kind, out = argv[1], Path(argv[2])
     reason = unavailable()
     if reason:
         out.write_text(json.dumps({"unavailable": reason}))
         return
-    tok, policy, prompts, new, noise = setup(kind, sys.argv[3] if len(sys.argv) > 3 else None)
+    tok, policy, prompts, new, noise = setup(kind, argv[3] if len(argv) > 3 else None)
     policy.eval()
     res: dict = {"kind": kind, "max_new_tokens": new, "eos": tok.eos_token_id,
                  "pad": tok.pad_token_id}  # fmt: skip
     # SmolLM2's 8,192 positions would need more KV cache than the checks use.
     longest = 1024 if kind == "hf" else None
-    engine = VLLM(max_new_tokens=new, enforce_eager=True, kv_cache_gib=0.25, max_model_len=longest)
+    engine = VLLM(max_new_tokens=new, enforce_eager=not compiled, kv_cache_gib=0.25,
+                  max_model_len=longest)  # fmt: skip
     hf = HF(max_new_tokens=new)
     engine.bind(policy, tok)
     hf.bind(policy, tok)
