@@ -242,6 +242,11 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
     resolve_auto(cfg, objective)
     check_config(cfg, objective)
     extension.check(cfg, objective)
+    if cfg.ckpt_path == "last":
+        done = finished_summary(run_dir, cfg.trainer.max_steps)
+        if done is not None:  # resubmitted after it finished (a requeue): nothing to redo
+            print(f"{run_dir} finished all {done['steps']} steps already; summary.json kept")
+            return done
     with open_dict(cfg):
         cfg.tags = run_tags(cfg)
         cfg.run_name = cfg.get("run_name") or run_name(cfg)
@@ -291,6 +296,18 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", result)
     return result
+
+
+def finished_summary(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    """The summary of a run that finished all ``max_steps`` steps in ``run_dir``, else None.
+    Resuming it would restore the last checkpoint, train nothing and write a summary without
+    what only the finished run measured (its evaluation, its last training metrics)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    done = saved.get("status") == "finished" and saved.get("steps") == max_steps
+    return saved if done else None
 
 
 def write_json(path: Path, obj: Any) -> None:
