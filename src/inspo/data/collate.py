@@ -45,7 +45,8 @@ def pad_view(rows: Sequence[dict], view: str, pad_id: int) -> dict[str, Tensor]:
 
 @dataclass
 class PreferenceCollator:
-    """Builds a batch ``{view: {input_ids, attention_mask, loss_mask}, "index": [B]}``.
+    """Builds a batch ``{view: {input_ids, attention_mask, loss_mask}, "index": [B]}``, plus
+    ``"margin"`` [B] when the rows carry one (the data's margin column).
 
     Rows hold the pre-tokenised views from :class:`Encoder`; padding is dynamic. ``index`` is
     each row's position in its split, used to look up precomputed reference scores.
@@ -57,6 +58,8 @@ class PreferenceCollator:
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
         batch: dict[str, Any] = {v: pad_view(rows, v, self.pad_id) for v in self.views}
         batch["index"] = torch.as_tensor([r["index"] for r in rows], dtype=torch.long)
+        if rows and rows[0].get("margin") is not None:
+            batch["margin"] = torch.as_tensor([r["margin"] for r in rows], dtype=torch.float)
         return batch
 
 

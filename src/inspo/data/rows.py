@@ -20,6 +20,7 @@ A row that cannot be used yields its reason (a string) instead of a text row.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -29,10 +30,15 @@ from inspo.names import ERROR
 
 ASSISTANT = "\n\nAssistant:"
 COLUMNS = ("prompt", "chosen", "rejected")
+# An optional number per pair: how much more the chosen response is preferred (a reward
+# model's Bradley–Terry margin, as TRL's RewardTrainer reads it). Kept with the row when given.
+MARGIN = "margin"
 
 
 def check_row(row: dict) -> str | None:
     """The reason a text row cannot be used, or None. Cheap checks that need no tokenizer."""
+    if MARGIN in row and not _is_finite_number(row[MARGIN]):
+        return "invalid_margin"
     values = [row.get(c) for c in COLUMNS]
     if any(v is None for v in values):
         return "missing_value"
@@ -46,6 +52,10 @@ def check_row(row: dict) -> str | None:
     if chosen == rejected:
         return "identical_responses"
     return None
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_messages(value: Any) -> bool:
@@ -112,6 +122,8 @@ def to_text(
     if chosen is None or rejected is None:
         return "missing_value"
     out: dict[str, Any] = {"row_id": row.get("row_id")}
+    if MARGIN in row:
+        out[MARGIN] = row[MARGIN]
     if isinstance(chosen, list) or isinstance(rejected, list):
         if not (is_messages(chosen) and is_messages(rejected)):
             return "wrong_type"
