@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import FAST, full_and_resumed
+from conftest import FAST, REPO, SHARED_DATA, full_and_resumed
 from inspo.config import ConfigError, compose_config
 from inspo.data.collate import PreferenceCollator
 from inspo.data.datamodule import PreferenceDataModule
 from inspo.evaluation.scorers import make_scorer
-from inspo.models.load import byte_tokenizer, tiny_llama
+from inspo.models.load import byte_tokenizer, load_tokenizer, tiny_llama
 from inspo.models.reward import reward_positions, score_rewards
 from inspo.names import PLAIN
 from inspo.objectives import BradleyTerry
@@ -42,9 +43,9 @@ ROWS = [
 ]
 
 
-def batch_of(rows, tokenizer, packing: bool = False):
+def batch_of(rows, tokenizer, packing: bool = False, **kw):
     dm = PreferenceDataModule(
-        lambda: {"train": rows, "val": rows}, tokenizer, batch_size=len(rows), packing=packing
+        lambda: {"train": rows, "val": rows}, tokenizer, batch_size=len(rows), packing=packing, **kw
     )
     dm.setup("fit")
     data = dm.datasets["train"]
@@ -238,3 +239,37 @@ def test_inspo_iterate_refuses_a_reward_objective(tmp_path):
         cfg.iterate.rounds = 1
     with pytest.raises(ConfigError, match="inspo-train"):
         iterate(cfg)
+
+
+# =========================================================================== a real tokenizer
+HH = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+SMOLLM2 = Path(os.environ.get("INSPO_SMOLLM2", REPO.parent / "models/smollm2-135m-instruct"))
+
+
+@pytest.mark.skipif(not HH.exists(), reason=f"shared data file absent: {HH}")
+@pytest.mark.skipif(not SMOLLM2.exists(), reason=f"no SmolLM2 checkpoint at {SMOLLM2}")
+def test_a_saved_reward_model_scores_real_rows_as_training_did(tmp_path):
+    """SmolLM2's BPE tokenizer (pad = EOS) on HH-RLHF rows: the saved reward model, loaded by
+    judge=reward_model / eval.scorer, gives the rewards training computed on the same pairs
+    (the prompt and the response tokenised apart, the reward read before the final EOS)."""
+    from inspo.data.rows import to_text
+    from inspo.data.sources import read_json_lines
+    from inspo.evaluation.scorers import RewardModelScorer
+    from inspo.models.reward import load_reward_model
+
+    tok = load_tokenizer(str(SMOLLM2))
+    assert tok.pad_token_id == tok.eos_token_id
+    lines, _ = read_json_lines(HH)
+    rows = [t for t in (to_text(r, tok) for r in lines[:40]) if isinstance(t, dict)][:24]
+    cfg = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 2048}
+    model = load_reward_model(tiny={**cfg, "vocab_size": len(tok)}, tokenizer=tok).eval()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    batch, dm = batch_of(rows, tok, packing=True, max_length=2048, max_prompt_length=2048)
+    assert dm.report.split("train").truncated == 0  # the scorer does not truncate
+    with torch.no_grad():
+        trained, _ = score_rewards(model, batch[PLAIN], packing=True)
+    scorer = RewardModelScorer(str(tmp_path), batch_size=8)
+    prompts = [r["prompt"] for r in rows] * 2
+    responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    assert scorer(prompts, responses) == pytest.approx(trained.tolist(), abs=1e-4)
