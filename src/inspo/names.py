@@ -28,6 +28,9 @@ REFERENCE_CONTEXTS = (REFLECTIVE, PLAIN)
 
 # --------------------------------------------------------------------------- data rows
 ERROR = "_error"  # key of a row a source could not read; its value is the reason
+# An optional number per pair: how much more the chosen response is preferred (a reward model's
+# Bradley–Terry margin, as TRL's RewardTrainer reads it). Kept with the row and in its batch.
+MARGIN_COLUMN = "margin"
 
 # --------------------------------------------------------------------------- metrics
 # Pair metrics, logged under a stage: train/..., val/... (the trained view) and val/plain/...

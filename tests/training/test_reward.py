@@ -273,3 +273,19 @@ def test_a_saved_reward_model_scores_real_rows_as_training_did(tmp_path):
     prompts = [r["prompt"] for r in rows] * 2
     responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     assert scorer(prompts, responses) == pytest.approx(trained.tolist(), abs=1e-4)
+
+
+def test_a_file_with_a_margin_column_reaches_the_loss_and_its_halves_swap(tmp_path):
+    """A JSON Lines file's ``margin`` column reaches the batch; ``swap_held_out`` trains on
+    the rows the default run holds out and holds out the rest (a second reward model)."""
+    from inspo.data.sources import preference_data
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{**r, "prompt": f"{r['prompt']} #{i}"} for i in range(5) for r in ROWS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = preference_data(str(path), val_fraction=0.5, seed=1)
+    second = preference_data(str(path), val_fraction=0.5, seed=1, swap_held_out=True)
+    assert second["train"] == first["val"] and second["val"] == first["train"]
+    assert {r["margin"] for r in first["train"]} <= {r["margin"] for r in ROWS}
+    batch, _ = batch_of(first["train"], byte_tokenizer())
+    assert batch["margin"].tolist() == [r["margin"] for r in first["train"]]

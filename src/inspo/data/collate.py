@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from inspo.names import PLAIN
+from inspo.names import MARGIN_COLUMN, PLAIN
 
 
 def pad_rows(
@@ -58,8 +58,9 @@ class PreferenceCollator:
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
         batch: dict[str, Any] = {v: pad_view(rows, v, self.pad_id) for v in self.views}
         batch["index"] = torch.as_tensor([r["index"] for r in rows], dtype=torch.long)
-        if rows and rows[0].get("margin") is not None:
-            batch["margin"] = torch.as_tensor([r["margin"] for r in rows], dtype=torch.float)
+        if rows and rows[0].get(MARGIN_COLUMN) is not None:
+            margins = [r[MARGIN_COLUMN] for r in rows]
+            batch[MARGIN_COLUMN] = torch.as_tensor(margins, dtype=torch.float)
         return batch
 
 

@@ -26,18 +26,15 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from inspo.data.report import DataError
-from inspo.names import ERROR
+from inspo.names import ERROR, MARGIN_COLUMN
 
 ASSISTANT = "\n\nAssistant:"
 COLUMNS = ("prompt", "chosen", "rejected")
-# An optional number per pair: how much more the chosen response is preferred (a reward
-# model's Bradley–Terry margin, as TRL's RewardTrainer reads it). Kept with the row when given.
-MARGIN = "margin"
 
 
 def check_row(row: dict) -> str | None:
     """The reason a text row cannot be used, or None. Cheap checks that need no tokenizer."""
-    if MARGIN in row and not _is_finite_number(row[MARGIN]):
+    if MARGIN_COLUMN in row and not _is_finite_number(row[MARGIN_COLUMN]):
         return "invalid_margin"
     values = [row.get(c) for c in COLUMNS]
     if any(v is None for v in values):
@@ -122,8 +119,8 @@ def to_text(
     if chosen is None or rejected is None:
         return "missing_value"
     out: dict[str, Any] = {"row_id": row.get("row_id")}
-    if MARGIN in row:
-        out[MARGIN] = row[MARGIN]
+    if MARGIN_COLUMN in row:
+        out[MARGIN_COLUMN] = row[MARGIN_COLUMN]
     if isinstance(chosen, list) or isinstance(rejected, list):
         if not (is_messages(chosen) and is_messages(rejected)):
             return "wrong_type"

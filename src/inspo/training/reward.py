@@ -34,6 +34,7 @@ from inspo.names import (
     ACCURACY,
     LOSS,
     MARGIN,
+    MARGIN_COLUMN,
     MAX_REWARD,
     MEAN_REWARD,
     MIN_REWARD,
@@ -101,7 +102,7 @@ class RewardModule(L.LightningModule):
         rewards, tokens = score_rewards(self.reward_model, batch[PLAIN], self.packing)
         n = rewards.shape[0] // 2
         chosen, rejected = rewards[:n], rewards[n:]
-        losses = self.objective(chosen, rejected, batch.get("margin"))
+        losses = self.objective(chosen, rejected, batch.get(MARGIN_COLUMN))
         return chosen, rejected, losses, token_metrics({"reward_model": tokens})
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
