@@ -110,7 +110,7 @@ def test_endpoint_reads_what_the_local_model_reads(vllm_server):
     asked = [local.conversation(g.prompt, a, b) for g in groups for a in g.responses
              for b in g.responses if a != b]  # fmt: skip
     want = local.backend.answer_logprobs(asked, local.answers)
-    read = 0
+    read, gaps = 0, []
     for conversation, w in zip(asked, want, strict=True):
         candidates = served.backend.ask(conversation)  # the 20 likeliest first tokens
         floor = min(lp for _, lp in candidates)
@@ -120,6 +120,7 @@ def test_endpoint_reads_what_the_local_model_reads(vllm_server):
                 assert local_logp < floor + TOLERANCE, (answer, conversation)
             else:
                 assert logp == pytest.approx(local_logp, abs=TOLERANCE), (answer, conversation)
-                read += 1
+                read, gaps = read + 1, [*gaps, abs(logp - local_logp)]
     assert read >= len(asked)  # at least one answer read per question, most often both
+    print(f"{read} answers of {len(asked)} questions read; largest |Δ log P| {max(gaps):.2e}")
     assert served.judge(groups) == local.judge(groups)  # the same verdicts, ties included
