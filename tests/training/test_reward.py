@@ -289,3 +289,36 @@ def test_a_file_with_a_margin_column_reaches_the_loss_and_its_halves_swap(tmp_pa
     assert {r["margin"] for r in first["train"]} <= {r["margin"] for r in ROWS}
     batch, _ = batch_of(first["train"], byte_tokenizer())
     assert batch["margin"].tolist() == [r["margin"] for r in first["train"]]
+
+
+def test_a_trained_reward_model_judges_the_loop_and_scores_its_evaluation(tmp_path):
+    """The recipe's pieces on the tiny task: a reward model trained by inspo-train judges an
+    inspo-iterate round (its samples' scores are the model's) and scores the round's
+    evaluation against the initial policy (eval.scorer; the recipe's is a second model)."""
+    from inspo.evaluation.scorers import RewardModelScorer
+    from inspo.online.run import iterate
+
+    judge_rm = eval_rm = tmp_path / "rm"
+    train_rm(judge_rm, "trainer.max_steps=2")
+    loop = [o for o in FAST if not o.startswith(("data.batch_size", "+data.source.n_train"))]
+    cfg = compose_config([*loop, "data.batch_size=4", "iterate.rounds=1",
+                          "iterate.steps_per_round=1", "generation.max_new_tokens=6",
+                          "judge=reward_model",
+                          f"judge.name_or_path={judge_rm}/reward_model", "eval.n_prompts=4",
+                          "eval.max_new_tokens=6", f"eval.scorer={eval_rm}/reward_model"],
+                         tmp_path / "loop", name="iterate")  # fmt: skip
+    summary = iterate(cfg)
+    samples = [json.loads(x) for x in (tmp_path / "loop/rounds/000/samples.jsonl").open()]
+    rescored = RewardModelScorer(f"{judge_rm}/reward_model")(
+        [s["prompt"] for s in samples], [s["response"] for s in samples]
+    )
+    assert [s["score"] for s in samples] == pytest.approx(rescored, abs=1e-5)
+    evaluation = json.loads((tmp_path / "loop/rounds/000/eval/metrics.json").read_text())
+    generations = json.loads((tmp_path / "loop/rounds/000/eval/generations.json").read_text())
+    scored = RewardModelScorer(f"{eval_rm}/reward_model")(
+        [g["instruction"] for g in generations], [g["output"] for g in generations]
+    )
+    assert summary["rounds"][0]["eval/score/policy"] == pytest.approx(
+        sum(scored) / len(scored), abs=1e-5
+    )
+    assert evaluation  # the round's evaluation was written
