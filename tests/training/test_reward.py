@@ -191,7 +191,8 @@ def test_trained_reward_model_loads_as_judge_and_scorer(tmp_path):
     saved = tmp_path / "run" / "reward_model"
     config = json.loads((saved / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"]
-    assert config["num_labels"] == 1 if "num_labels" in config else len(config["id2label"]) == 1
+    assert config["id2label"] == {"0": "LABEL_0"}  # one label: the reward
+    assert config["pad_token_id"] == byte_tokenizer().pad_token_id  # where rewards are read
 
     cfg = compose_config(["judge=reward_model", f"judge.name_or_path={saved}"], tmp_path, "iterate")
     judge = instantiate(cfg.judge)
