@@ -134,6 +134,7 @@ def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> Prefe
         adapter_reference=kind == "adapter_disabled",
         reference_in_checkpoint=kind == "sync",  # TR-DPO's reference is training state
         packing=cfg.data.packing,  # the scorer packs each view's rows (inspo.models.packing)
+        packing_kernel=cfg.data.packing_kernel,  # their attention: per row on CPU, varlen on GPU
         **knobs(cfg, MODULE_KNOBS),
     )
 
