@@ -21,6 +21,7 @@ from inspo.data.datamodule import PreferenceDataModule
 from inspo.evaluation.scorers import make_scorer
 from inspo.models.load import byte_tokenizer, load_tokenizer, tiny_llama
 from inspo.models.reward import reward_positions, score_rewards
+from inspo.models.scoring import Scoring
 from inspo.names import PLAIN
 from inspo.objectives import BradleyTerry
 from inspo.online.judges import Group
@@ -84,7 +85,7 @@ def test_rewards_are_what_the_saved_classifier_returns(pad_is_eos, packing):
     model.config.pad_token_id = tok.pad_token_id
     view = batch[PLAIN]
     with torch.no_grad():
-        got, tokens = score_rewards(model, view, packing=packing)
+        got, tokens = score_rewards(model, view, Scoring(packing=packing))
         want = model(input_ids=view["input_ids"], attention_mask=view["attention_mask"]).logits
     torch.testing.assert_close(got, want[:, 0], rtol=0, atol=1e-10)
     last = reward_positions(view["input_ids"], tok.pad_token_id)
@@ -269,7 +270,7 @@ def test_a_saved_reward_model_scores_real_rows_as_training_did(tmp_path):
     batch, dm = batch_of(rows, tok, packing=True, max_length=2048, max_prompt_length=2048)
     assert dm.report.split("train").truncated == 0  # the scorer does not truncate
     with torch.no_grad():
-        trained, _ = score_rewards(model, batch[PLAIN], packing=True)
+        trained, _ = score_rewards(model, batch[PLAIN], Scoring(packing=True))
     scorer = RewardModelScorer(str(tmp_path), batch_size=8)
     prompts = [r["prompt"] for r in rows] * 2
     responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]

@@ -33,7 +33,7 @@ from inspo.models.load import (
 )
 from inspo.models.packed_attention import PACK_KWARG, PackingUnsupported, empty_mask
 from inspo.models.packing import pack_view, shared_contexts
-from inspo.models.scoring import TokenCount, _refuse, can_pack, forward
+from inspo.models.scoring import Scoring, TokenCount, _refuse, can_pack, forward
 
 
 def load_reward_model(
@@ -98,12 +98,14 @@ def split_score_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 
 def score_rewards(
-    model: torch.nn.Module, view: dict[str, Tensor], packing: bool = False
+    model: torch.nn.Module, view: dict[str, Tensor], how: Scoring | None = None
 ) -> tuple[Tensor, TokenCount]:
     """The reward of every row of a right-padded view [N] (float32 at least) and what computing
-    them ran through the model. ``packing``: the rows as one sequence without padding, a pair's
-    shared context once (:mod:`inspo.models.packing`); the same numbers as the padded forward,
-    which is ``model(input_ids, attention_mask).logits[:, 0]``."""
+    them ran through the model. ``how.packing``: the rows as one sequence without padding, a
+    pair's shared context once (:mod:`inspo.models.packing`), its attention computed by
+    ``how.packing_kernel``; the same numbers as the padded forward, which is
+    ``model(input_ids, attention_mask).logits[:, 0]``. None: padded."""
+    how = how or Scoring()
     ids, att = view["input_ids"], view["attention_mask"]
     last = reward_positions(ids, model.config.get_text_config().pad_token_id)
     rows = torch.arange(ids.shape[0], device=ids.device)
@@ -113,9 +115,9 @@ def score_rewards(
         logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
         return _float(logits[:, 0]), padded
     decoder, head = parts
-    if packing and can_pack(model):
+    if how.packing and can_pack(model):
         try:
-            return _packed_rewards(model, decoder, head, view, last)
+            return _packed_rewards(model, decoder, head, view, last, how.packing_kernel)
         except PackingUnsupported as e:  # found during the forward: scored padded from now on
             _refuse(model, str(e))
     hidden = forward(decoder, view, output="last_hidden_state")[rows, last]
@@ -128,9 +130,11 @@ def _packed_rewards(
     head: torch.nn.Linear,
     view: dict[str, Tensor],
     last: Tensor,
+    kernel: str,
 ) -> tuple[Tensor, TokenCount]:
     ids = view["input_ids"]
     pack = pack_view(view, shared_contexts(view))
+    pack.blocks.kernel = kernel
     out = decoder(
         input_ids=pack.input_ids,
         position_ids=pack.position_ids,

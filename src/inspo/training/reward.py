@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 
 from inspo.config import ConfigError
 from inspo.models.reward import load_reward_model, score_rewards
+from inspo.models.scoring import Scoring
 from inspo.models.sharding import shard
 from inspo.names import (
     ACCURACY,
@@ -77,7 +78,8 @@ class RewardModule(L.LightningModule):
     """Holds ``reward_model`` (trained) and a :class:`~inspo.objectives.RewardObjective`.
 
     ``optim``: :class:`~inspo.training.optim.OptimConfig` fields; ``packing``: score each
-    batch's rows as one sequence without padding (``data.packing``).
+    batch's rows as one sequence without padding (``data.packing``), its attention computed by
+    ``packing_kernel`` (``data.packing_kernel``).
     """
 
     def __init__(
@@ -87,19 +89,20 @@ class RewardModule(L.LightningModule):
         *,
         optim: dict[str, Any] | None = None,
         packing: bool = False,
+        packing_kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["reward_model", "objective"])
         self.hparams["objective"] = repr(objective)
         self.reward_model, self.objective = reward_model, objective
         self.optim = OptimConfig(**(optim or {}))
-        self.packing = packing
+        self.scoring = Scoring(packing=packing, packing_kernel=packing_kernel)
         self._val: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def rewards(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """Rewards of the batch's chosen and rejected rows [B], their per-pair losses, and the
         tokens the forward computed."""
-        rewards, tokens = score_rewards(self.reward_model, batch[PLAIN], self.packing)
+        rewards, tokens = score_rewards(self.reward_model, batch[PLAIN], self.scoring)
         n = rewards.shape[0] // 2
         chosen, rejected = rewards[:n], rewards[n:]
         losses = self.objective(chosen, rejected, batch.get(MARGIN_COLUMN))
@@ -191,6 +194,7 @@ class RewardModelRun(Extension):
             objective,
             optim=OmegaConf.to_container(cfg.optim, resolve=True),
             packing=cfg.data.packing,
+            packing_kernel=cfg.data.packing_kernel,
         )
 
     def final_metrics(self, cfg: DictConfig, trainer: L.Trainer, train: dict | None) -> dict:
