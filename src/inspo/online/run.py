@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from inspo.config import ConfigError
 from inspo.evaluation.stage import EvalConfig, draw, eval_prompts, evaluate, initial_policy
 from inspo.names import PLAIN
-from inspo.objectives import Objective
+from inspo.objectives import Objective, RewardObjective
 from inspo.online.builder import RoundBuilder
 from inspo.online.datamodule import OnlineDataModule
 from inspo.online.prompts import check_prompts, pool_rows
@@ -46,6 +46,10 @@ class Iterate(Extension):
 
     def check(self, cfg: DictConfig, objective: Objective) -> None:
         icfg = self.icfg
+        if isinstance(objective, RewardObjective):
+            raise ConfigError(
+                "a reward model trains on fixed pairs: run objective=bradley_terry with inspo-train"
+            )
         if cfg.reference.kind == "precomputed":
             raise ConfigError("reference=precomputed needs fixed data; an iterative run has none")
         if cfg.trainer.accumulate_grad_batches != 1:
