@@ -24,7 +24,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.names import ReferenceKind, Reflection
-from inspo.objectives import Objective
+from inspo.objectives import Objective, RewardObjective
 from inspo.settings import (
     ConfigError,
     ReferenceConfig,
@@ -97,12 +97,15 @@ def build(spec: Mapping[str, Any], key: str, **kwargs: Any) -> Any:
         ) from None
 
 
-def build_objective(spec: Mapping[str, Any]) -> Objective:
-    """The objective of ``spec`` (``objective``: a ``_target_`` and its parameters); see
-    :func:`build`."""
+def build_objective(spec: Mapping[str, Any]) -> Objective | RewardObjective:
+    """The objective of ``spec`` (``objective``: a ``_target_`` and its parameters), a
+    policy's or a reward model's; see :func:`build`."""
     objective = build(spec, "objective")
-    if not isinstance(objective, Objective):
-        raise ConfigError(f"objective._target_ must build an inspo Objective, got {objective!r}")
+    if not isinstance(objective, Objective | RewardObjective):
+        raise ConfigError(
+            "objective._target_ must build an inspo Objective or RewardObjective, "
+            f"got {objective!r}"
+        )
     return objective
 
 

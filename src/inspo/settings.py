@@ -204,6 +204,8 @@ class DataConfig:
     """``data`` (``conf/data/``): where the rows come from and how they are batched.
 
     ``source``: a ``_target_`` returning ``{split: rows}`` (:mod:`inspo.data.sources`);
+    ``prompts``: the prompt pool of an iterative run on this data, a source of prompt-only or
+    pair rows (None: the prompts of ``source``'s train split; ``iterate.prompts`` overrides it);
     ``eval_split``: the prompts the evaluation samples on (the val split's when absent);
     ``over_long``: a row whose scored response is cut is kept and counted (``truncate``) or
     skipped (``drop``); ``strict``: the first bad row is a start-up error;
@@ -218,6 +220,7 @@ class DataConfig:
     """
 
     source: Any = None
+    prompts: Any = None
     train_split: str | None = "train"
     val_split: str | None = "val"
     eval_split: str | None = "val"
@@ -265,10 +268,14 @@ class TinyConfig:
     num_heads: int = 4
     max_position_embeddings: int = 512
     seed: int | None = None
+    vocab_size: int = 259  # the byte tokenizer's: 256 bytes, <pad>, <s>, </s>
+    intermediate_size: int | None = None  # None: 8/3 of hidden_size, a multiple of 8
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
             at_least(key, getattr(self, key), 1)
+        at_least("vocab_size", self.vocab_size, 1)
+        at_least("intermediate_size", self.intermediate_size, 1)
         if self.hidden_size % self.num_heads:
             raise SettingError(
                 "hidden_size",
@@ -477,7 +484,8 @@ class IterateConfig:
     throughout, or the last round's policy; ``save_rounds``: a folder per round (samples,
     pairs, report, evaluation; needed to resume mid-round); ``eval_every``: evaluate after every
     k rounds and the last (0: the last only); ``max_prompts_factor``: a round fails after
-    trying this many × the pairs it needs; ``prompts``: the pool, a source ``_target_``.
+    trying this many × the pairs it needs; ``prompts``: the pool, a source ``_target_`` (None:
+    the data's own, ``data.prompts``, else the prompts of ``data.source``'s train split).
     """
 
     rounds: int = 4
@@ -511,7 +519,8 @@ class RunConfig:
     run's assembly. ``iterate`` is set by ``conf/iterate.yaml`` only.
 
     ``ckpt_path``: ``last`` resumes from ``checkpoints/last.ckpt`` when it exists (a killed job
-    is resubmitted with the same command); ``optimized_metric``: what a sweeper optimises (the
+    is resubmitted with the same command; a run that already finished all its steps is left as
+    it is, its summary.json kept and returned); ``optimized_metric``: what a sweeper optimises (the
     run returns its final value); ``wandb_group``: the runs of one multirun share it;
     ``run_name``: None for objective-Ψ-reflection-reference-seed.
     """

@@ -22,6 +22,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -29,7 +30,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from inspo.names import Dtype
-from inspo.settings import LoraConfig, ModelConfig
+from inspo.settings import LoraConfig, ModelConfig, TinyConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,34 +59,35 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(
-    vocab_size: int = 259,
-    hidden_size: int = 256,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    intermediate_size: int | None = None,
-    max_position_embeddings: int = 512,
-    seed: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
-) -> LlamaForCausalLM:
+    num_labels: int | None = None,
+    **sizes: Any,
+) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """A random-init Llama sized for CPU experiments: 3.2 M parameters by default, 0.8 M at
-    ``hidden_size=128`` (the demo's)."""
+    ``hidden_size=128`` (the demo's). ``sizes``: fields of :class:`~inspo.settings.TinyConfig`
+    (its defaults and checks; ``seed`` None is 0). With ``num_labels``, the same decoder as a
+    sequence classifier (a reward model's head)."""
+    t = TinyConfig(**sizes)
+    hidden_size = t.hidden_size
     cfg = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=t.vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size or int(hidden_size * 8 / 3 // 8 * 8),
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
+        intermediate_size=t.intermediate_size or int(hidden_size * 8 / 3 // 8 * 8),
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings,
         tie_word_embeddings=True,
     )
     if tokenizer is not None:
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = tokenizer.bos_token_id
         cfg.eos_token_id = tokenizer.eos_token_id
+    if num_labels is not None:
+        cfg.num_labels = num_labels
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg)
+        torch.manual_seed(t.seed or 0)
+        return LlamaForCausalLM(cfg) if num_labels is None else LlamaForSequenceClassification(cfg)
 
 
 def load_tokenizer(name_or_path: str | None, **kwargs: Any) -> PreTrainedTokenizerBase:
@@ -137,16 +139,11 @@ def load_model(m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None)
     :func:`turn_off_dropout`), activation checkpointing and a LoRA adapter when asked."""
     dtype = DTYPES[m.dtype]
     if m.name_or_path is None:
-        tiny = dataclasses.asdict(m.tiny)
-        tiny["seed"] = tiny["seed"] or 0  # None is the run's seed, set by load_settings
-        model = tiny_llama(tokenizer=tokenizer, **tiny).to(dtype)
+        model = tiny_llama(tokenizer, **dataclasses.asdict(m.tiny)).to(dtype)
         if m.attn_implementation:
             model.set_attn_implementation(m.attn_implementation)
     else:
-        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": m.trust_remote_code}
-        if m.attn_implementation:
-            kwargs["attn_implementation"] = m.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **pretrained_kwargs(m))
     if m.disable_dropout:
         turn_off_dropout(model)
     if m.gradient_checkpointing:
@@ -160,6 +157,14 @@ def load_policy(path: str, **settings: Any) -> PreTrainedModel:
     """A saved checkpoint (a run's ``policy/``, a Hub id) with the defaults of
     :class:`~inspo.settings.ModelConfig`, or the given ones (``dtype=...``, ...)."""
     return load_model(ModelConfig(name_or_path=str(path), tiny=None, **settings))
+
+
+def pretrained_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of the ``model`` settings."""
+    kwargs: dict[str, Any] = {"dtype": DTYPES[m.dtype], "trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    return kwargs
 
 
 def add_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:

@@ -122,13 +122,11 @@ def score_sequences(
     come back only when ``need_logits`` or when the model's head forces the full-logits path."""
     ids, scored = view["input_ids"], view["loss_mask"]
     parts = split_lm_head(model) if how.scored_lm_head and not need_logits else None
-    if how.packing and packs(model):
+    if packed(model, how):
         try:
             return packed_logps(model, parts, view, how)
         except PackingUnsupported as e:  # found during the forward: nothing of it is kept
             _refuse(model, str(e))
-    elif how.packing and model not in _PACKING:
-        _warn_once(model, "it was not prepared for them (prepare_packing, where it is built)")
     padded = TokenCount(_numel(ids), view["attention_mask"].sum())
     if parts is None:
         logits = forward(model, view)
@@ -446,6 +444,16 @@ def prepare_packing(model: torch.nn.Module) -> bool:
             _PACKING[model] = None
         else:
             _refuse(model, reason)
+    return packs(model)
+
+
+def packed(model: torch.nn.Module, how: Scoring) -> bool:
+    """Whether ``model`` is scored packed under ``how``: asked for, and the model was prepared
+    (a model that was not is scored padded, with one warning)."""
+    if not how.packing:
+        return False
+    if model not in _PACKING:
+        _warn_once(model, "it was not prepared for them (prepare_packing, where it is built)")
     return packs(model)
 
 

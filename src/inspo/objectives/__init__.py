@@ -8,7 +8,8 @@ losses, grouped by family.
   SLiC, SimPO, R-DPO, length-normalised DPO);
 - :mod:`~inspo.objectives.psi`: Ψ of another quantity (ORPO, AOT, pairwise BCO);
 - :mod:`~inspo.objectives.fixed`: fixed-form losses (EXO, NCA, SPPO, APO, DiscoPOP);
-- :mod:`~inspo.objectives.sft` and :mod:`~inspo.objectives.combo`: SFT, and weighted sums (RPO).
+- :mod:`~inspo.objectives.sft` and :mod:`~inspo.objectives.combo`: SFT, and weighted sums (RPO);
+- :mod:`~inspo.objectives.reward`: a reward model's losses (Bradley–Terry), not a policy's.
 
 Every class is importable from here (``inspo.objectives.DPO``), which is what the ``_target_``
 of ``conf/objective/*.yaml`` names.
@@ -30,6 +31,7 @@ from inspo.objectives.combo import Combo
 from inspo.objectives.fixed import APODown, APOZero, DiscoPOP, EXOPair, NCAPair, SPPOHard
 from inspo.objectives.margin import CDPO, DPO, IPO, RDPO, Robust, SigmoidNorm, SimPO, SLiC
 from inspo.objectives.psi import AOT, ORPO, BCOPair
+from inspo.objectives.reward import BradleyTerry, RewardObjective
 from inspo.objectives.scalarizations import (
     SCALARIZATIONS,
     check_scalarization,
@@ -40,10 +42,10 @@ from inspo.objectives.sft import SFT
 
 __all__ = [
     "AOT", "CDPO", "DPO", "IPO", "ORPO", "PSI_OBJECTIVES", "RDPO", "SCALARIZATIONS", "SFT",
-    "APODown", "APOZero", "BCOPair", "Combo", "DiscoPOP", "EXOPair", "FixedFormObjective",
-    "MarginObjective", "NCAPair", "Objective", "ObjectiveOutput", "PairScores", "PsiObjective",
-    "Robust", "SLiC", "SPPOHard", "Score", "SigmoidNorm", "SimPO", "check_scalarization",
-    "log1mexp", "nll_mean", "scalarize",
+    "APODown", "APOZero", "BCOPair", "BradleyTerry", "Combo", "DiscoPOP", "EXOPair",
+    "FixedFormObjective", "MarginObjective", "NCAPair", "Objective", "ObjectiveOutput",
+    "PairScores", "PsiObjective", "RewardObjective", "Robust", "SLiC", "SPPOHard", "Score",
+    "SigmoidNorm", "SimPO", "check_scalarization", "log1mexp", "nll_mean", "scalarize",
 ]  # fmt: skip
 
 

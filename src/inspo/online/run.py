@@ -1,11 +1,13 @@
 """An iterative or online run (``inspo-iterate``): an ordinary training run whose training
-batches come from :class:`~inspo.online.rounds.Rounds`.
+batches come from :class:`~inspo.online.rounds.Rounds` (each round built by
+:class:`~inspo.online.builder.RoundBuilder`, kept by :class:`~inspo.online.store.RoundStore`).
 
 Everything else is :func:`inspo.training.run.run`: the same objective, reflection, reference,
 model, hardware and logger groups, the same checkpoints and summary.json (which gains
 ``rounds``, the per-round metrics also in ``iterate.json``). ``iterate.reference=previous`` is
-TR-DPO's synced reference at α = 1 once per round: at each round's start the reference is the
-policy the last round ended with (kept in checkpoints, so a resume is exact).
+TR-DPO's synced reference at α = 1 once per round: at each round's start, before its samples
+are scored, the reference becomes the policy the last round ended with (kept in checkpoints, so
+a resume is exact); the final validation compares the policy with the last round's reference.
 
 Like :mod:`inspo.training.run`, this is a run's assembly: the generation backend, the judge and
 the pairing are built here from their configs (before any model, so a bad value fails first),
@@ -26,12 +28,15 @@ from omegaconf import DictConfig
 from inspo.config import ConfigError, build
 from inspo.evaluation.stage import draw, eval_prompts, evaluate, initial_policy, save
 from inspo.names import PLAIN, IterateReference, ReferenceKind
-from inspo.objectives import Objective
+from inspo.objectives import Objective, RewardObjective
+from inspo.online.builder import RoundBuilder
 from inspo.online.datamodule import OnlineDataModule
-from inspo.online.prompts import check_prompts
+from inspo.online.prompts import check_prompts, pool_rows
 from inspo.online.rounds import RoundEnd, Rounds
+from inspo.online.store import RoundStore
 from inspo.settings import EvalConfig, ReferenceConfig, RunConfig, as_dict
 from inspo.training.module import PreferenceModule
+from inspo.training.reference import ReferenceSync
 from inspo.training.run import Extension, build_datamodule, run
 
 
@@ -48,6 +53,11 @@ class Iterate(Extension):
         it = settings.iterate
         if it is None:
             raise ConfigError("iterate: missing; inspo-iterate composes conf/iterate.yaml")
+        if isinstance(objective, RewardObjective):
+            raise ConfigError(
+                "objective: a reward model trains on fixed pairs: run objective=bradley_terry "
+                "with inspo-train"
+            )
         if settings.reference.kind is ReferenceKind.precomputed:
             raise ConfigError("reference: precomputed needs fixed data; an iterative run has none")
         if settings.trainer.accumulate_grad_batches != 1:
@@ -73,8 +83,9 @@ class Iterate(Extension):
         self, settings: RunConfig, tokenizer: Any, objective: Objective
     ) -> OnlineDataModule:
         dm = build_datamodule(settings, tokenizer, objective, OnlineDataModule, train=False)
-        rows = instantiate(settings.iterate.prompts)
         data = settings.data
+        # Called, not instantiated: a source's own error (a missing file) reaches the user as is.
+        rows = pool_rows(instantiate(prompt_source(settings), _partial_=True)(), data.train_split)
         self.pool = check_prompts(
             rows, tokenizer, data.max_prompt_length, data.over_long, dm.report
         )
@@ -87,26 +98,34 @@ class Iterate(Extension):
         datamodule: Any,
         trainer: L.Trainer,
     ) -> None:
-        tokenizer = datamodule.tokenizer
+        it, tokenizer = settings.iterate, datamodule.tokenizer
         backend = self.components["generation"]
         backend.bind(module.policy, tokenizer)
-        evaluator = None
-        if settings.eval.n_prompts > 0:
-            evaluator = round_evaluator(settings, datamodule.source, tokenizer, trainer)
-        self.rounds = Rounds(
-            settings.iterate,
+        builder = RoundBuilder(
             self.pool,
             backend,
             self.components["judge"],
             self.components["pairing"],
             datamodule.encoder,
             datamodule.train_views,
-            tokenizer.pad_token_id,
-            settings.data.batch_size,
-            settings.seed,
-            Path(HydraConfig.get().runtime.output_dir),
-            evaluator,
+            samples_per_prompt=it.samples_per_prompt,
+            max_prompts_factor=it.max_prompts_factor,
+            seed=settings.seed,
             share_reference=shares_reference_scores(settings.reference, module),
+        )
+        evaluator = None
+        if settings.eval.n_prompts > 0:
+            evaluator = round_evaluator(settings, datamodule.source, tokenizer, trainer)
+        self.rounds = Rounds(
+            it,
+            builder,
+            RoundStore(Path(HydraConfig.get().runtime.output_dir), it.save_rounds),
+            batch_size=settings.data.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            evaluate=evaluator,
+            reference_sync=next(
+                (c.catch_up for c in trainer.callbacks if isinstance(c, ReferenceSync)), None
+            ),
         )
         datamodule.rounds = self.rounds
         # Before the checkpoint callbacks: a checkpoint taken at a round's end holds that round.
@@ -120,12 +139,20 @@ class Iterate(Extension):
         result["choices"]["iterate_reference"] = str(it.reference)  # what reports group by
 
 
+def prompt_source(settings: RunConfig) -> Any:
+    """Where the prompt pool comes from: ``iterate.prompts``, else the data's own pool
+    (``data.prompts``), else the data source itself (its train split's prompts)."""
+    for source in (settings.iterate.prompts, settings.data.prompts):
+        if source is not None:
+            return source
+    return settings.data.source
+
+
 def shares_reference_scores(reference: ReferenceConfig, module: PreferenceModule) -> bool:
     """Whether the reference's scores of the samples (a round takes them for its KL) can be the
     training batches' reference scores: the reference scores the plain view (the standard form,
-    or InSPO with ``reference_context=plain``), and it stays fixed while a round trains (a
-    synced reference, ``iterate.reference=previous``, moves at the round's first step, after
-    the samples were scored)."""
+    or InSPO with ``reference_context=plain``), and it is not a synced reference, which can move
+    while a round trains (``reference=sync`` with any ``sync_every``)."""
     return (
         module.objective.requires_reference
         and module.reference_view == PLAIN

@@ -12,6 +12,7 @@ Every run writes to its Hydra run directory:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.config import (
     ConfigError,
@@ -36,7 +37,7 @@ from inspo.jsonio import write_json
 from inspo.models.load import load_model, load_tokenizer
 from inspo.models.scoring import Scoring
 from inspo.names import EOS_RATE, VAL, VAL_PLAIN, ReferenceKind, Reflection
-from inspo.objectives import Objective
+from inspo.objectives import Objective, RewardObjective
 from inspo.settings import RunConfig, load_settings
 from inspo.training.guards import NonFiniteError
 from inspo.training.module import PreferenceModule
@@ -46,18 +47,24 @@ from inspo.training.views import train_views
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: DictConfig, extension: Extension) -> tuple[RunConfig, Objective]:
-    """The run's typed settings and its objective, everything checked: whatever can be wrong
-    with the config fails here, before any model is built, as one ConfigError naming the
-    setting. The run's name and tags are written back into ``cfg`` (the logger's
-    interpolations read them)."""
+def prepare(
+    cfg: DictConfig, extension: Extension | None = None
+) -> tuple[RunConfig, Objective | RewardObjective, Extension]:
+    """The run's typed settings, its objective and the kind of run it is (``extension``; None:
+    :func:`extension_for` the objective), everything checked: whatever can be wrong with the
+    config fails here, before any model is built, as one ConfigError naming the setting. The
+    run's name, tags and optimised metric are written back into ``cfg`` (the logger's
+    interpolations and the entry point read them)."""
     settings = load_settings(cfg)
     objective = build_objective(settings.objective)
+    extension = extension or extension_for(objective)
     reference = resolve_reference(settings.reference, objective)
     settings = dataclasses.replace(settings, reference=reference)
     check_run(settings, objective)
-    settings = extension.check(settings, objective)
-    return name_run(settings, cfg), objective
+    settings = name_run(extension.check(settings, objective), cfg)
+    with open_dict(cfg):
+        cfg.optimized_metric = settings.optimized_metric
+    return settings, objective, extension
 
 
 def build_datamodule(
@@ -193,25 +200,26 @@ def final_metrics(trainer: L.Trainer, reflection: Reflection, train: dict | None
     return metrics
 
 
-def save_policy(module: PreferenceModule, tokenizer: Any, out: Path, trainer: L.Trainer) -> None:
-    """Write the final policy with save_pretrained (gathering FSDP shards on rank 0)."""
+def save_pretrained(model: Any, tokenizer: Any, out: Path, trainer: L.Trainer) -> None:
+    """Write a trained model and its tokenizer with save_pretrained (gathering FSDP shards on
+    rank 0)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = None
     if trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(module.policy, options=options)
+        state = get_model_state_dict(model, options=options)
     if trainer.is_global_zero:
-        module.policy.save_pretrained(out, state_dict=state, safe_serialization=True)
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
 
 class Extension:
-    """What a kind of run changes in :func:`run` (the iterative loop is one): what it refuses
-    or changes in the settings (and the components it builds from them, before any model),
-    its own data module, what it attaches once the models exist, what it adds to the
-    summary."""
+    """What a kind of run changes in :func:`run` (the iterative loop and reward-model training
+    are two): what it refuses or changes in the settings (and the components it builds from
+    them, before any model), its own data module, the module it trains, what it attaches once
+    the models exist, the metrics it reports, where it saves, what it adds to the summary."""
 
     def check(self, settings: RunConfig, objective: Objective) -> RunConfig:
         """Refuse settings this kind of run cannot use (before any model is built); return
@@ -224,6 +232,18 @@ class Extension:
         self, settings: RunConfig, tokenizer: Any, objective: Objective
     ) -> PreferenceDataModule:
         return build_datamodule(settings, tokenizer, objective)
+
+    def module(
+        self, settings: RunConfig, objective: Objective, tokenizer: Any
+    ) -> L.LightningModule:
+        return build_module(settings, objective, tokenizer)
+
+    def final_metrics(self, settings: RunConfig, trainer: L.Trainer, train: dict | None) -> dict:
+        return final_metrics(trainer, settings.reflection.mode, train)
+
+    def save(self, module: Any, tokenizer: Any, run_dir: Path, trainer: L.Trainer) -> None:
+        """Write the trained model (``save_policy=true``): the policy to ``RUN/policy``."""
+        save_pretrained(module.policy, tokenizer, run_dir / "policy", trainer)
 
     def attach(
         self,
@@ -238,17 +258,32 @@ class Extension:
         """Add to the summary before it is written."""
 
 
+def extension_for(objective: Objective | RewardObjective) -> Extension:
+    """The kind of run ``inspo-train`` makes of an objective: a reward objective trains a reward
+    model (:mod:`inspo.training.reward`), any other a policy."""
+    if isinstance(objective, RewardObjective):
+        from inspo.training.reward import RewardModelRun  # it builds on this module
+
+        return RewardModelRun()
+    return Extension()
+
+
 def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
-    """Train once; returns the summary written to summary.json. The composed config ``cfg``
-    stops here: everything below receives typed settings (:mod:`inspo.settings`)."""
-    extension = extension or Extension()
+    """Train once; returns the summary written to summary.json. ``extension``: the kind of run
+    (None: :func:`extension_for` the objective). The composed config ``cfg`` stops here:
+    everything below receives typed settings (:mod:`inspo.settings`)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     if not (run_dir / ".hydra").exists():  # composed outside a Hydra app: keep the config too
         (run_dir / ".hydra").mkdir()
         OmegaConf.save(job_cfg, run_dir / ".hydra" / "config.yaml")
-    settings, objective = prepare(cfg, extension)  # every bad setting fails here
+    settings, objective, extension = prepare(cfg, extension)  # every bad setting fails here
+    if settings.ckpt_path == "last":
+        done = finished_summary(run_dir, settings.trainer.max_steps)
+        if done is not None:  # resubmitted after it finished (a requeue): nothing to redo
+            print(f"{run_dir} finished all {done['steps']} steps already; summary.json kept")
+            return done
     L.seed_everything(settings.seed, workers=True)
     model = settings.model
     tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
@@ -264,7 +299,7 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
         )
         trainer.logger.log_metrics(datamodule.report.flat_metrics(), step=0)
 
-    module = build_module(settings, objective, tokenizer)
+    module = extension.module(settings, objective, tokenizer)
     cache = settings.paths.cache_dir
     prepare_reference(module, datamodule, settings.reference, model, cache)  # precomputed
     extension.attach(settings, module, datamodule, trainer)
@@ -272,22 +307,22 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
     if ckpt == "last" and not (run_dir / "checkpoints" / "last.ckpt").exists():
         log.info("ckpt_path=last but no checkpoint in %s: starting fresh", run_dir)
         ckpt = None
-    mode = settings.reflection.mode
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except NonFiniteError as err:  # the last good checkpoint stays; no policy is written
         if trainer.is_global_zero:
-            failed = summary(settings, trainer, final_metrics(trainer, mode), str(err))
-            write_json(run_dir / "summary.json", failed)
+            metrics = extension.final_metrics(settings, trainer, None)
+            write_json(run_dir / "summary.json", summary(settings, trainer, metrics, str(err)))
         raise
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "train/" in k}
     last_val = next(c for c in trainer.callbacks if isinstance(c, LastValidation))
     if datamodule.val_split is not None and last_val.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    result = summary(settings, trainer, final_metrics(trainer, mode, train_metrics))
+    metrics = extension.final_metrics(settings, trainer, train_metrics)
+    result = summary(settings, trainer, metrics)
     if settings.save_policy:
-        save_policy(module, tokenizer, run_dir / "policy", trainer)
+        extension.save(module, tokenizer, run_dir, trainer)
     # Single-process runs only (a sharded policy cannot generate on one rank): after a
     # multi-device run, evaluate the saved policy with `inspo-eval RUN_DIR`.
     if settings.eval.generate and trainer.world_size == 1:
@@ -300,6 +335,18 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", result)
     return result
+
+
+def finished_summary(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    """The summary of a run that finished all ``max_steps`` steps in ``run_dir``, else None.
+    Resuming it would restore the last checkpoint, train nothing and write a summary without
+    what only the finished run measured (its evaluation, its last training metrics)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    done = saved.get("status") == "finished" and saved.get("steps") == max_steps
+    return saved if done else None
 
 
 class LastValidation(L.Callback):
