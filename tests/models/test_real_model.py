@@ -23,7 +23,7 @@ from inspo.data.templates import resolve_template
 from inspo.evaluation.metrics import sample_logps
 from inspo.models.load import load_policy, load_tokenizer
 from inspo.models.sampling import SamplingConfig, sample
-from inspo.models.scoring import Scoring, score_pairs
+from inspo.models.scoring import Scoring, prepare_packing, score_pairs
 
 HH = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 pytestmark = [
@@ -41,7 +41,7 @@ def tok(real_model):
 
 @pytest.fixture(scope="module")
 def model(real_model, tok):
-    return load_policy(str(real_model.folder), tokenizer=tok).eval()
+    return load_policy(str(real_model.folder)).eval()
 
 
 def hh_rows(n: int, tok, short: bool = True) -> list[dict]:
@@ -115,6 +115,7 @@ def test_with_pad_equal_to_eos_only_a_responses_own_eos_is_scored(tok):
 
 def test_packed_and_padded_batches_score_the_same_on_the_real_model(tok, model):
     _, batch = encoded_batch(tok, hh_rows(2, tok))
+    assert prepare_packing(model)  # as PreferenceModule does: Llama with GQA packs
     with torch.no_grad():
         for view in VIEWS:
             packed, _ = score_pairs(model, batch[view], Scoring(packing=True))

@@ -8,19 +8,20 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import OmegaConf
 
 import inspo.training.reference as R
-from inspo.config import ConfigError, check_config, resolve_auto
-from inspo.data.datamodule import PreferenceDataModule
+from conftest import FAST, data_module
+from inspo.config import ConfigError, check_run, compose_config, resolve_reference
 from inspo.data.sources import synthetic
 from inspo.models.load import byte_tokenizer, frozen_copy, tiny_llama
 from inspo.objectives import DPO, SimPO
+from inspo.settings import OptimConfig, ReferenceConfig, ReflectionConfig, RunConfig
 from inspo.training.module import PreferenceModule
+from inspo.training.run import run
 
 
 def datamodule(template="default", max_length=128, batch_size=4):
-    dm = PreferenceDataModule(
+    dm = data_module(
         lambda: synthetic(n_sft=8, n_train=12, n_val=8, n_eval=4),
         byte_tokenizer(),
         batch_size=batch_size,
@@ -28,7 +29,7 @@ def datamodule(template="default", max_length=128, batch_size=4):
         max_length=max_length,
         max_prompt_length=64,
         template=template,
-        reflection=True,
+        reflective=True,
         train_views=("reflective", "plain"),
     )
     dm.setup("fit")
@@ -42,8 +43,8 @@ def tiny(seed=0):
 
 def make_module(policy, reference, **settings):
     # plain reference context + a mixed-in standard loss: both views' reference scores are used
-    return PreferenceModule(policy, DPO(beta=0.5), reference, reflection="inspo",
-                            reference_context="plain", standard_weight=0.5, **settings)  # fmt: skip
+    reflection = ReflectionConfig(mode="inspo", reference_context="plain", standard_weight=0.5)
+    return PreferenceModule(policy, DPO(beta=0.5), reference, reflection=reflection, **settings)
 
 
 def test_precomputed_gives_the_live_losses(tmp_path):
@@ -105,29 +106,28 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 
 
 class Recorder(L.Callback):
-    """After each optimiser step: whether the reference moved, and the weights involved."""
+    """The reference each optimiser step trains with, and the policy after each step."""
 
     def __init__(self):
-        self.changed: list[int] = []
-        self.snap = None
-        self.seen: dict[int, tuple] = {}
+        self.reference: dict[int, list] = {}
+        self.policy: dict[int, list] = {}
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.snap = [p.detach().clone() for p in module.reference.parameters()]
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):  # after ReferenceSync's
+        step = trainer.global_step + 1
+        self.reference[step] = [p.detach().clone() for p in module.reference.parameters()]
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        now = [p.detach().clone() for p in module.reference.parameters()]
-        if any(not torch.equal(a, b) for a, b in zip(self.snap, now, strict=True)):
-            self.changed.append(trainer.global_step)
-            pol = [p.detach().clone() for p in module.policy.parameters()]
-            self.seen[trainer.global_step] = (self.snap, now, pol)
+        self.policy[trainer.global_step] = [p.detach().clone() for p in module.policy.parameters()]
 
 
 def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
+    """every=2, α=0.25 over 5 steps: steps 3 and 5 train with ref ← α·policy + (1−α)·ref,
+    the update owed after steps 2 and 4 made right before them; the others with the
+    reference of the step before."""
     dm = datamodule(batch_size=2)
     policy = tiny(0)
     module = make_module(policy, frozen_copy(policy), reference_in_checkpoint=True,
-                         optim={"lr": 1e-2, "warmup_steps": 0})  # fmt: skip
+                         optim=OptimConfig(lr=1e-2, warmup_steps=0))  # fmt: skip
     sync, rec = R.ReferenceSync(every=2, alpha=0.25), Recorder()
     trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -135,9 +135,13 @@ def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
                         default_root_dir=str(tmp_path))  # fmt: skip
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     assert trainer.global_step == 5
-    assert rec.changed == [2, 4]
-    before, after, pol = rec.seen[2]
-    for b, a, p in zip(before, after, pol, strict=True):
+    ref = rec.reference
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert [s for s in range(2, 6) if not same(ref[s], ref[s - 1])] == [3, 5]
+    for b, a, p in zip(ref[2], ref[3], rec.policy[2], strict=True):
         torch.testing.assert_close(a, 0.25 * p + 0.75 * b)
     assert all(not p.requires_grad for p in module.reference.parameters())
     assert sync.state_dict() == {"last_synced": 4}
@@ -147,25 +151,31 @@ def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
     assert any(k.startswith("reference.") for k in ckpt["state_dict"])
 
 
-def cfg(kind, mode="off"):
-    return OmegaConf.create({"reflection": {"mode": mode}, "reference": {"kind": kind},
-                             "model": {"lora": None}})  # fmt: skip
+def test_a_sync_never_follows_the_last_step(tmp_path):
+    """``reference=sync`` with max_steps a multiple of sync_every: the validation after the
+    last step compares the policy with the reference that step trained with, not with itself
+    (which made every margin 0 and every accuracy 0)."""
+    summary = run(compose_config([*FAST, "reference=sync", "reference.sync_every=2",
+                                  "trainer.max_steps=4", "optim.lr=1e-3"], tmp_path))  # fmt: skip
+    m = summary["metrics"]
+    assert m["val/rewards/margins"] != 0 and m["val/logps/chosen"] != m["val/rewards/chosen"]
+    assert abs(m["val/rewards/margins"]) > 1e-4
+
+
+def settings(kind):
+    return RunConfig(reference=ReferenceConfig(kind=kind), reflection=ReflectionConfig(mode="off"))
 
 
 def test_start_up_checks_and_auto():
     for kind in ("policy_init", "precomputed", "sync"):
-        check_config(cfg(kind), DPO())
+        check_run(settings(kind), DPO())
     with pytest.raises(ConfigError, match="needs a reference"):
-        check_config(cfg("none"), DPO())
+        check_run(settings("none"), DPO())
     for kind in ("precomputed", "sync", "policy_init"):
         with pytest.raises(ConfigError, match="reference-free"):
-            check_config(cfg(kind), SimPO())
-    c = cfg("auto")
-    resolve_auto(c, SimPO())
-    assert c.reference.kind == "none"
-    c = cfg("auto")
-    resolve_auto(c, DPO())
-    assert c.reference.kind == "policy_init"
+            check_run(settings(kind), SimPO())
+    assert resolve_reference(ReferenceConfig(kind="auto"), SimPO()).kind == "none"
+    assert resolve_reference(ReferenceConfig(kind="auto"), DPO()).kind == "policy_init"
     with pytest.raises(ValueError, match="sync_every"):
         R.ReferenceSync(every=0)
 
@@ -189,7 +199,7 @@ def test_sync_resume_is_exact(tmp_path):
     def fit(max_steps, ckpt=None, save=False):
         policy = tiny(0)
         module = make_module(policy, frozen_copy(policy), reference_in_checkpoint=True,
-                             optim={"lr": 1e-2, "warmup_steps": 0})  # fmt: skip
+                             optim=OptimConfig(lr=1e-2, warmup_steps=0))  # fmt: skip
         callbacks = [R.ReferenceSync(every=2, alpha=0.25)]
         if save:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,

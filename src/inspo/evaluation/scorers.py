@@ -1,6 +1,8 @@
 """Scorers of responses: the built-in task's gold reward, or any reward model.
 
-A scorer is a callable ``(prompts, responses) -> scores``, one float per pair.
+A scorer is a callable ``(prompts, responses) -> scores``, one float per pair. A scorer that
+knows which responses are valid answers (the gold reward) also has ``valid(responses) ->
+[bool]``; the evaluation then reports the share of valid samples.
 """
 
 from __future__ import annotations
@@ -12,21 +14,23 @@ from transformers import PreTrainedTokenizerBase
 
 from inspo.data.collate import pad_rows
 from inspo.models.load import resolve_device, resolve_dtype
+from inspo.names import AUTO_DEVICE, GOLD
 
 Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
 class RewardModelScorer:
-    """Scores ``prompt + response`` with an ``AutoModelForSequenceClassification`` (logit 0),
-    on ``device`` (``auto``: CUDA when there is one) in ``dtype`` (the run's ``model.dtype``:
-    a bf16 run scores in bf16, not in a float32 copy on the CPU); scores are floats."""
+    """Scores ``prompt + response`` with an ``AutoModelForSequenceClassification`` (logit 0), on
+    ``[bos] + prompt ids + response ids + [eos]``: the tokens training encodes. It runs on
+    ``device`` (``auto``: CUDA when there is one) in ``dtype`` (the run's ``model.dtype``: a bf16
+    run scores in bf16, not in a float32 copy on the CPU); scores are floats."""
 
     def __init__(
         self,
         name_or_path: str,
         tokenizer: PreTrainedTokenizerBase | None = None,
         batch_size: int = 32,
-        device: str | torch.device = "auto",
+        device: str | torch.device = AUTO_DEVICE,
         dtype: str | torch.dtype = "fp32",
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -54,8 +58,12 @@ class RewardModelScorer:
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         out: list[float] = []
-        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-        encoded = [bos + tok(t, add_special_tokens=False)["input_ids"] + eos for t in texts]
+        # Prompt and response tokenised apart and joined, as training encodes them
+        # (inspo.data.encode), so a reward model trained by inspo scores what it was trained on.
+        if not prompts:
+            return out
+        parts = [tok(list(t), add_special_tokens=False)["input_ids"] for t in (prompts, responses)]
+        encoded = [bos + p + r + eos for p, r in zip(*parts, strict=True)]
         for start in range(0, len(encoded), self.batch_size):
             # right padding: HF's sequence classifiers read the last non-pad token
             ids, att = pad_rows(encoded[start : start + self.batch_size], tok.pad_token_id)
@@ -65,16 +73,28 @@ class RewardModelScorer:
         return out
 
 
+class GoldScorer:
+    """The built-in task's gold reward (:mod:`inspo.data.synthetic`), and its valid answers."""
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        from inspo.data.synthetic import gold_reward
+
+        return [gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+    def valid(self, responses: Sequence[str]) -> list[bool]:
+        from inspo.data.synthetic import is_valid
+
+        return [is_valid(r) for r in responses]
+
+
 def make_scorer(
     scorer: str,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    device: str | torch.device = "auto",
+    device: str | torch.device = AUTO_DEVICE,
     dtype: str | torch.dtype = "fp32",
 ) -> Scorer:
     """``gold``: the synthetic task's gold reward; anything else: a reward model path/name,
     run on ``device`` in ``dtype`` (see :class:`RewardModelScorer`)."""
-    if scorer == "gold":
-        from inspo.data.synthetic import gold_reward
-
-        return lambda ps, rs: [gold_reward(p, r) for p, r in zip(ps, rs, strict=True)]
+    if scorer == GOLD:
+        return GoldScorer()
     return RewardModelScorer(scorer, tokenizer, device=device, dtype=dtype)

@@ -72,7 +72,7 @@ def gguf_path(name_or_path: str | None, gguf_file: str) -> Path:
     if not path.is_file():
         where = f" in {name_or_path}" if name_or_path else ""
         raise GGUFError(
-            f"model.gguf_file: no file {gguf_file!r}{where} (a local file; download a hub file "
+            f"no file {gguf_file!r}{where} (a local file; download a hub file "
             "first, e.g. with `hf download REPO FILE --local-dir DIR`)"
         )
     return path.resolve()

@@ -1,7 +1,9 @@
 """Policies, references and tokenizers: the embedded tiny model, anything from_pretrained, and
 GGUF files.
 
-The embedded default (``model=tiny``) is a small Llama with random weights and a byte-level
+:func:`load_model` builds the policy of the ``model`` settings
+(:class:`~inspo.settings.ModelConfig`); :func:`load_policy` loads a saved checkpoint. The
+embedded default (``model=tiny``) is a small Llama with random weights and a byte-level
 tokenizer built in memory, so the whole pipeline runs with no downloads. Both save with
 ``save_pretrained`` and load back with the ``Auto*`` classes, so a trained tiny policy is an
 ordinary Hugging Face checkpoint. A GGUF file (``model.gguf_file``, e.g. ``model=smollm2``) is
@@ -12,6 +14,7 @@ loaded from there, so its policy saves like any other.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -30,17 +34,19 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from inspo.models.gguf import gguf_checkpoint
+from inspo.names import AUTO_DEVICE, Dtype
+from inspo.settings import LoraConfig, ModelConfig, TinyConfig
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>")
 
 
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+def resolve_device(spec: str | torch.device = AUTO_DEVICE) -> torch.device:
     """Where a model runs: ``auto`` is the CUDA device when there is one, else the CPU;
     anything else is taken as a torch device (``cpu``, ``cuda:1``, ``mps``)."""
-    if spec == "auto":
+    if spec == AUTO_DEVICE:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
 
@@ -75,51 +81,44 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(
-    vocab_size: int = 259,
-    hidden_size: int = 256,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    intermediate_size: int | None = None,
-    max_position_embeddings: int = 512,
-    seed: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
-) -> LlamaForCausalLM:
-    """A random-init Llama sized for CPU experiments (≈3.4 M parameters by default)."""
+    num_labels: int | None = None,
+    **sizes: Any,
+) -> LlamaForCausalLM | LlamaForSequenceClassification:
+    """A random-init Llama sized for CPU experiments: 3.2 M parameters by default, 0.8 M at
+    ``hidden_size=128`` (the demo's). ``sizes``: fields of :class:`~inspo.settings.TinyConfig`
+    (its defaults and checks; ``seed`` None is 0). With ``num_labels``, the same decoder as a
+    sequence classifier (a reward model's head)."""
+    t = TinyConfig(**sizes)
+    hidden_size = t.hidden_size
     cfg = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=t.vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size or int(hidden_size * 8 / 3 // 8 * 8),
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
+        intermediate_size=t.intermediate_size or int(hidden_size * 8 / 3 // 8 * 8),
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings,
         tie_word_embeddings=True,
     )
     if tokenizer is not None:
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = tokenizer.bos_token_id
         cfg.eos_token_id = tokenizer.eos_token_id
+    if num_labels is not None:
+        cfg.num_labels = num_labels
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg)
+        torch.manual_seed(t.seed or 0)
+        return LlamaForCausalLM(cfg) if num_labels is None else LlamaForSequenceClassification(cfg)
 
 
-def load_tokenizer(
-    name_or_path: str | None,
-    gguf_file: str | None = None,
-    dtype: str = "fp32",
-    cache_dir: str | Path | None = None,
-    **kwargs: Any,
-) -> PreTrainedTokenizerBase:
-    """The byte tokenizer when ``name_or_path`` is None, else ``AutoTokenizer.from_pretrained``
-    (for a GGUF file, of its converted checkpoint: see :func:`load_policy`).
+def load_tokenizer(name_or_path: str | None, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """The byte tokenizer when ``name_or_path`` is None, else ``AutoTokenizer.from_pretrained``.
 
     A missing pad token is set to EOS (the usual choice for causal LMs); padding is on the right
     for training, and generation code switches to the left where it needs to. Nothing finds a
     response's end or padding by token id, so pad = EOS (SmolLM2's ``<|im_end|>``) is safe.
     """
-    if gguf_file is not None:
-        name_or_path = str(gguf_checkpoint(name_or_path, gguf_file, dtype, cache_dir))
     if name_or_path is None:
         return byte_tokenizer()
     tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
@@ -127,6 +126,21 @@ def load_tokenizer(
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def checkpoint_path(m: ModelConfig, cache_dir: str | Path | None = None) -> str | None:
+    """The folder (or Hub id) ``from_pretrained`` reads for the ``model`` settings: for a GGUF
+    file, its ordinary checkpoint in ``cache_dir``, converted on first use
+    (:func:`inspo.models.gguf.gguf_checkpoint`); None for the tiny model."""
+    if m.gguf_file is not None:
+        return str(gguf_checkpoint(m.name_or_path, m.gguf_file, m.dtype.value, cache_dir))
+    return m.name_or_path
+
+
+def model_tokenizer(m: ModelConfig, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of the ``model`` settings: ``tokenizer`` when set, else the model's own (a
+    GGUF file's is in its converted checkpoint), else the byte tokenizer."""
+    return load_tokenizer(m.tokenizer or checkpoint_path(m, cache_dir))
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
@@ -157,70 +171,61 @@ def turn_off_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_policy(
-    name_or_path: str | None = None,
-    tiny: dict[str, Any] | None = None,
-    dtype: str = "fp32",
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    gradient_checkpointing: bool = False,
+def load_model(
+    m: ModelConfig,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    revision: str | None = None,
-    lora: dict[str, Any] | None = None,
-    disable_dropout: bool = True,
-    gguf_file: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> PreTrainedModel:
-    """Build the policy: ``tiny_llama(**tiny)`` when no path is given, else ``from_pretrained``.
-
-    ``gguf_file``: a GGUF file in the folder ``name_or_path`` (or a path to one), dequantized
-    to ``dtype`` and cached as an ordinary checkpoint under ``cache_dir``
-    (:func:`inspo.models.gguf.gguf_checkpoint`), then loaded from there.
-    Dropout is off unless ``disable_dropout=False`` (see :func:`turn_off_dropout`)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    if gguf_file is not None:
-        name_or_path = str(gguf_checkpoint(name_or_path, gguf_file, dtype, cache_dir))
-    if name_or_path is None:
-        model = tiny_llama(tokenizer=tokenizer, **(tiny or {})).to(DTYPES[dtype])
+    """The policy of ``model`` settings: ``tiny_llama(**m.tiny)`` when no path is given, else
+    ``from_pretrained`` (of a GGUF file's converted checkpoint in ``cache_dir``: see
+    :func:`checkpoint_path`); dropout off unless ``m.disable_dropout`` is false (see
+    :func:`turn_off_dropout`), activation checkpointing and a LoRA adapter when asked."""
+    dtype = DTYPES[m.dtype]
+    if m.is_tiny:
+        model = tiny_llama(tokenizer, **dataclasses.asdict(m.tiny)).to(dtype)
+        if m.attn_implementation:
+            model.set_attn_implementation(m.attn_implementation)
     else:
-        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        if revision:
-            kwargs["revision"] = revision
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    if name_or_path is None and attn_implementation:
-        model.set_attn_implementation(attn_implementation)
-    if disable_dropout:
+        path = checkpoint_path(m, cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(path, **pretrained_kwargs(m))
+    if m.disable_dropout:
         turn_off_dropout(model)
-    if gradient_checkpointing:
+    if m.gradient_checkpointing:
         enable_checkpointing(model)
-    if lora:
-        model = add_lora(model, **lora)
+    if m.lora is not None:
+        model = add_lora(model, m.lora)
     return model
 
 
-def add_lora(
-    model: PreTrainedModel,
-    r: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    target_modules: list[str] | str | None = "all-linear",
-) -> PreTrainedModel:
+def load_policy(path: str, **settings: Any) -> PreTrainedModel:
+    """A saved checkpoint (a run's ``policy/``, a Hub id) with the defaults of
+    :class:`~inspo.settings.ModelConfig`, or the given ones (``dtype=...``, ...)."""
+    return load_model(ModelConfig(name_or_path=str(path), tiny=None, **settings))
+
+
+def pretrained_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of the ``model`` settings."""
+    kwargs: dict[str, Any] = {"dtype": DTYPES[m.dtype], "trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    return kwargs
+
+
+def add_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
     """Wrap ``model`` with a LoRA adapter (the ``peft`` extra); only the adapter trains.
 
     With ``reference=adapter_disabled`` the reference is this same model with the adapter off.
     """
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("model.lora needs peft: pip install 'inspo[peft]'") from e
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
+    cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)
