@@ -35,6 +35,7 @@ from inspo.data.datamodule import PreferenceDataModule
 from inspo.models.load import load_policy, load_tokenizer
 from inspo.names import EOS_RATE, VAL, VAL_PLAIN
 from inspo.objectives import Objective, RewardObjective
+from inspo.training.checkpoints import StreamingCheckpointIO
 from inspo.training.guards import NonFiniteError
 from inspo.training.module import PreferenceModule
 from inspo.training.reference import make_reference, prepare_reference, reference_callbacks
@@ -114,6 +115,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         strategy=strategy,
         logger=logger,
         callbacks=callbacks,
+        plugins=[StreamingCheckpointIO()],
         default_root_dir=str(run_dir),
     )
 
