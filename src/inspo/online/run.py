@@ -54,6 +54,8 @@ class Iterate(Extension):
             raise ConfigError("reference=precomputed needs fixed data; an iterative run has none")
         if cfg.trainer.accumulate_grad_batches != 1:
             raise ConfigError("iterate: trainer.accumulate_grad_batches must be 1")
+        if icfg.max_staleness < 0:
+            raise ConfigError(f"iterate.max_staleness must be at least 0, not {icfg.max_staleness}")
         if icfg.reference not in ("initial", "previous"):
             raise ConfigError(
                 f"iterate.reference must be initial or previous, not {icfg.reference}"
