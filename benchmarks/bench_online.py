@@ -318,7 +318,7 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
         *[f"iterate.max_staleness={v}" for v in [settings.get("max_staleness")] if v is not None],
     ]
     cfg = compose_config(overrides, workdir, name="iterate")
-    summary = train_run(cfg, Measured(cfg))
+    summary = train_run(cfg, Measured())
     history = summary["rounds"]
     steps = []
     for i in range(size.warmup + 1, size.total):

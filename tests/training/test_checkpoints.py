@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from inspo.config import compose_config
+from inspo.settings import load_settings
 from inspo.training.checkpoints import StreamingCheckpointIO
 from inspo.training.run import build_trainer
 
@@ -54,5 +55,6 @@ def test_a_failed_save_leaves_the_last_checkpoint_whole(tmp_path):
 
 
 def test_runs_write_their_checkpoints_with_it(tmp_path):
-    trainer = build_trainer(compose_config([], tmp_path), tmp_path)
+    cfg = compose_config([], tmp_path)
+    trainer = build_trainer(load_settings(cfg), cfg.logger, cfg.strategy, tmp_path)
     assert isinstance(trainer.strategy.checkpoint_io, StreamingCheckpointIO)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +38,9 @@ from inspo.online.builder import RoundBuilder, RoundError
 from inspo.online.carry import PairYield, carries, carry_forward, staleness_metrics
 from inspo.online.records import PlainReference, Round, TrainingPair
 from inspo.online.store import RoundStore, pair_from_state, pair_state
+from inspo.settings import IterateConfig
 
 __all__ = ["IterateConfig", "RoundEnd", "RoundError", "Rounds"]
-
-
-@dataclass
-class IterateConfig:
-    """``iterate.*`` of ``conf/iterate.yaml``."""
-
-    rounds: int = 4
-    steps_per_round: int = 50
-    samples_per_prompt: int = 2
-    reference: str = "initial"  # initial | previous: the last round's policy (see online.run)
-    save_rounds: bool = True  # a folder per round (samples, pairs, report, evaluation)
-    eval_every: int = 1  # evaluate every k rounds (and after the last); 0: after the last only
-    max_prompts_factor: int = 20  # a round gives up after this many × the pairs it needs
-    # A round's surplus pairs train in the next rounds while at most this many optimiser steps
-    # older than the policy training on them (inspo.online.carry); 0: no carrying.
-    max_staleness: int = 1
 
 
 class Rounds:
