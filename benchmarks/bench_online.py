@@ -215,8 +215,8 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     tok = byte_tokenizer()
     eos = tok.eos_token_id
     build = inspo_load.tiny_llama  # load_policy builds the tiny model through this name
-    inspo_load.tiny_llama = lambda **kw: (
-        ascii_only(build(**kw), eos) if BYTES[0] == "ascii" else build(**kw)
+    inspo_load.tiny_llama = lambda *a, **kw: (
+        ascii_only(build(*a, **kw), eos) if BYTES[0] == "ascii" else build(*a, **kw)
     )
     rounds: list[dict] = []  # per round (= step): what its build drew, generated and timed
     start: dict = {}
