@@ -81,3 +81,14 @@ def test_the_first_pass_rarely_falls_short(tie_rate):
     assert short / 400 < 0.1
     mean = 1 - tie_rate
     assert sum(drawn[50:]) / len(drawn[50:]) < (8 + 3 * (8 * (1 - mean)) ** 0.5 + 1) / mean
+
+
+def test_a_round_sizes_its_next_pass_by_what_its_first_gave():
+    """Without an estimate from earlier rounds, a pass after one in which half the prompts
+    tied draws about twice the missing pairs; what was drawn counts only for the plan."""
+    y = PairYield()
+    assert y.plan(8) == y.prompts_for(8) == 8
+    assert y.plan(4, [1, 0] * 4) > 8
+    assert y == PairYield()
+    y.add([1] * 8)
+    assert y.plan(4, [1] * 8) == 4 and y.plan(4) == 4

@@ -29,6 +29,7 @@ from inspo.evaluation.metrics import response_logps
 from inspo.models.sampling import Sample
 from inspo.names import EOS_RATE, PLAIN, SAMPLE_ENTROPY, SAMPLE_KL, SCORES, SCORES_MARGIN
 from inspo.online import processes
+from inspo.online.carry import pair_counts
 from inspo.online.generation import Backend
 from inspo.online.judges import Group, Judge, JudgeError
 from inspo.online.pairing import Candidate, Pairing
@@ -97,11 +98,12 @@ class RoundBuilder:
         needed: int,
         module: Any,
         carried: Sequence[TrainingPair] = (),
-        plan: Callable[[int], int] | None = None,
+        plan: Callable[[int, list[int]], int] | None = None,
     ) -> Round:
         """Round ``index``: the ``carried`` pairs first, then prompts from position ``start`` of
-        the stream, sampled, judged and paired until it has ``needed`` pairs. ``plan(missing)``:
-        how many prompts to draw for ``missing`` pairs (None: as many as are missing)."""
+        the stream, sampled, judged and paired until it has ``needed`` pairs.
+        ``plan(missing, counts)``: how many prompts to draw for ``missing`` pairs, given how many
+        pairs each prompt drawn so far in this round gave (None: as many as are missing)."""
         size = processes.world()[0]
         cursor = start
         pairs: list[TrainingPair] = list(carried)
@@ -118,7 +120,11 @@ class RoundBuilder:
                     f"dropped: {dict(dropped)}"
                 )
             missing = needed - len(pairs)
-            count = min(plan(missing), self.max_prompts_factor * needed) if plan else missing
+            if plan is None:
+                count = missing
+            else:
+                drawn = pair_counts(pairs[len(carried) :], index, start, cursor)
+                count = min(plan(missing, drawn), self.max_prompts_factor * needed)
             prompts = stream(self.pool, self.seed, cursor, max(count, size))
             # Every process ends with the same lists, in stream order.
             parts = processes.gather(self.chunk(index, prompts, cursor, module, seconds))

@@ -8,9 +8,11 @@ the same for 2 rows as for 16).
 
 With carrying on (``iterate.max_staleness`` ≥ ``iterate.steps_per_round``), a round draws enough
 prompts in its first pass that it rarely falls short (:meth:`PairYield.prompts_for`: about 2 %
-of rounds at the pair yield measured so far), and the pairs beyond what it trains on train
-first in the next round (:func:`carry_forward`), in order, as long as each is at most
-``max_staleness`` optimiser steps older than the policy that trains on it (:func:`staleness`);
+of rounds at the pair yield measured so far; a pass that does fall short, or the first round's,
+sizes the next by what the round's passes gave: :meth:`PairYield.plan`), and the pairs beyond
+what it trains on train first in the next round (:func:`carry_forward`), in order, as long as
+each is at most ``max_staleness`` optimiser steps older than the policy that trains on it
+(:func:`staleness`);
 a pair that would be older is dropped and counted (``stale``; a round's own surplus that cannot
 be carried at all is ``unused_surplus``, as without carrying). ``max_staleness=0`` is the loop
 without carrying: each round draws as many prompts as it lacks pairs and trains on its own.
@@ -26,6 +28,7 @@ yield estimate), so it trains on what the uninterrupted run trained on.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,6 +70,13 @@ def staleness_metrics(r: Round, steps_per_round: int, per_step: int) -> dict[str
     return {PAIR_STALENESS: sum(ages) / len(ages), PAIR_STALENESS_MAX: float(max(ages))}
 
 
+def pair_counts(pairs: Sequence[TrainingPair], index: int, start: int, end: int) -> list[int]:
+    """How many of ``pairs`` each prompt of round ``index`` at stream positions ``start`` to
+    one past ``end`` gave, in stream order (pairs of earlier rounds are not counted)."""
+    own = Counter(p.record.position for p in pairs if p.record.round == index)
+    return [own[k] for k in range(start, end)]
+
+
 def carry_forward(
     r: Round, *, steps_per_round: int, per_step: int, max_staleness: int
 ) -> list[TrainingPair]:
@@ -102,6 +112,16 @@ class PairYield:
         self.prompts = DECAY * self.prompts + len(counts)
         self.pairs = DECAY * self.pairs + sum(counts)
         self.squares = DECAY * self.squares + sum(c * c for c in counts)
+
+    def plan(self, missing: int, drawn: Sequence[int] = ()) -> int:
+        """:meth:`prompts_for` with the pairs per prompt of the round's passes so far
+        (``drawn``) counted in: a round that falls short sizes its next pass, and the first
+        round its second, by what it has seen."""
+        if not drawn:
+            return self.prompts_for(missing)
+        seen = PairYield(self.prompts, self.pairs, self.squares)
+        seen.add(drawn)
+        return seen.prompts_for(missing)
 
     def prompts_for(self, missing: int) -> int:
         """Prompts to draw for ``missing`` pairs: the smallest n with n·mean − z·√(n·var) ≥

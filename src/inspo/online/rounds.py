@@ -22,7 +22,6 @@ and the pair yield that sizes its decoding pass).
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -35,7 +34,13 @@ from inspo.data.collate import PreferenceCollator
 from inspo.names import PLAIN
 from inspo.online import processes
 from inspo.online.builder import RoundBuilder, RoundError
-from inspo.online.carry import PairYield, carries, carry_forward, staleness_metrics
+from inspo.online.carry import (
+    PairYield,
+    carries,
+    carry_forward,
+    pair_counts,
+    staleness_metrics,
+)
 from inspo.online.records import PlainReference, Round, TrainingPair
 from inspo.online.store import RoundStore, pair_from_state, pair_state
 from inspo.settings import IterateConfig
@@ -107,12 +112,12 @@ class Rounds:
         else:
             size, rank = processes.world()
             per_step, spr = self.batch_size * size, self.icfg.steps_per_round
-            plan = self.yields.prompts_for if carries(self.icfg.max_staleness, spr) else None
+            plan = self.yields.plan if carries(self.icfg.max_staleness, spr) else None
             r = self.builder.build(index, self.cursor, spr * per_step, module, self.carry, plan)
             r.carry = carry_forward(
                 r, steps_per_round=spr, per_step=per_step, max_staleness=self.icfg.max_staleness
             )
-            self.yields.add(pair_counts(r))
+            self.yields.add(pair_counts([*r.pairs, *r.surplus], r.index, r.start, r.end))
             r.pair_yield = asdict(self.yields)
             r.metrics.update(staleness_metrics(r, spr, per_step))
             self.current = r
@@ -178,13 +183,6 @@ class Rounds:
             self.cursor = state["start"]
         else:  # at a round boundary: the next round starts where the last one ended
             self.cursor = state["end"]
-
-
-def pair_counts(r: Round) -> list[int]:
-    """How many pairs each of the round's own prompts gave (trained, or surplus), in stream
-    order."""
-    own = Counter(p.record.position for p in (*r.pairs, *r.surplus) if p.record.round == r.index)
-    return [own[k] for k in range(r.start, r.end)]
 
 
 class RoundEnd(L.Callback):
