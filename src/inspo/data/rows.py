@@ -6,7 +6,11 @@ Three layouts are recognised per row (see ``docs/data.md``):
 * implicit prompt (HH-RLHF): no prompt; ``chosen``/``rejected`` are whole dialogues
   ``\\n\\nHuman: …\\n\\nAssistant: …`` sharing the prompt as a prefix. The prompt is everything up
   to and including the final ``\\n\\nAssistant:``; rows whose dialogues differ before that point
-  are reported as ``implicit_prompt_mismatch``.
+  are reported as ``implicit_prompt_mismatch``. With a tokenizer that has a chat template (an
+  instruct model's), the dialogue is that model's conversation: its turns become messages
+  (Human → user, Assistant → assistant; a text that does not parse is one user turn) rendered
+  like a conversational row, so that every view, the samples and the evaluation prompts are in
+  the format the model was tuned on.
 * conversational (UltraFeedback-binarized): ``chosen``/``rejected`` are message lists
   ``[{"role", "content"}]`` ending with the assistant turn; ``prompt`` is a string, a message
   list, or absent (then the messages before the last turn). Rendered with the tokenizer's own
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -29,6 +34,9 @@ from inspo.data.report import DataError
 from inspo.names import ERROR, MARGIN_COLUMN
 
 ASSISTANT = "\n\nAssistant:"
+#: A turn marker of HH-RLHF's dialogue text, and the chat role it stands for.
+TURN = re.compile(r"\n\n(Human|Assistant):")
+ROLES = {"Human": "user", "Assistant": "assistant"}
 COLUMNS = ("prompt", "chosen", "rejected")
 
 
@@ -79,6 +87,10 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | str:
     return prompt_c, chosen[len(prompt_c) :], rejected[len(prompt_r) :]
 
 
+def has_chat_template(tokenizer: PreTrainedTokenizerBase | None) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
 def render_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], response: dict | None = None
 ) -> str:
@@ -98,6 +110,36 @@ def render_chat(
     if eos and tokenizer.eos_token_id is not None and stripped.endswith(eos):
         text = stripped[: -len(eos)]
     return text
+
+
+def dialogue_messages(prompt: str) -> list[dict] | None:
+    """The turns of an HH-style dialogue prompt (``\\n\\nHuman: …\\n\\nAssistant:``, ending with
+    the empty assistant turn) as chat messages; None when it is not one (text before the first
+    marker, or an empty turn)."""
+    parts = TURN.split(prompt)
+    if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant" or parts[-1].strip():
+        return None
+    msgs = [
+        {"role": ROLES[role], "content": text.strip()}
+        for role, text in zip(parts[1:-2:2], parts[2:-2:2], strict=True)
+    ]
+    return msgs if all(m["content"] for m in msgs) else None
+
+
+def render_row(
+    out: dict, tokenizer: PreTrainedTokenizerBase, msgs: list[dict], chosen: dict, rejected: dict
+) -> str | None:
+    """Fill ``out``'s prompt, chosen and rejected with the chat-template texts of ``msgs`` and
+    the two assistant turns; the reason the row cannot be used, or None."""
+    if not chosen["content"].strip() or not rejected["content"].strip():
+        return "empty_response"
+    try:
+        out["prompt"] = render_chat(tokenizer, msgs)
+        out["chosen"] = render_chat(tokenizer, msgs, chosen)
+        out["rejected"] = render_chat(tokenizer, msgs, rejected)
+    except ValueError as e:
+        return str(e) if str(e) == "chat_template_mismatch" else "wrong_type"
+    return None
 
 
 def _messages(value: Any) -> list[dict] | None:
@@ -135,19 +177,14 @@ def to_text(
             return "empty_prompt"
         if chosen[:-1] and chosen[:-1] != msgs:
             return "prompt_mismatch"
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if not has_chat_template(tokenizer):
             raise DataError(
                 "conversational rows (message lists) need a tokenizer with a chat_template; "
                 f"{getattr(tokenizer, 'name_or_path', tokenizer)!r} has none"
             )
-        if not chosen[-1]["content"].strip() or not rejected[-1]["content"].strip():
-            return "empty_response"
-        try:
-            out["prompt"] = render_chat(tokenizer, msgs)
-            out["chosen"] = render_chat(tokenizer, msgs, chosen[-1])
-            out["rejected"] = render_chat(tokenizer, msgs, rejected[-1])
-        except ValueError as e:
-            return str(e) if str(e) == "chat_template_mismatch" else "wrong_type"
+        reason = render_row(out, tokenizer, msgs, chosen[-1], rejected[-1])
+        if reason:
+            return reason
     elif prompt is None:
         if not isinstance(chosen, str) or not isinstance(rejected, str):
             return "wrong_type"
@@ -156,6 +193,14 @@ def to_text(
             return parts
         out["prompt"], out["chosen"], out["rejected"] = parts
         msgs = [{"role": "user", "content": out["prompt"]}]
+        if has_chat_template(tokenizer):  # the dialogue's turns, else its text as one user turn
+            msgs = dialogue_messages(out["prompt"]) or [
+                {"role": "user", "content": out["prompt"].strip()}
+            ]
+            turns = [{"role": "assistant", "content": out[s].strip()} for s in COLUMNS[1:]]
+            reason = render_row(out, tokenizer, msgs, *turns)
+            if reason:
+                return reason
     else:
         out.update(prompt=prompt, chosen=chosen, rejected=rejected)
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else None

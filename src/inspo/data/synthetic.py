@@ -72,6 +72,9 @@ MAX_FILLERS = 3
 VAL_POOL = 512
 SFT_BEST_OF = 4
 
+#: The sources of the task's prompts (``_target_`` of data.source, iterate.prompts): the only
+#: prompts its gold reward can score.
+SOURCES = ("inspo.data.sources.synthetic", "inspo.data.synthetic.prompt_pool")
 PROMPT_TEMPLATE = "Word with {}: "
 _PROMPT_RE = re.compile(r"^Word with ([a-z]), ([a-z]), ([a-z]): $")
 _VALID_RE = re.compile(rf"^(?:[{CONSONANTS}][{VOWELS}])+$")

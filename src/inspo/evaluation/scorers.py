@@ -13,24 +13,33 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from inspo.data.collate import pad_rows
-from inspo.names import GOLD
+from inspo.models.load import resolve_device, resolve_dtype
+from inspo.names import AUTO_DEVICE, GOLD
 
 Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
 class RewardModelScorer:
     """Scores ``prompt + response`` with an ``AutoModelForSequenceClassification`` (logit 0), on
-    ``[bos] + prompt ids + response ids + [eos]``: the tokens training encodes."""
+    ``[bos] + prompt ids + response ids + [eos]``: the tokens training encodes. It runs on
+    ``device`` (``auto``: CUDA when there is one) in ``dtype`` (the run's ``model.dtype``: a bf16
+    run scores in bf16, not in a float32 copy on the CPU); scores are floats."""
 
     def __init__(
         self,
         name_or_path: str,
         tokenizer: PreTrainedTokenizerBase | None = None,
         batch_size: int = 32,
+        device: str | torch.device = AUTO_DEVICE,
+        dtype: str | torch.dtype = "fp32",
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).eval()
+        self.device = resolve_device(device)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, dtype=resolve_dtype(dtype)
+        )
+        self.model.to(self.device).eval()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError):
@@ -58,6 +67,7 @@ class RewardModelScorer:
         for start in range(0, len(encoded), self.batch_size):
             # right padding: HF's sequence classifiers read the last non-pad token
             ids, att = pad_rows(encoded[start : start + self.batch_size], tok.pad_token_id)
+            ids, att = ids.to(self.device), att.to(self.device)
             logits = self.model(input_ids=ids, attention_mask=att).logits
             out.extend(logits[:, 0].float().tolist())
         return out
@@ -77,8 +87,14 @@ class GoldScorer:
         return [is_valid(r) for r in responses]
 
 
-def make_scorer(scorer: str, tokenizer: PreTrainedTokenizerBase | None = None) -> Scorer:
-    """``gold``: the synthetic task's gold reward; anything else: a reward model path/name."""
+def make_scorer(
+    scorer: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str | torch.device = AUTO_DEVICE,
+    dtype: str | torch.dtype = "fp32",
+) -> Scorer:
+    """``gold``: the synthetic task's gold reward; anything else: a reward model path/name,
+    run on ``device`` in ``dtype`` (see :class:`RewardModelScorer`)."""
     if scorer == GOLD:
         return GoldScorer()
-    return RewardModelScorer(scorer, tokenizer)
+    return RewardModelScorer(scorer, tokenizer, device=device, dtype=dtype)

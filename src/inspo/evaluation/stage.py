@@ -39,10 +39,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from inspo.config import run_name
+from inspo.config import check_scorer_fits, run_name
 from inspo.data.sources import source_of
 from inspo.evaluation.metrics import (
     length_controlled_win_rate,
@@ -52,9 +51,9 @@ from inspo.evaluation.metrics import (
 )
 from inspo.evaluation.scorers import Scorer, make_scorer
 from inspo.jsonio import write_json
+from inspo.models.load import resolve_device
 from inspo.models.sampling import sample
 from inspo.names import (
-    AUTO_DEVICE,
     EVAL_KL,
     EVAL_KL_SE,
     EVAL_LC_IDENTIFIED,
@@ -86,14 +85,6 @@ __all__ = ["EvalConfig", "Evaluation", "eval_stage", "evaluate", "evaluate_run"]
 
 #: What ``metrics.json`` says the KL was estimated on.
 KL_ON_EVAL, KL_ON_SEPARATE = "eval", "separate temperature-1 samples"
-
-
-def resolve_device(spec: str = AUTO_DEVICE) -> torch.device:
-    """Where evaluation runs: ``auto`` is the CUDA device when there is one, else the CPU;
-    anything else is taken as a torch device string (``cpu``, ``cuda:1``, ``mps``)."""
-    if spec == AUTO_DEVICE:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -149,7 +140,9 @@ def evaluate(
     known (the same reference, prompts and sampling settings: the draws are deterministic)."""
     t0 = time.perf_counter()
     prompts = list(prompts)[: ecfg.n_prompts]
-    scorer = scorer or make_scorer(ecfg.scorer, tokenizer)
+    # A reward model scores where the policy is, in the policy's dtype (the run's model.dtype).
+    param = next(policy.parameters())
+    scorer = scorer or make_scorer(ecfg.scorer, tokenizer, device=param.device, dtype=param.dtype)
     pol = draw_and_score(policy, tokenizer, prompts, ecfg, scorer, "sampling policy")
     if reference_samples is None:
         ref = draw_and_score(reference, tokenizer, prompts, ecfg, scorer, "sampling reference")
@@ -315,23 +308,31 @@ def eval_prompts(
     return list(seen)
 
 
-def initial_policy(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def initial_policy(
+    model: ModelConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: str | None = None
+) -> PreTrainedModel:
     """The run's starting policy, rebuilt from its ``model`` settings (the tiny model is
-    seeded), without its LoRA adapter."""
+    seeded; a GGUF file's converted checkpoint is read from ``cache_dir``), without its LoRA
+    adapter."""
     from inspo.models.load import load_model
 
-    return load_model(replace(model, lora=None, gradient_checkpointing=False), tokenizer)
+    return load_model(
+        replace(model, lora=None, gradient_checkpointing=False), tokenizer, cache_dir=cache_dir
+    )
 
 
 def reference_policy(
-    model: ModelConfig, ecfg: EvalConfig, tokenizer: PreTrainedTokenizerBase
+    model: ModelConfig,
+    ecfg: EvalConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    cache_dir: str | None = None,
 ) -> PreTrainedModel:
     """What the policy is compared with: ``eval.reference``, else the run's initial policy."""
     from inspo.models.load import load_policy
 
     if ecfg.reference:
         return load_policy(ecfg.reference)
-    return initial_policy(model, tokenizer)
+    return initial_policy(model, tokenizer, cache_dir)
 
 
 def generator_name(settings: RunConfig, run_dir: Path) -> str:
@@ -357,7 +358,8 @@ def eval_stage(
     prompts = eval_prompts(source_of(settings.data), settings.data, tokenizer)
     device = resolve_device(ecfg.device)
     policy.to(device)
-    reference = reference_policy(settings.model, ecfg, tokenizer).to(device)
+    cache = settings.paths.cache
+    reference = reference_policy(settings.model, ecfg, tokenizer, cache).to(device)
     try:
         ev = evaluate(policy, reference, tokenizer, prompts, ecfg)
     finally:
@@ -385,11 +387,13 @@ def evaluate_run(
     from inspo.models.load import load_policy, load_tokenizer
 
     settings = load_saved(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    check_scorer_fits(settings.data.source, ecfg.scorer, "e.g. inspo-eval RUN_DIR --scorer PATH")
     path = policy_path or str(run_dir / "policy")
     tokenizer = load_tokenizer(path)
     device = resolve_device(ecfg.device)
     policy = load_policy(path).to(device)
-    reference = reference_policy(settings.model, ecfg, tokenizer).to(device)
+    # A saved config's paths are Hydra's runtime values: the default cache (as a run's) is used.
+    reference = reference_policy(settings.model, ecfg, tokenizer, settings.paths.cache).to(device)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     prompts = eval_prompts(source_of(settings.data), settings.data, tokenizer)

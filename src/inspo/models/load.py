@@ -1,11 +1,14 @@
-"""Policies, references and tokenizers: the embedded tiny model and anything from_pretrained.
+"""Policies, references and tokenizers: the embedded tiny model, anything from_pretrained, and
+GGUF files.
 
 :func:`load_model` builds the policy of the ``model`` settings
 (:class:`~inspo.settings.ModelConfig`); :func:`load_policy` loads a saved checkpoint. The
 embedded default (``model=tiny``) is a small Llama with random weights and a byte-level
 tokenizer built in memory, so the whole pipeline runs with no downloads. Both save with
 ``save_pretrained`` and load back with the ``Auto*`` classes, so a trained tiny policy is an
-ordinary Hugging Face checkpoint.
+ordinary Hugging Face checkpoint. A GGUF file (``model.gguf_file``, e.g. ``model=smollm2``) is
+dequantized once into an ordinary checkpoint in the run's dtype (:mod:`inspo.models.gguf`) and
+loaded from there, so its policy saves like any other.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,13 +33,31 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from inspo.names import Dtype
+from inspo.models.gguf import gguf_checkpoint
+from inspo.names import AUTO_DEVICE, Dtype
 from inspo.settings import LoraConfig, ModelConfig, TinyConfig
 
 log = logging.getLogger(__name__)
 
 DTYPES = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>")
+
+
+def resolve_device(spec: str | torch.device = AUTO_DEVICE) -> torch.device:
+    """Where a model runs: ``auto`` is the CUDA device when there is one, else the CPU;
+    anything else is taken as a torch device (``cpu``, ``cuda:1``, ``mps``)."""
+    if spec == AUTO_DEVICE:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from a config name (``fp32``, ``bf16``, ``fp16``) or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -94,7 +116,8 @@ def load_tokenizer(name_or_path: str | None, **kwargs: Any) -> PreTrainedTokeniz
     """The byte tokenizer when ``name_or_path`` is None, else ``AutoTokenizer.from_pretrained``.
 
     A missing pad token is set to EOS (the usual choice for causal LMs); padding is on the right
-    for training, and generation code switches to the left where it needs to.
+    for training, and generation code switches to the left where it needs to. Nothing finds a
+    response's end or padding by token id, so pad = EOS (SmolLM2's ``<|im_end|>``) is safe.
     """
     if name_or_path is None:
         return byte_tokenizer()
@@ -103,6 +126,21 @@ def load_tokenizer(name_or_path: str | None, **kwargs: Any) -> PreTrainedTokeniz
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def checkpoint_path(m: ModelConfig, cache_dir: str | Path | None = None) -> str | None:
+    """The folder (or Hub id) ``from_pretrained`` reads for the ``model`` settings: for a GGUF
+    file, its ordinary checkpoint in ``cache_dir``, converted on first use
+    (:func:`inspo.models.gguf.gguf_checkpoint`); None for the tiny model."""
+    if m.gguf_file is not None:
+        return str(gguf_checkpoint(m.name_or_path, m.gguf_file, m.dtype.value, cache_dir))
+    return m.name_or_path
+
+
+def model_tokenizer(m: ModelConfig, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of the ``model`` settings: ``tokenizer`` when set, else the model's own (a
+    GGUF file's is in its converted checkpoint), else the byte tokenizer."""
+    return load_tokenizer(m.tokenizer or checkpoint_path(m, cache_dir))
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
@@ -133,17 +171,23 @@ def turn_off_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_model(m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+def load_model(
+    m: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    cache_dir: str | Path | None = None,
+) -> PreTrainedModel:
     """The policy of ``model`` settings: ``tiny_llama(**m.tiny)`` when no path is given, else
-    ``from_pretrained``; dropout off unless ``m.disable_dropout`` is false (see
+    ``from_pretrained`` (of a GGUF file's converted checkpoint in ``cache_dir``: see
+    :func:`checkpoint_path`); dropout off unless ``m.disable_dropout`` is false (see
     :func:`turn_off_dropout`), activation checkpointing and a LoRA adapter when asked."""
     dtype = DTYPES[m.dtype]
-    if m.name_or_path is None:
+    if m.is_tiny:
         model = tiny_llama(tokenizer, **dataclasses.asdict(m.tiny)).to(dtype)
         if m.attn_implementation:
             model.set_attn_implementation(m.attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **pretrained_kwargs(m))
+        path = checkpoint_path(m, cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(path, **pretrained_kwargs(m))
     if m.disable_dropout:
         turn_off_dropout(model)
     if m.gradient_checkpointing:

@@ -26,6 +26,7 @@ from transformers import (
 
 from inspo.models.load import (
     DTYPES,
+    checkpoint_path,
     enable_checkpointing,
     pretrained_kwargs,
     tiny_llama,
@@ -38,21 +39,24 @@ from inspo.settings import ModelConfig, SettingError
 
 
 def load_reward_model(
-    m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
+    m: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    cache_dir: str | None = None,
 ) -> PreTrainedModel:
     """A one-label sequence classifier of the ``model`` settings: ``tiny_llama(**m.tiny)``'s
     architecture when no path is given, else ``AutoModelForSequenceClassification
     .from_pretrained`` (a causal-LM checkpoint gets a new head, initialised from the seeded RNG;
-    a reward model loads as it is). The pad token id is the tokenizer's."""
+    a reward model loads as it is; a GGUF file's converted checkpoint is read from
+    ``cache_dir``). The pad token id is the tokenizer's."""
     if m.lora is not None:
         raise SettingError("model.lora", "a reward model trains all its weights (set it null)")
-    if m.name_or_path is None:
+    if m.is_tiny:
         model = tiny_llama(tokenizer, num_labels=1, **asdict(m.tiny)).to(DTYPES[m.dtype])
         if m.attn_implementation:
             model.set_attn_implementation(m.attn_implementation)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
-            m.name_or_path, num_labels=1, **pretrained_kwargs(m)
+            checkpoint_path(m, cache_dir), num_labels=1, **pretrained_kwargs(m)
         )
     if tokenizer is not None:
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from inspo.evaluation.scorers import RewardModelScorer, make_scorer
 from inspo.names import GOLD
 
@@ -43,6 +45,10 @@ class Judge:
 
     def raw(self, groups: Sequence[Group]) -> list[list[float]]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def to(self, device: Any) -> Judge:
+        """Run on ``device`` (the run's: the policy's); judges without a model ignore it."""
+        return self
 
     def judge(self, groups: Sequence[Group]) -> list[list[float]]:
         """Scores per group and response, penalties applied; checked for count and NaN."""
@@ -94,11 +100,22 @@ class RewardModel(ScalarJudge):
 
     name_or_path: str = "???"
     batch_size: int = 32
+    device: str = "auto"  # the run sets its own device (``to``); auto: CUDA when there is one
+    dtype: str = "fp32"  # the config follows the run's model.dtype
     _model: Any = field(default=None, init=False, repr=False)
+
+    def to(self, device: Any) -> RewardModel:
+        self.device = str(device)
+        if self._model is not None:
+            self._model.model.to(device)
+            self._model.device = torch.device(device)
+        return self
 
     def scorer(self) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
         if self._model is None:  # loaded once, on first use
-            self._model = RewardModelScorer(self.name_or_path, batch_size=self.batch_size)
+            self._model = RewardModelScorer(
+                self.name_or_path, batch_size=self.batch_size, device=self.device, dtype=self.dtype
+            )
         return self._model
 
 
@@ -175,6 +192,11 @@ class Weighted(Judge):
             }
             for t in self.judges
         ]
+
+    def to(self, device: Any) -> Weighted:
+        for term in self.judges:
+            term["judge"].to(device)
+        return self
 
     def raw(self, groups: Sequence[Group]) -> list[list[float]]:
         total = [[0.0] * len(g.responses) for g in groups]

@@ -151,13 +151,6 @@ class LLM(Judge):
 
 
 # --------------------------------------------------------------------------- local model
-def resolve_device(device: str) -> torch.device:
-    """``auto``: CUDA (the process's current device) when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass
 class LocalLM:
     """A Hugging Face causal LM with a chat template, loaded on first use. The judging prompts
@@ -177,7 +170,7 @@ class LocalLM:
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        from inspo.models.load import DTYPES, load_tokenizer
+        from inspo.models.load import DTYPES, load_tokenizer, resolve_device
 
         tok = load_tokenizer(self.name_or_path, trust_remote_code=self.trust_remote_code)
         if not getattr(tok, "chat_template", None):

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from inspo.config import ConfigError, build
+from inspo.config import ConfigError, build, check_judge_fits, check_scorer_fits
 from inspo.evaluation.stage import draw, eval_prompts, evaluate, initial_policy, save
 from inspo.names import PLAIN, IterateReference, ReferenceKind
 from inspo.objectives import Objective, RewardObjective
@@ -62,6 +62,9 @@ class Iterate(Extension):
             raise ConfigError("reference: precomputed needs fixed data; an iterative run has none")
         if settings.trainer.accumulate_grad_batches != 1:
             raise ConfigError("trainer.accumulate_grad_batches: must be 1 in an iterative run")
+        if settings.eval.n_prompts > 0:  # every round is evaluated on the data's prompts
+            check_scorer_fits(settings.data.source, settings.eval.scorer, "or eval.n_prompts=0")
+        check_judge_fits(prompt_source(settings), settings.judge)
         # Built now, before any model: a bad generation, judge or pairing value fails here.
         self.components = {
             key: build(getattr(settings, key), key) for key in ("generation", "judge", "pairing")
@@ -104,7 +107,7 @@ class Iterate(Extension):
         builder = RoundBuilder(
             self.pool,
             backend,
-            self.components["judge"],
+            self.components["judge"].to(trainer.strategy.root_device),  # a model judge runs there
             self.components["pairing"],
             datamodule.encoder,
             datamodule.train_views,
@@ -169,7 +172,7 @@ def round_evaluator(settings: RunConfig, source: Any, tokenizer: Any, trainer: L
 
     ecfg: EvalConfig = settings.eval
     prompts = eval_prompts(source, settings.data, tokenizer)[: ecfg.n_prompts]
-    initial = initial_policy(settings.model, tokenizer)
+    initial = initial_policy(settings.model, tokenizer, settings.paths.cache)
     baseline: list[str] = []  # the initial policy's samples: the same every round
 
     def evaluate_round(policy: Any, out_dir: Path | None) -> dict[str, float]:

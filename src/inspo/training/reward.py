@@ -198,7 +198,7 @@ class RewardModelRun(Extension):
     def module(self, settings: RunConfig, objective: Any, tokenizer: Any) -> RewardModule:
         data = settings.data
         return RewardModule(
-            load_reward_model(settings.model, tokenizer),
+            load_reward_model(settings.model, tokenizer, settings.paths.cache),
             objective,
             optim=settings.optim,
             scoring=Scoring(packing=data.packing, packing_kernel=str(data.packing_kernel)),

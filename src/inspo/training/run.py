@@ -34,11 +34,11 @@ from inspo.config import (
 from inspo.data.datamodule import PreferenceDataModule
 from inspo.data.sources import source_of
 from inspo.jsonio import write_json
-from inspo.models.load import load_model, load_tokenizer
+from inspo.models.load import load_model, model_tokenizer
 from inspo.models.scoring import Scoring
 from inspo.names import EOS_RATE, VAL, VAL_PLAIN, ReferenceKind, Reflection
 from inspo.objectives import Objective, RewardObjective
-from inspo.settings import RunConfig, load_settings
+from inspo.settings import ModelConfig, RunConfig, load_settings
 from inspo.training.checkpoints import StreamingCheckpointIO
 from inspo.training.guards import NonFiniteError
 from inspo.training.module import PreferenceModule
@@ -130,7 +130,7 @@ def build_trainer(
 def build_module(settings: RunConfig, objective: Objective, tokenizer: Any) -> PreferenceModule:
     """The policy of ``settings.model``, its reference and the training module around them."""
     reference = resolve_reference(settings.reference, objective)  # callers may pass auto
-    policy, data = load_model(settings.model, tokenizer), settings.data
+    policy, data = load_model(settings.model, tokenizer, settings.paths.cache), settings.data
     kind = reference.kind
     return PreferenceModule(
         policy,
@@ -167,12 +167,17 @@ def run_choices(settings: RunConfig) -> dict[str, Any]:
         "sync_every": ref.sync_every if ref.kind is ReferenceKind.sync else None,
         "sync_alpha": ref.sync_alpha if ref.kind is ReferenceKind.sync else None,
         "seed": settings.seed,
-        "model": settings.model.name_or_path or "tiny",
+        "model": model_label(settings.model),
         "max_steps": settings.trainer.max_steps,
         "lr": settings.optim.lr,
         "wandb_group": settings.wandb_group,
         "tags": list(settings.tags),
     }
+
+
+def model_label(model: ModelConfig) -> str:
+    """The model a run started from, as reports name it: its GGUF file, path or ``tiny``."""
+    return model.gguf_file or model.name_or_path or "tiny"
 
 
 def summary(
@@ -288,7 +293,7 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
             return done
     L.seed_everything(settings.seed, workers=True)
     model = settings.model
-    tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
+    tokenizer = model_tokenizer(model, settings.paths.cache)  # a GGUF file converts here, once
     datamodule = extension.datamodule(settings, tokenizer, objective)
     datamodule.setup("fit")  # bad data fails before the trainer and the models exist
     trainer = build_trainer(settings, cfg.logger, cfg.strategy, run_dir)
