@@ -28,6 +28,9 @@ REFERENCE_CONTEXTS = (REFLECTIVE, PLAIN)
 
 # --------------------------------------------------------------------------- data rows
 ERROR = "_error"  # key of a row a source could not read; its value is the reason
+# The built-in task's tuning prompts (data.eval_split=tune): what a hyperparameter search is
+# scored on, disjoint from the test prompts (``eval``) and from training.
+TUNE_SPLIT = "tune"
 
 # --------------------------------------------------------------------------- metrics
 # Pair metrics, logged under a stage: train/..., val/... (the trained view) and val/plain/...

@@ -283,3 +283,19 @@ def test_eval_stage_of_a_training_run_and_cli(tmp_path):
                   "--no-progress", "--out", str(tmp_path / "cli")])  # fmt: skip
     assert again["eval/win_rate"] == m["eval/win_rate"]
     assert again["eval/kl"] == pytest.approx(m["eval/kl"], abs=1e-4)
+
+
+def test_eval_prompts_of_the_tuning_split_and_a_missing_split(tmp_path, tokenizer):
+    """data.eval_split=tune scores the tuning prompts (none of them a test prompt); a split the
+    data lack is an error, never a silent fallback to other prompts."""
+    from inspo.config import compose_config
+    from inspo.data.report import DataError
+    from inspo.evaluation.stage import eval_prompts
+
+    sizes = ["+data.source.n_sft=8", "+data.source.n_train=8", "+data.source.n_val=8",
+             "+data.source.n_eval=16", "+data.source.n_tune=12"]  # fmt: skip
+    test = eval_prompts(compose_config(sizes, tmp_path), tokenizer)
+    tune = eval_prompts(compose_config([*sizes, "data.eval_split=tune"], tmp_path), tokenizer)
+    assert (len(test), len(tune)) == (16, 12) and not set(test) & set(tune)
+    with pytest.raises(DataError, match=r"'tuning'.*no such split"):
+        eval_prompts(compose_config([*sizes, "data.eval_split=tuning"], tmp_path), tokenizer)

@@ -225,15 +225,22 @@ def log_wandb(run: Any, metrics: dict[str, float], rows: list[dict], n_table: in
 
 # --------------------------------------------------------------------------- sources
 def eval_prompts(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The run's held-out eval prompts (``data.eval_split``, else the val split's prompts)."""
+    """The run's held-out eval prompts: those of ``data.eval_split`` (on the built-in task
+    ``eval``, the test prompts, or ``tune``, the tuning prompts), or, when it is null, of the
+    val split. A named split the data lacks is an error, not a silent fallback: a tuning run
+    must never be scored on the test prompts."""
     from hydra.utils import instantiate
 
+    from inspo.data.report import DataError
     from inspo.data.rows import to_text
 
     raw = instantiate(cfg.data.source, _partial_=True)()
-    split = cfg.data.get("eval_split")
+    split = cfg.data.get("eval_split") or cfg.data.val_split
     if split not in raw:
-        split = cfg.data.val_split
+        raise DataError(
+            f"data.eval_split={split!r}: the data have no such split (they have "
+            f"{', '.join(map(repr, raw))}); name one of them, or null for the val split"
+        )
     seen: dict[str, None] = {}
     for row in raw[split]:
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and "chosen" not in row:

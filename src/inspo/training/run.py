@@ -148,6 +148,7 @@ def run_choices(cfg: DictConfig) -> dict[str, Any]:
         "sync_every": ref.get("sync_every"),
         "sync_alpha": ref.get("sync_alpha"),
         "seed": cfg.seed,
+        "eval_split": cfg.data.get("eval_split"),  # tune (a search's trials) or the test prompts
         "model": cfg.model.name_or_path or "tiny",
         "max_steps": cfg.trainer.max_steps,
         "lr": cfg.optim.lr,
