@@ -57,7 +57,7 @@ sft() {  # sft SEED
   {
     flock 7
     if [[ -e $dir/policy/model.safetensors ]]; then return; fi
-    inspo-train experiment=sft seed="$1" logger=csv hydra.run.dir="$dir" \
+    inspo-train experiment=sft seed="$1" ckpt_path=last logger=csv hydra.run.dir="$dir" \
       "${EXTRA[@]+"${EXTRA[@]}"}" >"$OUT/logs/sft_seed$1.log" 2>&1 && log "sft: seed $1 done"
   } 7>"$OUT/sft/.lock_seed$1"
 }

@@ -90,6 +90,7 @@ def test_a_search_runs_its_trials_on_the_tuning_prompts(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
+@pytest.mark.timeout(3600)  # 15 tiny runs (about 8 min on 2 idle cores), twice the script
 def test_fair_script_end_to_end(tmp_path):
     """benchmarks/fair.sh, every stage, tiny: SFT per seed, two searches of 2 trials, the best
     of each and the untuned pair rerun on 2 seeds, and the head-to-head report."""

@@ -330,9 +330,11 @@ def setting_summary(
     """One setting's test runs: each method's configuration(s), whether it is its search's best,
     and the paired comparison."""
     out: dict[str, Any] = {"configs": {}, "best": {}}
+    searched = [k for k in TUNABLE if any(k in s["varied"] for s in tuning["methods"].values())]
     for name in (baseline, method):
         rs = [r for r in runs if method_of(r) == name]
-        configs = sorted({json.dumps(configuration(r, TUNABLE), sort_keys=True) for r in rs})
+        keys = searched or TUNABLE  # what the searches chose, else everything tunable
+        configs = sorted({json.dumps(configuration(r, keys), sort_keys=True) for r in rs})
         out["configs"][name] = [json.loads(c) for c in configs]
         out["best"][name] = is_best(rs, tuning["methods"].get(name))
     base = [r for r in runs if method_of(r) == baseline]
