@@ -60,6 +60,16 @@ def full_and_resumed(train: Callable[..., dict], tmp_path: Path, *common: str) -
     return full, train(tmp_path / "cut", *common, "ckpt_path=last")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``cuda`` are skipped, with the reason, where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none here (benchmarks/gpu_check.sh)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)

@@ -140,3 +140,20 @@ def test_reference_free_objective_needs_no_reference_flag(tmp_path):
     assert train(tmp_path / "b", "trainer.max_steps=1")["choices"]["reference"] == "policy_init"
     with pytest.raises(ConfigError, match="reference-free but reference=model"):
         train(tmp_path / "c", "objective=simpo", "reference=model", "reference.name_or_path=x")
+
+
+def test_a_run_without_validation_data_prints_no_empty_loader_warning(tmp_path, recwarn):
+    """An SFT stage has no val split: the validation loop is off, not an empty loader that
+    Lightning warns about in every stage ("Total length of `list` across ranks is zero")."""
+    summary = train(tmp_path, "experiment=sft", "trainer.max_steps=2", "model.tiny.hidden_size=32")
+    assert summary["steps"] == 2
+    assert not [w for w in recwarn if "across ranks is zero" in str(w.message)]
+
+
+def test_the_progress_bar_counts_steps_not_a_negative_epoch(tmp_path, capsys):
+    """max_epochs=-1 (steps bound the run): the bar must not read "Epoch 0/-2"."""
+    train(tmp_path, "trainer.max_steps=2", "trainer.enable_progress_bar=true")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "/-2" not in text
+    assert "Epoch 0" in text or "2/2" in text

@@ -132,6 +132,23 @@ def test_fsdp_resume_from_last(tmp_path, sharded_ckpt):
     check_run(run_dir, steps=4, ckpt_file=not sharded_ckpt)
 
 
+@pytest.mark.cuda
+@pytest.mark.subprocess
+def test_fsdp2_on_one_gpu_over_nccl(tmp_path):
+    """hardware=fsdp on one CUDA device: NCCL, the policy and the reference fully_shard'ed,
+    bf16-mixed, packed rows under the GPU's kernel; the trained policy saves and loads."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "INSPO_CACHE": str(tmp_path / "cache")}
+    gpu = ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed"]
+    cmd = [sys.executable, "-m", "inspo.cli.train", *FAST, "hardware=fsdp", "reflection=inspo",
+           *gpu, "trainer.max_steps=4", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}"
+    assert "MEMBER: 1/1" in out  # Lightning's distributed start (NCCL on a GPU)
+    check_run(run_dir, steps=4)
+
+
 # ---------------------------------------------------------------- in-process, no spawning
 @pytest.fixture
 def gloo_world_of_one():

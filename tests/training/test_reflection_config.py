@@ -72,3 +72,14 @@ def test_auto_reference_and_tags(tmp_path, objective, kind):
     tags = run_tags(cfg)
     assert tags[0] == "mine" and f"reference:{kind}" in tags and "reflection:inspo" in tags
     assert any(t.startswith("psi:") for t in tags) and any(t.startswith("objective:") for t in tags)
+
+
+def test_packing_kernel_from_config(tmp_path):
+    """data.packing_kernel reaches the module's scorer (auto by default); a misspelt kernel
+    stops the run before any model is trained, naming the valid ones."""
+    module, _ = build(cfg_for(tmp_path=tmp_path))
+    assert (module.scoring.packing, module.scoring.packing_kernel) == (True, "auto")
+    module, _ = build(cfg_for("data=hh_rlhf", "data.packing_kernel=flex", tmp_path=tmp_path))
+    assert module.scoring.packing_kernel == "flex"
+    with pytest.raises(ValueError, match="unknown packing kernel 'flash'; valid: auto"):
+        build(cfg_for("data.packing_kernel=flash", tmp_path=tmp_path))

@@ -432,13 +432,21 @@ def plot_rounds(report: dict[str, Any], path: Path) -> Path:
                 ax.plot(range(1, len(ys) + 1), ys, color=colour, alpha=0.25, lw=0.8)
             means = [s["mean"] for s in g.get("rounds", {}).get(key, [])]
             ax.plot(range(1, len(means) + 1), means, color=colour, lw=2, marker="o", label=name)
-        ax.set_xlabel("round")
+        label_rounds(ax, "round")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def label_rounds(ax: Any, label: str) -> None:
+    """An x axis of rounds: ticks at whole rounds only (never 1.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def log_wandb(report: dict[str, Any], plots: list[Path], project: str = "inspo") -> None:

@@ -19,6 +19,10 @@ The model is switched once to a registered attention implementation (``inspo_pac
 ``PACK_KWARG``; transformers hands every extra forward keyword argument down to the attention
 function, and activation checkpointing replays them in backward. A model that cannot pack is
 reported by :func:`packing_blocker` and the caller scores the padded view instead.
+
+``Blocks.kernel`` picks how the layout is computed: block by block here (``blocks``, the CPU's
+fastest), or in one call per layer on a GPU (``flex``, ``varlen``:
+:mod:`inspo.models.varlen_attention`); ``auto`` chooses by device and dtype.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from inspo.models import varlen_attention
 from inspo.models.hf_compat import eager_attention
 
 log = logging.getLogger(__name__)
@@ -56,12 +61,22 @@ class Blocks:
 
     ``positions`` [T] are the tokens' position ids, used for sliding windows. ``calls`` counts
     the attention layers that used the layout, so the caller can check that every layer did.
+    ``kernel``: one of :data:`~inspo.models.varlen_attention.PACKING_KERNELS`.
     """
 
     blocks: list[tuple[int, int, int, int]]
     positions: Tensor
     calls: int = 0
+    kernel: str = "blocks"
     _masks: dict[int | None, list[Tensor | None]] = field(default_factory=dict, repr=False)
+    _built: dict = field(default_factory=dict, repr=False)
+
+    def built(self, key, make: Callable):
+        """``make()``, once per ``key`` for this layout: what a kernel derives from the layout
+        (a block mask, gathered key indices) is built by the first layer and shared by all."""
+        if key not in self._built:
+            self._built[key] = make()
+        return self._built[key]
 
     def masks(self, window: int | None) -> list[Tensor | None]:
         """Per block, the boolean mask (True = attend) or None where plain causal attention
@@ -114,6 +129,15 @@ def block_attention(
     if getattr(module, "is_causal", True) is False:
         raise PackingUnsupported("the attention is not causal")
     blocks.calls += 1
+    kernel = varlen_attention.pick_kernel(blocks.kernel, query, dropout)
+    if kernel == "flex":
+        return varlen_attention.flex_attention(
+            query, key, value, blocks, scaling, sliding_window
+        ), None
+    if kernel == "varlen":
+        return varlen_attention.varlen_attention(
+            query, key, value, blocks, scaling, sliding_window
+        ), None
     gqa = query.shape[1] != key.shape[1]
     out = []
     for (q0, q1, c0, c1), mask in zip(blocks.blocks, blocks.masks(sliding_window), strict=True):

@@ -33,6 +33,7 @@ from inspo.models.packed_attention import (
     packing_blocker,
 )
 from inspo.models.packing import pack_view, scored_positions, shared_contexts, unpack
+from inspo.models.varlen_attention import check_kernel
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,19 @@ class Scoring:
     head allows it). ``share_prompt``: run a pair's shared context once (needs the scored-head
     path and a plain KV cache; off under activation checkpointing, which drops the cache).
     ``logp_chunk``: sequence chunk of the full-logits path's log-softmax. ``packing``: run the
-    view's rows as one sequence without padding (``data.packing``).
+    view's rows as one sequence without padding (``data.packing``). ``packing_kernel``: how a
+    packed sequence's attention is computed (``data.packing_kernel``:
+    :data:`~inspo.models.varlen_attention.PACKING_KERNELS`; ``auto`` by device).
     """
 
     scored_lm_head: bool = True
     share_prompt: bool = True
     logp_chunk: int = 1024
     packing: bool = False
+    packing_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_kernel(self.packing_kernel)
 
 
 class TokenCount(NamedTuple):
@@ -461,6 +468,7 @@ def packed_logps(
     """
     ids, scored = view["input_ids"], view["loss_mask"]
     pack = pack_view(view, shared_contexts(view) if how.share_prompt else None)
+    pack.blocks.kernel = how.packing_kernel
     out = (model if parts is None else parts[0])(
         input_ids=pack.input_ids,
         position_ids=pack.position_ids,

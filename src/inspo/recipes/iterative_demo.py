@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from inspo.evaluation.stage import EvalConfig
+from inspo.evaluation.sweep_report import label_rounds
 from inspo.names import EVAL_WIN_RATE
 from inspo.recipes.demo import LABELS, Stage, format_table, run_stages
 
@@ -64,7 +65,7 @@ def plot_rounds(table: dict[str, Any], curves: dict[str, list[float]], path: Pat
         ax.plot(range(1, len(rates) + 1), rates, marker="o", label=NAMES[name])
     ax.axhline(table["dpo"]["win_rate_vs_sft"], color="tab:gray", ls="--", label="offline DPO")
     ax.axhline(0.5, color="lightgray", lw=1)
-    ax.set_xlabel("round (1,600 pairs each)")
+    label_rounds(ax, "round (1,600 pairs each)")
     ax.set_ylabel("gold win rate vs SFT")
     ax.set_ylim(0.3, 1.0)
     ax.legend()

@@ -48,8 +48,8 @@ class PreferenceModule(L.LightningModule):
     reflective behaviour into the plain context. ``reference_in_checkpoint``: keep the
     reference in checkpoints (``reference=sync``, whose reference is training state).
     ``optim``: :class:`~inspo.training.optim.OptimConfig` fields; ``scored_lm_head``,
-    ``share_prompt``, ``logp_chunk``, ``packing`` (``data.packing``):
-    :class:`~inspo.models.scoring.Scoring`.
+    ``share_prompt``, ``logp_chunk``, ``packing`` (``data.packing``), ``packing_kernel``
+    (``data.packing_kernel``): :class:`~inspo.models.scoring.Scoring`.
     """
 
     def __init__(
@@ -70,6 +70,7 @@ class PreferenceModule(L.LightningModule):
         share_prompt: bool = True,
         logp_chunk: int = 1024,
         packing: bool = False,
+        packing_kernel: str = "auto",
     ) -> None:
         super().__init__()
         if reflection not in REFLECTIONS:
@@ -85,7 +86,7 @@ class PreferenceModule(L.LightningModule):
         self.mix = (reflective_weight if reflective else 1.0, standard_weight * reflective)
         self.distill_weight = distill_weight * reflective
         self.optim = OptimConfig(**(optim or {}))
-        self.scoring = Scoring(scored_lm_head, share_prompt, logp_chunk, packing)
+        self.scoring = Scoring(scored_lm_head, share_prompt, logp_chunk, packing, packing_kernel)
         self.policy_view = policy_view(reflection)
         self.reference_view = reference_view(reflection, reference_context)
         self.train_views = train_views(

@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.config import (
@@ -101,11 +101,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
     )
     strategy = instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
+    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
+    callbacks = [checkpoint, LastValidation(), *reference_callbacks(cfg)]
+    if settings["enable_progress_bar"]:
+        # tqdm's bar counts steps; Rich's (Lightning's default when rich is installed) reads
+        # "Epoch 0/-2" when the steps, not the epochs, bound the run (max_epochs=-1).
+        callbacks.append(TQDMProgressBar())
+    if cfg.data.val_split is None:  # no validation loop, rather than an empty loader per stage
+        settings["limit_val_batches"] = 0
     return L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **settings,
         strategy=strategy,
         logger=logger,
-        callbacks=[checkpoint, LastValidation(), *reference_callbacks(cfg)],
+        callbacks=callbacks,
         default_root_dir=str(run_dir),
     )
 
@@ -126,6 +134,7 @@ def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> Prefe
         adapter_reference=kind == "adapter_disabled",
         reference_in_checkpoint=kind == "sync",  # TR-DPO's reference is training state
         packing=cfg.data.packing,  # the scorer packs each view's rows (inspo.models.packing)
+        packing_kernel=cfg.data.packing_kernel,  # their attention: per row on CPU, varlen on GPU
         **knobs(cfg, MODULE_KNOBS),
     )
 
