@@ -104,22 +104,20 @@ tuned() {  # tuned METHOD SEED: the method's best trial on the test prompts
   echo "commit: $(git rev-parse HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo ' with uncommitted changes')"
   echo "started: $(date -Is) on$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 } >>"$OUT/fair.log"
-# One queue, in the order that answers the main question first: the first two SFT starts, the
-# searches (InSPO's, the longer, first), the other starts, the tuned runs, then the untuned.
+# One queue: the first two SFT starts, the searches (InSPO's, the longer, first), the other
+# starts, DPO's tuned runs, the untuned runs, and InSPO's tuned runs last: a job waiting for a
+# search holds a worker, and InSPO's search (4 × DPO's cost per trial) ends last.
 jobs_=()
 if has sft; then for seed in "${seeds[@]:0:2}"; do jobs_+=("sft $seed"); done; fi
 if has tune; then jobs_+=("search inspo" "search dpo"); fi
 if has sft; then for seed in "${seeds[@]:2}"; do jobs_+=("sft $seed"); done; fi
-if has tuned; then
-  for method in dpo inspo; do
-    for seed in "${seeds[@]}"; do jobs_+=("tuned $method $seed"); done
-  done
-fi
+if has tuned; then for seed in "${seeds[@]}"; do jobs_+=("tuned dpo $seed"); done; fi
 if has untuned; then
   for method in inspo dpo; do
     for seed in "${seeds[@]}"; do jobs_+=("evaluate untuned $method $seed"); done
   done
 fi
+if has tuned; then for seed in "${seeds[@]}"; do jobs_+=("tuned inspo $seed"); done; fi
 rc=0
 if [[ ${#jobs_[@]} -gt 0 ]]; then parallel "${jobs_[@]}" || rc=1; fi
 if has report; then
