@@ -188,3 +188,47 @@ def test_t_interval_and_bootstrap_on_noisy_data():
     many = paired_bootstrap([[0.0, 1.0] * 500, [0.0, 0.5] * 500])
     assert few[0] < 0.375 < few[1] and many[0] < 0.375 < many[1]
     assert many[1] - many[0] < (few[1] - few[0]) / 5
+
+
+def test_a_best_value_at_the_end_of_its_searched_range_is_flagged(head):
+    """The searched ranges come from each trial's own Hydra config; DPO's best lr (5e-5) lies in
+    the top 5% of a log range ending at 5.2e-5, its beta (0.5) inside [0.05, 2]; InSPO's
+    standard weight (0.3) inside a linear [0, 1]."""
+    spaces = {
+        "dpo": {"objective.beta": "tag(log, interval(0.05, 2.0))",
+                "optim.lr": "tag(log, interval(1.0e-5, 5.2e-5))"},
+        "inspo": {"optim.lr": "tag(log, interval(1.0e-5, 5.0e-3))",
+                  "reflection.reference_context": "choice(reflective, plain)",
+                  "reflection.standard_weight": "interval(0.0, 1.0)"},
+    }  # fmt: skip
+    for method, params in spaces.items():
+        for trial in (head / "tune" / method).iterdir():
+            (trial / ".hydra").mkdir()
+            cfg = {"hydra": {"job": {"name": "${hydra.x}"}, "sweeper": {"params": params}}}
+            (trial / ".hydra" / "hydra.yaml").write_text(json.dumps(cfg))
+    tuning = build(head)["tuning"]["methods"]
+    dpo, inspo = tuning["dpo/off"], tuning["dpo/inspo"]
+    assert dpo["space"] == {"beta": [0.05, 2.0, True], "lr": [1e-5, 5.2e-5, True]}
+    assert dpo["best_at_edge"] == {
+        "lr": {"value": 5e-5, "side": "high", "range": [1e-5, 5.2e-5], "log": True}
+    }
+    assert inspo["space"]["standard_weight"] == [0.0, 1.0, False]
+    assert inspo["best_at_edge"] == {}
+    cli([str(head), "--head-to-head"])
+    md = (head / "head_to_head.md").read_text()
+    assert "dpo/off's best lr (5e-05) lies at the high end of its searched range" in md
+    assert "dpo/inspo's best" not in md
+
+
+def test_trials_the_tuning_prompts_cannot_tell_from_the_best_are_counted(head):
+    """DPO's best trial (1: 0.60, interval 0.56–0.64) ties trial 2 (0.60) and is clear of trial
+    0 (0.55): one trial lies inside the best's interval."""
+    best = head / "tune" / "dpo" / "1" / "summary.json"
+    summary = json.loads(best.read_text())
+    summary["metrics"].update({"eval/win_rate_low": 0.56, "eval/win_rate_high": 0.64})
+    best.write_text(json.dumps(summary))
+    dpo = build(head)["tuning"]["methods"]["dpo/off"]
+    best = dpo["best"]
+    assert (best["low"], best["high"], dpo["within_best_interval"]) == (0.56, 0.64, [2])
+    cli([str(head), "--head-to-head"])
+    assert "| 1 | 0.600 (0.560–0.640) | 1 (2) |" in (head / "head_to_head.md").read_text()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,9 @@ METRICS = (
 )
 LEVEL = 0.95
 N_BOOTSTRAP = 10_000
+#: A best value this close to a bound of its searched range (a share of the range's width, on
+#: the log scale for a log-scaled range) is flagged: the optimum may lie outside the range.
+EDGE = 0.05
 
 
 # --------------------------------------------------------------------------- statistics
@@ -194,6 +198,31 @@ def read_samples(run: dict[str, Any]) -> list[dict[str, Any]] | None:
     return json.loads(path.read_text()) if path is not None else None
 
 
+def search_space(run: dict[str, Any]) -> dict[str, tuple[float, float, bool]]:
+    """The numeric ranges a trial's search drew from, read from the trial's own Hydra config
+    (``RUN/.hydra/hydra.yaml``: ``hydra.sweeper.params``, e.g. ``tag(log, interval(a, b))``):
+    ``{choice key: (low, high, log scale)}``; empty when the run has none (a grid, a copy)."""
+    from omegaconf import OmegaConf
+
+    path = run["dir"] / ".hydra" / "hydra.yaml"
+    if not path.exists():
+        return {}
+    sweeper = OmegaConf.load(path).hydra.get("sweeper") or {}
+    out = {}
+    for key, spec in (sweeper.get("params") or {}).items():
+        found = re.search(r"interval\(\s*([^,\s]+)\s*,\s*([^)\s]+)\s*\)", str(spec))
+        if found:  # the choice keys are the overrides' last parts: optim.lr -> lr
+            out[key.rsplit(".", 1)[-1]] = (float(found[1]), float(found[2]), "log" in str(spec))
+    return out
+
+
+def at_edge(value: float, low: float, high: float, log: bool) -> str | None:
+    """``"low"`` or ``"high"`` when ``value`` lies within :data:`EDGE` of that bound."""
+    scale = math.log if log else float
+    position = (scale(value) - scale(low)) / (scale(high) - scale(low))
+    return "low" if position < EDGE else "high" if position > 1 - EDGE else None
+
+
 def wins(a: float, b: float) -> float:
     return 1.0 if a > b else 0.5 if a == b else 0.0
 
@@ -216,18 +245,37 @@ def tuning_summary(trials: list[dict[str, Any]], methods: Sequence[str]) -> dict
                     "name": r["name"],
                     "status": r["status"] if ok else "failed",
                     "value": value if ok else None,
+                    # the evaluation's Wilson 95% interval of the win rate (prompt noise)
+                    "low": r["metrics"].get(f"{EVAL_WIN_RATE}_low") if ok else None,
+                    "high": r["metrics"].get(f"{EVAL_WIN_RATE}_high") if ok else None,
                     "config": configuration(r, varied),
                     "seed": r["choices"].get("seed"),
                 }
             )
         done = [t for t in rows if t["value"] is not None]
         best = max(done, key=lambda t: t["value"]) if done else None
+        # Other trials the tuning prompts cannot tell from the best: inside its interval.
+        close = [
+            t["trial"]
+            for t in done
+            if t is not best and best.get("low") is not None and t["value"] >= best["low"]
+        ]
+        space = search_space(runs[0]) if runs else {}
+        edges = {}
+        for key, (low, high, log) in space.items():
+            value = (best or {}).get("config", {}).get(key)
+            side = at_edge(value, low, high, log) if isinstance(value, int | float) else None
+            if side:
+                edges[key] = {"value": value, "side": side, "range": [low, high], "log": log}
         out[method] = {
             "trials": rows,
             "n_trials": len(rows),
             "n_failed": len(rows) - len(done),
             "varied": varied,
             "best": best,
+            "within_best_interval": close,
+            "space": {k: list(v) for k, v in space.items()},
+            "best_at_edge": edges,
         }
     counts = {m: s["n_trials"] for m, s in out.items()}
     return {"methods": out, "equal_trials": len(set(counts.values())) <= 1, "counts": counts}
@@ -400,17 +448,31 @@ def tuning_lines(tuning: dict[str, Any]) -> list[str]:
         "",
         f"Trials per method: {counts} ({verdict}).",
         "",
-        "| method | trials | failed | searched | best trial | its tuning win rate | "
-        "its configuration |",
-        "|---|---|---|---|---|---|---|",
+        "| method | trials | failed | searched | best trial | its tuning win rate (95%) | "
+        "trials inside that interval | its configuration |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m, s in tuning["methods"].items():
         best = s["best"] or {}
+        interval = ""
+        if best.get("low") is not None:
+            interval = f" ({fmt(best['low'])}–{fmt(best['high'])})"
+        close = s.get("within_best_interval", [])
         lines.append(
             f"| {m} | {s['n_trials']} | {s['n_failed']} | {', '.join(s['varied'])} | "
-            f"{best.get('trial', '—')} | {fmt(best.get('value'))} | "
+            f"{best.get('trial', '—')} | {fmt(best.get('value'))}{interval} | "
+            f"{len(close)}{' (' + ', '.join(map(str, close)) + ')' if close else ''} | "
             f"{config_text(best.get('config', {}))} |"
         )
+    for m, s in tuning["methods"].items():
+        for key, e in s.get("best_at_edge", {}).items():
+            low, high = e["range"]
+            lines += [
+                "",
+                f"**{m}'s best {key} ({fmt(e['value'])}) lies at the {e['side']} end of its "
+                f"searched range [{fmt(low)}, {fmt(high)}]{' (log scale)' if e['log'] else ''}: "
+                "the best value may lie outside it; a wider range would tell.**",
+            ]
     for m, s in tuning["methods"].items():
         head = " | ".join(["trial", "tuning win rate", *s["varied"]])
         lines += [
