@@ -225,16 +225,16 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
             trainer.callbacks.append(clock)
             start["checksum"] = checksum(module.policy)
             start["reference_checksum"] = checksum(module.reference)
-            r = self.rounds
+            r = self.rounds.builder
 
             def new_round(seconds: float, data: Any) -> None:
                 rep = data.report
                 # Prompts that gave no trained pair: ties and the other counted reasons.
-                surplus = rep["dropped"].get("unused_surplus", 0)
-                unpaired = rep["prompts"] - rep["pairs"] - surplus
-                ties = rep["dropped"].get("tie", 0)
+                surplus = rep.dropped.get("unused_surplus", 0)
+                unpaired = rep.prompts - rep.pairs - surplus
+                ties = rep.dropped.get("tie", 0)
                 rounds[-1].update(
-                    prompts=rep["prompts"], samples=rep["samples"], ties=ties, unpaired=unpaired
+                    prompts=rep.prompts, samples=rep.samples, ties=ties, unpaired=unpaired
                 )
 
             def generated(seconds: float, groups: Any) -> None:

@@ -19,6 +19,7 @@ REQUIRED = {
     ("reference", "model"): ["reference.name_or_path=gpt2"],
     ("data", "jsonl"): ["data.source.path=rows.jsonl"],
     ("judge", "reward_model"): ["judge.name_or_path=rm"],
+    ("judge", "llm"): ["judge.backend.name_or_path=m"],
     ("judge", "python"): ["judge.function=mod.fn"],
     ("judge", "pairwise"): ["judge.function=mod.fn"],
 }

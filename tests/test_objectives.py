@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from inspo import objectives as O
@@ -27,6 +27,16 @@ from inspo.objectives import SCALARIZATIONS, PairScores
 
 D = torch.float64
 CONF = Path(__file__).resolve().parents[1] / "conf" / "objective"
+
+
+def policy_configs() -> list[Path]:
+    """The objective configs that train a policy (``bradley_terry`` trains a reward model:
+    tests/training/test_reward.py)."""
+    return [
+        p
+        for p in sorted(CONF.glob("*.yaml"))
+        if not issubclass(get_class(OmegaConf.load(p)._target_), O.RewardObjective)
+    ]
 
 
 def pair(pw, pl, rw, rl, lw, ll, grad: bool = False) -> PairScores:
@@ -765,7 +775,7 @@ def test_combo_accepts_configs_and_logs_terms():
     assert set(out.metrics) >= {"0/loss", "1/loss", "0/z", "1/nll"}
 
 
-@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", policy_configs(), ids=lambda p: p.stem)
 def test_configs_instantiate_with_the_constructor_defaults(path):
     cfg = OmegaConf.load(path)
     obj = instantiate(cfg)
@@ -778,6 +788,14 @@ def test_configs_instantiate_with_the_constructor_defaults(path):
                 default = sig_.parameters[k].default
                 assert v == default or (default is None and v == obj.scalarization), (k, v)
     assert torch.isfinite(obj(random_pairs(3, seed=0)).losses).all()
+
+
+def test_the_reward_model_config_instantiates_with_the_constructor_defaults():
+    obj = instantiate(OmegaConf.load(CONF / "bradley_terry.yaml"))
+    assert isinstance(obj, O.BradleyTerry) and vars(obj) == vars(O.BradleyTerry())
+    assert {p.stem for p in CONF.glob("*.yaml")} - {p.stem for p in policy_configs()} == {
+        "bradley_terry"
+    }
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.7])

@@ -19,7 +19,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from inspo.names import REFERENCE_KINDS, REFLECTIONS
-from inspo.objectives import Objective
+from inspo.objectives import Objective, RewardObjective
 
 
 class ConfigError(ValueError):
@@ -63,9 +63,9 @@ def compose_config(overrides: list[str], run_dir: str | Path, name: str = "train
     return cfg
 
 
-def build_objective(cfg: DictConfig) -> Objective:
-    """The objective of ``objective._target_``; a parameter it does not take is a ConfigError
-    that names the parameters it does take."""
+def build_objective(cfg: DictConfig) -> Objective | RewardObjective:
+    """The objective of ``objective._target_`` (a policy's, or a reward model's); a parameter it
+    does not take is a ConfigError that names the parameters it does take."""
     try:
         objective = instantiate(cfg.objective)
     except InstantiationException as e:
@@ -78,8 +78,11 @@ def build_objective(cfg: DictConfig) -> Objective:
             f"objective {cls.__name__} takes no parameter {', '.join(map(repr, given))}; "
             f"valid: {', '.join(params)}"
         ) from e
-    if not isinstance(objective, Objective):
-        raise ConfigError(f"objective._target_ must build an inspo Objective, got {objective!r}")
+    if not isinstance(objective, Objective | RewardObjective):
+        raise ConfigError(
+            "objective._target_ must build an inspo Objective or RewardObjective, "
+            f"got {objective!r}"
+        )
     return objective
 
 

@@ -31,6 +31,9 @@ ERROR = "_error"  # key of a row a source could not read; its value is the reaso
 # The built-in task's tuning prompts (data.eval_split=tune): what a hyperparameter search is
 # scored on, disjoint from the test prompts (``eval``) and from training.
 TUNE_SPLIT = "tune"
+# An optional number per pair: how much more the chosen response is preferred (a reward model's
+# Bradley–Terry margin, as TRL's RewardTrainer reads it). Kept with the row and in its batch.
+MARGIN_COLUMN = "margin"
 
 # --------------------------------------------------------------------------- metrics
 # Pair metrics, logged under a stage: train/..., val/... (the trained view) and val/plain/...
@@ -66,3 +69,13 @@ SCORES_MARGIN = "objective/scores_margin"
 SAMPLE_KL = "objective/kl"
 SAMPLE_ENTROPY = "objective/entropy"
 EOS_RATE = "val/contain_eos_token"
+
+# Reward-model training (inspo.training.reward), under TRL RewardTrainer's names; std_reward is
+# ours (TRL logs the min and max). Logged under train/ (per step) and val/ (the whole split).
+ACCURACY = "accuracy"
+MARGIN = "margin"
+MEAN_REWARD = "mean_reward"
+STD_REWARD = "std_reward"
+MIN_REWARD = "min_reward"
+MAX_REWARD = "max_reward"
+REWARD_ACCURACY = f"{VAL}/{ACCURACY}"  # held-out accuracy of a reward model

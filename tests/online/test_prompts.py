@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from conftest import SHARED_DATA
+from inspo.config import compose_config
 from inspo.data.report import DataReport
+from inspo.data.sources import preference_data
+from inspo.data.synthetic import prompt_pool
+from inspo.models.load import byte_tokenizer
 from inspo.names import ERROR
-from inspo.online.prompts import SPLIT, check_prompts, stream
+from inspo.objectives import DPO
+from inspo.online import run as online_run
+from inspo.online.prompts import SPLIT, check_prompts, pool_rows, stream
 
 
 def test_bad_prompt_rows_are_counted_not_fatal(tokenizer):
@@ -45,3 +54,49 @@ def test_stream_is_seeded_and_covers_the_pool_each_pass(tokenizer):
     assert [p.text for p in first] != [p.text for p in second]  # a fresh order every pass
     assert stream(pool, 3, 4, 8) == (first + second)[4:12]  # position alone decides
     assert stream(pool, 4, 0, 10) != first
+
+
+def test_a_sources_splits_give_the_train_split(tokenizer):
+    rows = {"train": [{"prompt": "a"}], "val": [{"prompt": "b"}]}
+    assert pool_rows(rows, "train") == [{"prompt": "a"}]
+    assert pool_rows([{"prompt": "c"}], "train") == [{"prompt": "c"}]
+    with pytest.raises(ValueError, match=r"no 'train' split; found \['val'\]"):
+        pool_rows({"val": []}, "train")
+
+
+def write_pairs(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": "yes", "rejected": "no"}) + "\n"
+                            for p in prompts))  # fmt: skip
+    return path
+
+
+def pool(tmp_path, *overrides):
+    cfg = compose_config(list(overrides), tmp_path / "run", name="iterate")
+    ext = online_run.Iterate(cfg)
+    ext.datamodule(cfg, byte_tokenizer(), DPO())
+    return [p.text for p in ext.pool]
+
+
+def test_the_pool_is_the_datas_train_split_unless_set(tmp_path):
+    """``data=jsonl``: the pool is the prompts of the data's own train split (not the built-in
+    task's, and not its held-out val prompts); ``iterate.prompts`` takes a source config as
+    ``data.source`` does, and the train split of what it returns."""
+    data = write_pairs(tmp_path / "pairs.jsonl", [f"Question {i}?" for i in range(20)])
+    overrides = ["data=jsonl", f"data.source.path={data}", "data.source.val_fraction=0.25"]
+    got = pool(tmp_path, *overrides)
+    raw = preference_data(str(data), val_fraction=0.25)
+    assert got == [r["prompt"] for r in raw["train"]] and len(got) == 15
+    other = write_pairs(tmp_path / "other.jsonl", ["Other?", "Else?"])
+    source = f"{{_target_: inspo.data.sources.preference_data, path: {other}}}"
+    assert pool(tmp_path, *overrides, f"iterate.prompts={source}") == ["Other?", "Else?"]
+    # The built-in task names its own pool: every training prompt of the task.
+    assert pool(tmp_path) == [r["prompt"] for r in prompt_pool()]
+
+
+def test_hh_rlhf_prompts_make_the_pool(tmp_path):
+    path = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    if not path.exists():
+        pytest.skip(f"HH-RLHF test data not found at {path}")
+    got = pool(tmp_path, "data=hh_rlhf", f"data.source.path={path}")
+    assert len(got) > 1000
+    assert all(p.startswith("\n\nHuman:") and p.endswith("\n\nAssistant:") for p in got)

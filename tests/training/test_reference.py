@@ -11,12 +11,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 import inspo.training.reference as R
-from inspo.config import ConfigError, check_config, resolve_auto
+from conftest import FAST
+from inspo.config import ConfigError, check_config, compose_config, resolve_auto
 from inspo.data.datamodule import PreferenceDataModule
 from inspo.data.sources import synthetic
 from inspo.models.load import byte_tokenizer, frozen_copy, tiny_llama
 from inspo.objectives import DPO, SimPO
 from inspo.training.module import PreferenceModule
+from inspo.training.run import run
 
 
 def datamodule(template="default", max_length=128, batch_size=4):
@@ -105,25 +107,24 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 
 
 class Recorder(L.Callback):
-    """After each optimiser step: whether the reference moved, and the weights involved."""
+    """The reference each optimiser step trains with, and the policy after each step."""
 
     def __init__(self):
-        self.changed: list[int] = []
-        self.snap = None
-        self.seen: dict[int, tuple] = {}
+        self.reference: dict[int, list] = {}
+        self.policy: dict[int, list] = {}
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.snap = [p.detach().clone() for p in module.reference.parameters()]
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):  # after ReferenceSync's
+        step = trainer.global_step + 1
+        self.reference[step] = [p.detach().clone() for p in module.reference.parameters()]
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        now = [p.detach().clone() for p in module.reference.parameters()]
-        if any(not torch.equal(a, b) for a, b in zip(self.snap, now, strict=True)):
-            self.changed.append(trainer.global_step)
-            pol = [p.detach().clone() for p in module.policy.parameters()]
-            self.seen[trainer.global_step] = (self.snap, now, pol)
+        self.policy[trainer.global_step] = [p.detach().clone() for p in module.policy.parameters()]
 
 
 def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
+    """every=2, α=0.25 over 5 steps: steps 3 and 5 train with ref ← α·policy + (1−α)·ref,
+    the update owed after steps 2 and 4 made right before them; the others with the
+    reference of the step before."""
     dm = datamodule(batch_size=2)
     policy = tiny(0)
     module = make_module(policy, frozen_copy(policy), reference_in_checkpoint=True,
@@ -135,9 +136,13 @@ def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
                         default_root_dir=str(tmp_path))  # fmt: skip
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     assert trainer.global_step == 5
-    assert rec.changed == [2, 4]
-    before, after, pol = rec.seen[2]
-    for b, a, p in zip(before, after, pol, strict=True):
+    ref = rec.reference
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    assert [s for s in range(2, 6) if not same(ref[s], ref[s - 1])] == [3, 5]
+    for b, a, p in zip(ref[2], ref[3], rec.policy[2], strict=True):
         torch.testing.assert_close(a, 0.25 * p + 0.75 * b)
     assert all(not p.requires_grad for p in module.reference.parameters())
     assert sync.state_dict() == {"last_synced": 4}
@@ -145,6 +150,17 @@ def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert any(k.startswith("reference.") for k in ckpt["state_dict"])
+
+
+def test_a_sync_never_follows_the_last_step(tmp_path):
+    """``reference=sync`` with max_steps a multiple of sync_every: the validation after the
+    last step compares the policy with the reference that step trained with, not with itself
+    (which made every margin 0 and every accuracy 0)."""
+    summary = run(compose_config([*FAST, "reference=sync", "reference.sync_every=2",
+                                  "trainer.max_steps=4", "optim.lr=1e-3"], tmp_path))  # fmt: skip
+    m = summary["metrics"]
+    assert m["val/rewards/margins"] != 0 and m["val/logps/chosen"] != m["val/rewards/chosen"]
+    assert abs(m["val/rewards/margins"]) > 1e-4
 
 
 def cfg(kind, mode="off"):

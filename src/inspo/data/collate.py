@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from inspo.names import PLAIN
+from inspo.names import MARGIN_COLUMN, PLAIN
 
 
 def pad_rows(
@@ -45,7 +45,8 @@ def pad_view(rows: Sequence[dict], view: str, pad_id: int) -> dict[str, Tensor]:
 
 @dataclass
 class PreferenceCollator:
-    """Builds a batch ``{view: {input_ids, attention_mask, loss_mask}, "index": [B]}``.
+    """Builds a batch ``{view: {input_ids, attention_mask, loss_mask}, "index": [B]}``, plus
+    ``"margin"`` [B] when the rows carry one (the data's margin column).
 
     Rows hold the pre-tokenised views from :class:`Encoder`; padding is dynamic. ``index`` is
     each row's position in its split, used to look up precomputed reference scores.
@@ -57,6 +58,9 @@ class PreferenceCollator:
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
         batch: dict[str, Any] = {v: pad_view(rows, v, self.pad_id) for v in self.views}
         batch["index"] = torch.as_tensor([r["index"] for r in rows], dtype=torch.long)
+        if rows and rows[0].get(MARGIN_COLUMN) is not None:
+            margins = [r[MARGIN_COLUMN] for r in rows]
+            batch[MARGIN_COLUMN] = torch.as_tensor(margins, dtype=torch.float)
         return batch
 
 

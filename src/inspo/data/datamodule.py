@@ -37,6 +37,7 @@ from inspo.data.rows import COLUMNS, check_row, to_text
 from inspo.data.sampler import EpochShuffle
 from inspo.data.templates import resolve_template
 from inspo.hashing import fingerprint
+from inspo.names import MARGIN_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,13 @@ class PreferenceDataModule(L.LightningDataModule):
                 self.report.skip(split, reason, i if row_id is None else row_id)
                 continue
             extra = {"chat": text["chat"]} if self.encoder.template.chat else {}
+            if MARGIN_COLUMN in text:
+                extra[MARGIN_COLUMN] = float(text[MARGIN_COLUMN])
             clean.append({"row_id": row_id, **{c: text[c] for c in COLUMNS}, **extra})
+        if any(MARGIN_COLUMN in row for row in clean):  # a margin column: every pair needs one
+            for row in [r for r in clean if MARGIN_COLUMN not in r]:
+                self.report.skip(split, "missing_margin", row["row_id"])
+            clean = [r for r in clean if MARGIN_COLUMN in r]
         if not clean:
             raise ValueError(f"split {split!r} has no usable rows:\n{self.report}")
         if self.sft_fraction > 0 and split == self.train_split:

@@ -80,11 +80,14 @@ class Encoder:
         y_l: list[int],
         views: Sequence[str],
         chat: str | list[dict] | None = None,
+        eos: tuple[bool, bool] = (True, True),
     ) -> dict[str, Any]:
         """Like :meth:`encode`, from token ids (responses without EOS).
 
         ``chat`` (the prompt messages, or their JSON) is needed by a chat reflective template;
-        without it the prompt text ``x`` is the one user turn.
+        without it the prompt text ``x`` is the one user turn. ``eos``: whether the chosen and
+        the rejected response end with the EOS (a sampled response that ran out of tokens
+        does not: it is scored as it was sampled).
         """
         out: dict[str, Any] = {"truncated": len(x) > self.max_prompt_length, "response_cut": False}
         if self.template.chat and "reflective" in views:
@@ -92,10 +95,11 @@ class Encoder:
             if not msgs:
                 msgs = [{"role": "user", "content": self.tokenizer.decode(x)}]
         x = x[-self.max_prompt_length :] if len(x) > self.max_prompt_length else x
-        y_w, y_l = y_w + self.eos, y_l + self.eos
+        ends = [self.eos if e else [] for e in eos]
+        # (side, scored response with its EOS, the other response without one)
+        sides = (("chosen", y_w + ends[0], y_l), ("rejected", y_l + ends[1], y_w))
         for view in views:
-            for side, y, other in (("chosen", y_w, y_l), ("rejected", y_l, y_w)):
-                alt = other[: len(other) - len(self.eos)]
+            for side, y, alt in sides:
                 if view == "plain":
                     ctx, resp, cut = self._plain(x, y)
                 elif self.template.chat:

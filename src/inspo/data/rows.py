@@ -20,12 +20,13 @@ A row that cannot be used yields its reason (a string) instead of a text row.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from inspo.data.report import DataError
-from inspo.names import ERROR
+from inspo.names import ERROR, MARGIN_COLUMN
 
 ASSISTANT = "\n\nAssistant:"
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -33,6 +34,8 @@ COLUMNS = ("prompt", "chosen", "rejected")
 
 def check_row(row: dict) -> str | None:
     """The reason a text row cannot be used, or None. Cheap checks that need no tokenizer."""
+    if MARGIN_COLUMN in row and not _is_finite_number(row[MARGIN_COLUMN]):
+        return "invalid_margin"
     values = [row.get(c) for c in COLUMNS]
     if any(v is None for v in values):
         return "missing_value"
@@ -46,6 +49,10 @@ def check_row(row: dict) -> str | None:
     if chosen == rejected:
         return "identical_responses"
     return None
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_messages(value: Any) -> bool:
@@ -112,6 +119,8 @@ def to_text(
     if chosen is None or rejected is None:
         return "missing_value"
     out: dict[str, Any] = {"row_id": row.get("row_id")}
+    if MARGIN_COLUMN in row:
+        out[MARGIN_COLUMN] = row[MARGIN_COLUMN]
     if isinstance(chosen, list) or isinstance(rejected, list):
         if not (is_messages(chosen) and is_messages(rejected)):
             return "wrong_type"

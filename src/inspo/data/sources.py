@@ -27,7 +27,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from inspo.data.report import DataError
 from inspo.data.synthetic import SyntheticConfig, make_splits
-from inspo.names import ERROR
+from inspo.names import ERROR, MARGIN_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,14 @@ def select_columns(
     keys: Mapping[str, str | None],
     source_name: str,
 ) -> list[dict]:
-    """Rename the mapped columns to prompt/chosen/rejected and keep ``row_id``.
+    """Rename the mapped columns to prompt/chosen/rejected and keep ``row_id`` (and ``margin``,
+    a reward model's per-pair margin, when the data has that column).
 
-    A chosen/rejected column that no row has, or an explicitly mapped prompt column
-    (``prompt_key`` other than ``prompt``) that no row has, is a start-up :class:`DataError`
-    naming the expected and found columns. An absent ``prompt`` column means the prompt is
-    implicit in the dialogues (HH-RLHF). Value types are checked per row later
-    (:mod:`inspo.data.rows`), so one bad row never fails the whole file.
+        A chosen/rejected column that no row has, or an explicitly mapped prompt column
+        (``prompt_key`` other than ``prompt``) that no row has, is a start-up :class:`DataError`
+        naming the expected and found columns. An absent ``prompt`` column means the prompt is
+        implicit in the dialogues (HH-RLHF). Value types are checked per row later
+        (:mod:`inspo.data.rows`), so one bad row never fails the whole file.
     """
     found = _columns(rows)
     needed = {k: v for k, v in keys.items() if v}
@@ -193,6 +194,8 @@ def select_columns(
     for i, r in enumerate(rows):
         row = {k: r.get(v) for k, v in mapping.items()}
         row["row_id"] = i if is_ds else r.get("row_id", i)
+        if MARGIN_COLUMN in found and MARGIN_COLUMN in r:
+            row[MARGIN_COLUMN] = r[MARGIN_COLUMN]
         out.append(row)
     return out
 
@@ -222,6 +225,7 @@ def preference_data(
     seed: int = 0,
     config_name: str | None = None,
     revision: str | None = None,
+    swap_held_out: bool = False,
 ) -> dict[str, list[dict]]:
     """Preference rows from a local file/folder or a Hub dataset, as ``{split: rows}``.
 
@@ -233,7 +237,9 @@ def preference_data(
         prompt_key, chosen_key, rejected_key: the data's column names. A missing prompt
             column (or ``prompt_key: null``) means the prompt is implicit in the dialogues.
         val_fraction: when the data has no ``val_split``, hold this fraction of the train
-            split out as ``val_split``, drawn with ``seed``.
+            split out as ``val_split``, drawn with ``seed``. ``swap_held_out``: train on the
+            held-out rows and validate on the rest (a second model, e.g. a second reward model,
+            on the other part of the same rows).
     """
     raw = load_raw(path, config_name, revision)
     if splits:
@@ -252,6 +258,8 @@ def preference_data(
                 f"no {train_split!r} split to hold {val_split!r} out of; found {sorted(out)}"
             )
         out[train_split], out[val_split] = _hold_out(out[train_split], val_fraction, seed)
+        if swap_held_out:
+            out[train_split], out[val_split] = out[val_split], out[train_split]
         log.info(
             "held out %d of the %s rows as %r (fraction %.3g, seed %d)",
             len(out[val_split]),

@@ -130,19 +130,33 @@ def sample_logps(
     """Σ_t log π(y_t | x, y_<t) of each sampled token sequence ``samples[i]`` after its prompt,
     laid out as in generation (``[bos] + prompt``), scored as training scores sequences."""
     model.eval()
-    device = next(model.parameters()).device
     contexts = prompt_ids(tokenizer, prompts)
+    return response_logps(model, contexts, samples, tokenizer.pad_token_id, batch_size)
+
+
+@torch.no_grad()
+def response_logps(
+    model: torch.nn.Module,
+    contexts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Σ_t log π(y_t | c, y_<t) of each token sequence ``responses[i]`` after ``contexts[i]``
+    (float32 [N]), ``batch_size`` rows per forward, scored as training scores sequences."""
+    device = next(model.parameters()).device
     out = []
-    for start in range(0, len(prompts), batch_size):
+    for start in range(0, len(contexts), batch_size):
         ctx = contexts[start : start + batch_size]
-        rows = [c + list(y) for c, y in zip(ctx, samples[start : start + batch_size], strict=True)]
-        ids, att = pad_rows(rows, tokenizer.pad_token_id)
+        ys = responses[start : start + batch_size]
+        rows = [list(c) + list(y) for c, y in zip(ctx, ys, strict=True)]
+        ids, att = pad_rows(rows, pad_id)
         cols = torch.arange(ids.shape[1])
         starts = torch.tensor([len(c) for c in ctx])[:, None]
         view = {"input_ids": ids, "attention_mask": att, "loss_mask": (cols >= starts) & att.bool()}
         sums = score_sequences(model, {k: v.to(device) for k, v in view.items()}, ONE_BY_ONE).sums
         out.append(sums.float().cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 #: Rows here are unrelated samples: nothing to share between them.

@@ -16,7 +16,8 @@ Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
 
 
 class RewardModelScorer:
-    """Scores ``prompt + response`` with an ``AutoModelForSequenceClassification`` (logit 0)."""
+    """Scores ``prompt + response`` with an ``AutoModelForSequenceClassification`` (logit 0), on
+    ``[bos] + prompt ids + response ids + [eos]``: the tokens training encodes."""
 
     def __init__(
         self,
@@ -45,8 +46,12 @@ class RewardModelScorer:
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         out: list[float] = []
-        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-        encoded = [bos + tok(t, add_special_tokens=False)["input_ids"] + eos for t in texts]
+        # Prompt and response tokenised apart and joined, as training encodes them
+        # (inspo.data.encode), so a reward model trained by inspo scores what it was trained on.
+        if not prompts:
+            return out
+        parts = [tok(list(t), add_special_tokens=False)["input_ids"] for t in (prompts, responses)]
+        encoded = [bos + p + r + eos for p, r in zip(*parts, strict=True)]
         for start in range(0, len(encoded), self.batch_size):
             # right padding: HF's sequence classifiers read the last non-pad token
             ids, att = pad_rows(encoded[start : start + self.batch_size], tok.pad_token_id)

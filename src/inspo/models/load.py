@@ -19,6 +19,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -60,8 +61,10 @@ def tiny_llama(
     max_position_embeddings: int = 512,
     seed: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
-) -> LlamaForCausalLM:
-    """A random-init Llama sized for CPU experiments (≈3.4 M parameters by default)."""
+    num_labels: int | None = None,
+) -> LlamaForCausalLM | LlamaForSequenceClassification:
+    """A random-init Llama sized for CPU experiments (≈3.4 M parameters by default); with
+    ``num_labels``, the same decoder as a sequence classifier (a reward model's head)."""
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -76,9 +79,11 @@ def tiny_llama(
         cfg.pad_token_id = tokenizer.pad_token_id
         cfg.bos_token_id = tokenizer.bos_token_id
         cfg.eos_token_id = tokenizer.eos_token_id
+    if num_labels is not None:
+        cfg.num_labels = num_labels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg)
+        return LlamaForCausalLM(cfg) if num_labels is None else LlamaForSequenceClassification(cfg)
 
 
 def load_tokenizer(name_or_path: str | None, **kwargs: Any) -> PreTrainedTokenizerBase:
@@ -144,11 +149,7 @@ def load_policy(
     if name_or_path is None:
         model = tiny_llama(tokenizer=tokenizer, **(tiny or {})).to(DTYPES[dtype])
     else:
-        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        if revision:
-            kwargs["revision"] = revision
+        kwargs = pretrained_kwargs(dtype, trust_remote_code, attn_implementation, revision)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if name_or_path is None and attn_implementation:
         model.set_attn_implementation(attn_implementation)
@@ -159,6 +160,18 @@ def load_policy(
     if lora:
         model = add_lora(model, **lora)
     return model
+
+
+def pretrained_kwargs(
+    dtype: str, trust_remote_code: bool, attn_implementation: str | None, revision: str | None
+) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of the ``model.*`` keys."""
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if revision:
+        kwargs["revision"] = revision
+    return kwargs
 
 
 def add_lora(

@@ -2,7 +2,8 @@
 
 A judge scores the K responses of each prompt as a group, so that scalar judges (a reward model,
 the gold reward, a Python function) and pairwise ones (a callable that prefers one of two) share
-one interface. Optional penalties follow iterative length-regularised DPO: ``missing_eos_penalty``
+one interface (a language model that compares two responses: :mod:`inspo.online.llm_judge`).
+Optional penalties follow iterative length-regularised DPO: ``missing_eos_penalty``
 is subtracted from a response that ran out of tokens before its EOS, ``length_penalty`` times
 its length in bytes from every response. :class:`Weighted` sums judges.
 """
@@ -133,15 +134,24 @@ class Pairwise(Judge):
         compare = load_function(self.function)
         out = []
         for g in groups:
-            score = [0.0] * len(g.responses)
+            verdicts = {}
             for i, j in itertools.combinations(range(len(g.responses)), 2):
                 verdict = compare(g.prompt, g.responses[i], g.responses[j])
                 if verdict not in (1, 0, -1):
                     raise JudgeError(f"{self!r} returned {verdict!r}; expected 1, 0 or -1")
-                score[i] += (verdict + 1) / 2
-                score[j] += (1 - verdict) / 2
-            out.append(score)
+                verdicts[i, j] = verdict
+            out.append(copeland(len(g.responses), verdicts))
         return out
+
+
+def copeland(n: int, verdicts: dict[tuple[int, int], int]) -> list[float]:
+    """Scores of ``n`` responses from pairwise verdicts ``{(i, j): 1 | 0 | -1}`` (i better, a
+    tie, j better): each response's wins + ½ ties."""
+    score = [0.0] * n
+    for (i, j), verdict in verdicts.items():
+        score[i] += (verdict + 1) / 2
+        score[j] += (1 - verdict) / 2
+    return score
 
 
 @dataclass

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 @dataclass
 class Candidate:
-    """One sampled response with its score."""
+    """One sampled response with its score; ``index``: its place among its prompt's samples."""
 
     text: str
     score: float
     finished: bool
+    index: int = -1
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """The prompt pool of an iterative or online run, checked like pair data, and the seeded
 stream of prompts that the rounds consume.
 
-Rows come from ``iterate.prompts`` (a source: prompt-only rows ``{"prompt": ...}``, or pair rows
-of any layout :mod:`inspo.data.rows` reads, whose prompt is used). A row that cannot be used is
+Rows come from the run's prompt source (:func:`pool_rows`): prompt-only rows ``{"prompt": ...}``
+(a string or a message list), or pair rows of any layout :mod:`inspo.data.rows` reads, whose
+prompt is used, as a list or as the training split of a data source's ``{split: rows}``. Each
+prompt keeps its messages (a string prompt is one user turn), so a chat reflective template
+renders them as offline training does. A row that cannot be used is
 counted under its reason in the run's data report (``malformed_json``, ``missing_value``,
 ``wrong_type``, ``empty_prompt``, and ``over_long`` under ``data.over_long=drop``; a prompt
 over ``data.max_prompt_length`` tokens is otherwise cut from the left and counted as
@@ -11,15 +14,16 @@ over ``data.max_prompt_length`` tokens is otherwise cut from the left and counte
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from inspo.data.report import DataReport
-from inspo.data.rows import render_chat, to_text
+from inspo.data.rows import is_messages, render_chat, to_text
 from inspo.names import ERROR
 
 SPLIT = "prompts"  # the data report's name for the pool
@@ -27,28 +31,47 @@ SPLIT = "prompts"  # the data report's name for the pool
 
 @dataclass(frozen=True)
 class Prompt:
-    """A pool prompt: its text (what judges and pair files see) and its token ids (``[bos] +
-    prompt``, cut from the left to the prompt budget: what the policy is sampled on)."""
+    """A pool prompt: its text (what judges and pair files see), its token ids (``[bos] +
+    prompt``, cut from the left to the prompt budget: what the policy is sampled on) and its
+    messages as JSON (what a chat reflective template renders; see
+    :meth:`inspo.data.encode.Encoder.encode_ids`)."""
 
     text: str
     ids: tuple[int, ...]
+    chat: str = ""
 
 
-def prompt_text(row: Any, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The prompt of a row, or the reason it has none usable (a string starting with ``!``)."""
+def pool_rows(rows: Sequence[Any] | Mapping[str, Sequence[Any]], split: str) -> Sequence[Any]:
+    """The rows a prompt source gave: a list as it is, or split ``split`` of a data source's
+    ``{split: rows}``."""
+    if isinstance(rows, Mapping):
+        if split not in rows:
+            raise ValueError(f"the prompt source has no {split!r} split; found {sorted(rows)}")
+        return rows[split]
+    return rows
+
+
+def read_prompt(row: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, str] | str:
+    """``{"prompt": text, "chat": messages as JSON}`` of a row, or the reason it has none
+    usable. Pair rows go through :func:`inspo.data.rows.to_text`, as in offline training."""
     if not isinstance(row, dict):
-        return "!not_a_mapping"
+        return "not_a_mapping"
     if ERROR in row:
-        return "!" + row[ERROR]
+        return row[ERROR]
     prompt = row.get("prompt")
     if "chosen" in row:  # a pair row: its prompt, whatever its layout
-        text = to_text(row, tokenizer)
-        return "!" + text if isinstance(text, str) else text["prompt"]
+        return to_text(row, tokenizer, keep_chat=True)
     if prompt is None:
-        return "!missing_value"
+        return "missing_value"
     if isinstance(prompt, list):  # messages: the chat template up to the assistant turn
-        return render_chat(tokenizer, prompt) if prompt else "!empty_prompt"
-    return prompt if isinstance(prompt, str) else "!wrong_type"
+        if not prompt:
+            return "empty_prompt"
+        if not is_messages(prompt):
+            return "wrong_type"
+        return {"prompt": render_chat(tokenizer, prompt), "chat": json.dumps(prompt)}
+    if not isinstance(prompt, str):
+        return "wrong_type"
+    return {"prompt": prompt, "chat": json.dumps([{"role": "user", "content": prompt}])}
 
 
 def check_prompts(
@@ -66,10 +89,11 @@ def check_prompts(
     for i, row in enumerate(rows):
         rep.rows_read += 1
         row_id = row.get("row_id", i) if isinstance(row, dict) else i
-        text = prompt_text(row, tokenizer)
-        if text.startswith("!") or not text.strip():
-            report.skip(SPLIT, text[1:] if text.startswith("!") else "empty_prompt", row_id)
+        read = read_prompt(row, tokenizer)
+        if isinstance(read, str) or not read["prompt"].strip():
+            report.skip(SPLIT, read if isinstance(read, str) else "empty_prompt", row_id)
             continue
+        text = read["prompt"]
         if text in seen:
             report.skip(SPLIT, "duplicate_prompt", row_id)
             continue
@@ -80,7 +104,7 @@ def check_prompts(
                 continue
             ids, rep.truncated = ids[-max_prompt_length:], rep.truncated + 1
         seen.add(text)
-        out.append(Prompt(text, tuple(bos + ids)))
+        out.append(Prompt(text, tuple(bos + ids), read.get("chat") or ""))
     rep.rows_used = len(out)
     if not out:
         raise ValueError(f"the prompt pool has no usable prompt:\n{report}")

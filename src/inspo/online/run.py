@@ -1,11 +1,13 @@
 """An iterative or online run (``inspo-iterate``): an ordinary training run whose training
-batches come from :class:`~inspo.online.rounds.Rounds`.
+batches come from :class:`~inspo.online.rounds.Rounds` (each round built by
+:class:`~inspo.online.builder.RoundBuilder`, kept by :class:`~inspo.online.store.RoundStore`).
 
 Everything else is :func:`inspo.training.run.run`: the same objective, reflection, reference,
 model, hardware and logger groups, the same checkpoints and summary.json (which gains
 ``rounds``, the per-round metrics also in ``iterate.json``). ``iterate.reference=previous`` is
-TR-DPO's synced reference at α = 1 once per round: at each round's start the reference is the
-policy the last round ended with (kept in checkpoints, so a resume is exact).
+TR-DPO's synced reference at α = 1 once per round: at each round's start, before its samples
+are scored, the reference becomes the policy the last round ended with (kept in checkpoints, so
+a resume is exact); the final validation compares the policy with the last round's reference.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from inspo.config import ConfigError
 from inspo.evaluation.stage import EvalConfig, draw, eval_prompts, evaluate, initial_policy
 from inspo.names import PLAIN
-from inspo.objectives import Objective
+from inspo.objectives import Objective, RewardObjective
+from inspo.online.builder import RoundBuilder
 from inspo.online.datamodule import OnlineDataModule
-from inspo.online.prompts import check_prompts
+from inspo.online.prompts import check_prompts, pool_rows
 from inspo.online.rounds import IterateConfig, RoundEnd, Rounds
+from inspo.online.store import RoundStore
 from inspo.training.module import PreferenceModule
+from inspo.training.reference import ReferenceSync
 from inspo.training.run import Extension, build_datamodule, run
 
 
@@ -41,6 +46,10 @@ class Iterate(Extension):
 
     def check(self, cfg: DictConfig, objective: Objective) -> None:
         icfg = self.icfg
+        if isinstance(objective, RewardObjective):
+            raise ConfigError(
+                "a reward model trains on fixed pairs: run objective=bradley_terry with inspo-train"
+            )
         if cfg.reference.kind == "precomputed":
             raise ConfigError("reference=precomputed needs fixed data; an iterative run has none")
         if cfg.trainer.accumulate_grad_batches != 1:
@@ -62,7 +71,7 @@ class Iterate(Extension):
 
     def datamodule(self, cfg: DictConfig, tokenizer: Any, objective: Objective) -> OnlineDataModule:
         dm = build_datamodule(cfg, tokenizer, objective, OnlineDataModule, train_split=None)
-        rows = instantiate(cfg.iterate.prompts)
+        rows = pool_rows(instantiate(prompt_source(cfg)), cfg.data.train_split)
         self.pool = check_prompts(
             rows, tokenizer, cfg.data.max_prompt_length, cfg.data.over_long, dm.report
         )
@@ -74,20 +83,28 @@ class Iterate(Extension):
         tokenizer = datamodule.tokenizer
         backend = instantiate(cfg.generation)
         backend.bind(module.policy, tokenizer)
-        self.rounds = Rounds(
-            self.icfg,
+        builder = RoundBuilder(
             self.pool,
             backend,
             instantiate(cfg.judge),
             instantiate(cfg.pairing),
             datamodule.encoder,
             datamodule.train_views,
-            tokenizer.pad_token_id,
-            cfg.data.batch_size,
-            cfg.seed,
-            Path(HydraConfig.get().runtime.output_dir),
-            round_evaluator(cfg, tokenizer, trainer) if cfg.eval.n_prompts > 0 else None,
+            samples_per_prompt=self.icfg.samples_per_prompt,
+            max_prompts_factor=self.icfg.max_prompts_factor,
+            seed=cfg.seed,
             share_reference=shares_reference_scores(cfg, module),
+        )
+        self.rounds = Rounds(
+            self.icfg,
+            builder,
+            RoundStore(Path(HydraConfig.get().runtime.output_dir), self.icfg.save_rounds),
+            batch_size=cfg.data.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            evaluate=round_evaluator(cfg, tokenizer, trainer) if cfg.eval.n_prompts > 0 else None,
+            reference_sync=next(
+                (c.catch_up for c in trainer.callbacks if isinstance(c, ReferenceSync)), None
+            ),
         )
         datamodule.rounds = self.rounds
         # Before the checkpoint callbacks: a checkpoint taken at a round's end holds that round.
@@ -99,12 +116,20 @@ class Iterate(Extension):
         result["choices"]["iterate_reference"] = self.icfg.reference  # what reports group by
 
 
+def prompt_source(cfg: DictConfig) -> DictConfig:
+    """Where the prompt pool comes from: ``iterate.prompts``, else the data's own pool
+    (``data.prompts``), else the data source itself (its train split's prompts)."""
+    for source in (cfg.iterate.get("prompts"), cfg.data.get("prompts")):
+        if source is not None:
+            return source
+    return cfg.data.source
+
+
 def shares_reference_scores(cfg: DictConfig, module: PreferenceModule) -> bool:
     """Whether the reference's scores of the samples (a round takes them for its KL) can be the
     training batches' reference scores: the reference scores the plain view (the standard form,
-    or InSPO with ``reference_context=plain``), and it stays fixed while a round trains (a
-    synced reference, ``iterate.reference=previous``, moves at the round's first step, after
-    the samples were scored)."""
+    or InSPO with ``reference_context=plain``), and it is not a synced reference, which can move
+    while a round trains (``reference=sync`` with any ``sync_every``)."""
     return (
         module.objective.requires_reference
         and module.reference_view == PLAIN

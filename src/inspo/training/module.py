@@ -13,6 +13,7 @@ knows which one it got.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +31,7 @@ from inspo.training.distill import distill_kl
 from inspo.training.guards import NonFiniteError, describe_non_finite, finite_everywhere
 from inspo.training.metrics import PROGRESS, pair_metrics, token_metrics
 from inspo.training.optim import OptimConfig, build_optimizer
-from inspo.training.reference import adapter_disabled
+from inspo.training.reference import reference_model
 from inspo.training.views import policy_view, reference_view, train_views
 
 
@@ -115,12 +116,12 @@ class PreferenceModule(L.LightningModule):
         pre = batch.get("reference_scores")
         if pre is not None and view in pre:
             return ViewScores(**pre[view])
-        if self.hparams.adapter_reference:
-            with adapter_disabled(self.policy) as base:
-                return self.score_view(base, batch[view])
-        if self.reference is None:
-            raise RuntimeError("this objective needs reference scores but no reference is set")
-        return self.score_view(self.reference.eval(), batch[view])
+        with self.reference_model() as reference:
+            return self.score_view(reference, batch[view])
+
+    def reference_model(self) -> AbstractContextManager[torch.nn.Module]:
+        """The model that scores as π_ref (:func:`inspo.training.reference.reference_model`)."""
+        return reference_model(self.policy, self.reference, self.hparams.adapter_reference)
 
     def evaluate_view(
         self,

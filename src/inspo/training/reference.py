@@ -84,6 +84,22 @@ def adapter_disabled(policy: Any) -> Iterator[Any]:
         policy.train(was_training)
 
 
+@contextlib.contextmanager
+def reference_model(
+    policy: Any, reference: torch.nn.Module | None, adapter_reference: bool
+) -> Iterator[torch.nn.Module]:
+    """The model that scores as π_ref, in eval mode: the LoRA policy with its adapter off
+    (``adapter_reference``), else the frozen ``reference``. Every live reference score, in
+    training steps and in the loop's rounds, is taken inside this."""
+    if adapter_reference:
+        with adapter_disabled(policy) as base:
+            yield base
+        return
+    if reference is None:
+        raise RuntimeError("this objective needs reference scores but no reference is set")
+    yield reference.eval()
+
+
 # --------------------------------------------------------------------------- keys
 def model_fingerprint(model: torch.nn.Module, name_or_path: str | None = None) -> str:
     """Identify a reference model: a hash of its weights, or for large named checkpoints its
@@ -236,11 +252,15 @@ def soft_update(reference: torch.nn.Module, policy: torch.nn.Module, alpha: floa
 
 
 class ReferenceSync(L.Callback):
-    """TR-DPO's soft update of the reference after every ``every``-th optimiser step.
+    """TR-DPO's soft update of the reference every ``every`` optimiser steps.
 
     Gorbatovski et al., "Learn Your Reference Model for Real Good Alignment", 2024. α = 1 is the
-    hard update (the reference becomes the current policy). The last synced step is callback
-    state, and the reference weights are kept in the checkpoint (``reference_in_checkpoint``).
+    hard update (the reference becomes the current policy). The update owed after step k·every
+    is made right before the next step runs (:meth:`catch_up`), never after the last one: a
+    validation after step k compares the policy with the reference step k trained with (an
+    update first would compare the policy with itself: every margin 0). The last synced step
+    is callback state, and the reference weights are kept in the checkpoint
+    (``reference_in_checkpoint``), so a resumed run makes the same updates.
     """
 
     def __init__(self, every: int, alpha: float = 0.5) -> None:
@@ -251,11 +271,16 @@ class ReferenceSync(L.Callback):
         self.every, self.alpha = int(every), float(alpha)
         self.last_synced = 0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step  # optimiser steps done (accumulation-aware)
-        if step > self.last_synced and step % self.every == 0:
+    def catch_up(self, steps_done: int, pl_module: Any) -> None:
+        """Make the update owed once ``steps_done`` optimiser steps are done, before the next
+        step (or the batch it trains on: the iterative loop scores a round's samples with the
+        reference its steps train with) uses the reference."""
+        if steps_done > self.last_synced and steps_done % self.every == 0:
             soft_update(pl_module.reference, pl_module.policy, self.alpha)
-            self.last_synced = step
+            self.last_synced = steps_done
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.catch_up(trainer.global_step, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_synced": self.last_synced}

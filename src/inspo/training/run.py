@@ -34,7 +34,7 @@ from inspo.config import (
 from inspo.data.datamodule import PreferenceDataModule
 from inspo.models.load import load_policy, load_tokenizer
 from inspo.names import EOS_RATE, VAL, VAL_PLAIN
-from inspo.objectives import Objective
+from inspo.objectives import Objective, RewardObjective
 from inspo.training.guards import NonFiniteError
 from inspo.training.module import PreferenceModule
 from inspo.training.reference import make_reference, prepare_reference, reference_callbacks
@@ -192,23 +192,25 @@ def final_metrics(trainer: L.Trainer, reflection: str, train: dict | None = None
     return metrics
 
 
-def save_policy(module: PreferenceModule, tokenizer: Any, out: Path, trainer: L.Trainer) -> None:
-    """Write the final policy with save_pretrained (gathering FSDP shards on rank 0)."""
+def save_pretrained(model: Any, tokenizer: Any, out: Path, trainer: L.Trainer) -> None:
+    """Write a trained model and its tokenizer with save_pretrained (gathering FSDP shards on
+    rank 0)."""
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = None
     if trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(module.policy, options=options)
+        state = get_model_state_dict(model, options=options)
     if trainer.is_global_zero:
-        module.policy.save_pretrained(out, state_dict=state, safe_serialization=True)
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
 
 class Extension:
-    """What a kind of run changes in :func:`run` (the iterative loop is one): its own data
-    module, what it attaches once the models exist, what it adds to the summary."""
+    """What a kind of run changes in :func:`run` (the iterative loop and reward-model training
+    are two): its own data module, the module it trains, what it attaches once the models
+    exist, the metrics it reports, where it saves, what it adds to the summary."""
 
     def check(self, cfg: DictConfig, objective: Objective) -> None:
         """Refuse settings this kind of run cannot use (before any model is built)."""
@@ -217,6 +219,16 @@ class Extension:
         self, cfg: DictConfig, tokenizer: Any, objective: Objective
     ) -> PreferenceDataModule:
         return build_datamodule(cfg, tokenizer, objective)
+
+    def module(self, cfg: DictConfig, objective: Objective, tokenizer: Any) -> L.LightningModule:
+        return build_module(cfg, objective, tokenizer)
+
+    def final_metrics(self, cfg: DictConfig, trainer: L.Trainer, train: dict | None) -> dict:
+        return final_metrics(trainer, cfg.reflection.mode, train)
+
+    def save(self, module: Any, tokenizer: Any, run_dir: Path, trainer: L.Trainer) -> None:
+        """Write the trained model (``save_policy=true``): the policy to ``RUN/policy``."""
+        save_pretrained(module.policy, tokenizer, run_dir / "policy", trainer)
 
     def attach(
         self, cfg: DictConfig, module: PreferenceModule, datamodule: Any, trainer: L.Trainer
@@ -227,10 +239,20 @@ class Extension:
         """Add to the summary before it is written."""
 
 
+def extension_for(objective: Objective | RewardObjective) -> Extension:
+    """The kind of run ``inspo-train`` makes of an objective: a reward objective trains a reward
+    model (:mod:`inspo.training.reward`), any other a policy."""
+    if isinstance(objective, RewardObjective):
+        from inspo.training.reward import RewardModelRun  # it builds on this module
+
+        return RewardModelRun()
+    return Extension()
+
+
 def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
-    """Train once; returns the summary written to summary.json."""
-    extension = extension or Extension()
-    if "iterate" in cfg and type(extension) is Extension:
+    """Train once; returns the summary written to summary.json. ``extension``: the kind of run
+    (None: :func:`extension_for` the objective)."""
+    if "iterate" in cfg and extension is None:
         raise ConfigError("this config sets iterate.*: run it with inspo-iterate")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,9 +262,15 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
         OmegaConf.save(job_cfg, run_dir / ".hydra" / "config.yaml")
     # Everything that can be wrong with the config fails here, before any model is built.
     objective = build_objective(cfg)
+    extension = extension or extension_for(objective)
     resolve_auto(cfg, objective)
     check_config(cfg, objective)
     extension.check(cfg, objective)
+    if cfg.ckpt_path == "last":
+        done = finished_summary(run_dir, cfg.trainer.max_steps)
+        if done is not None:  # resubmitted after it finished (a requeue): nothing to redo
+            print(f"{run_dir} finished all {done['steps']} steps already; summary.json kept")
+            return done
     with open_dict(cfg):
         cfg.tags = run_tags(cfg)
         cfg.run_name = cfg.get("run_name") or run_name(cfg)
@@ -258,7 +286,7 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
         trainer.logger.log_hyperparams(OmegaConf.to_container(job_cfg, resolve=True))
         trainer.logger.log_metrics(datamodule.report.flat_metrics(), step=0)
 
-    module = build_module(cfg, objective, tokenizer)
+    module = extension.module(cfg, objective, tokenizer)
     prepare_reference(cfg, module, datamodule)  # reference=precomputed: cached scores
     extension.attach(cfg, module, datamodule, trainer)
     ckpt = cfg.ckpt_path
@@ -269,7 +297,7 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except NonFiniteError as err:  # the last good checkpoint stays; no policy is written
         if trainer.is_global_zero:
-            metrics = final_metrics(trainer, cfg.reflection.mode)
+            metrics = extension.final_metrics(cfg, trainer, None)
             write_json(run_dir / "summary.json", summary(cfg, trainer, metrics, str(err)))
         raise
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "train/" in k}
@@ -277,9 +305,9 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
     if datamodule.val_split is not None and last_val.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    result = summary(cfg, trainer, final_metrics(trainer, cfg.reflection.mode, train_metrics))
+    result = summary(cfg, trainer, extension.final_metrics(cfg, trainer, train_metrics))
     if cfg.save_policy:
-        save_policy(module, tokenizer, run_dir / "policy", trainer)
+        extension.save(module, tokenizer, run_dir, trainer)
     # Single-process runs only (a sharded policy cannot generate on one rank): after a
     # multi-device run, evaluate the saved policy with `inspo-eval RUN_DIR`.
     if cfg.eval.generate and trainer.world_size == 1:
@@ -292,6 +320,18 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", result)
     return result
+
+
+def finished_summary(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    """The summary of a run that finished all ``max_steps`` steps in ``run_dir``, else None.
+    Resuming it would restore the last checkpoint, train nothing and write a summary without
+    what only the finished run measured (its evaluation, its last training metrics)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    done = saved.get("status") == "finished" and saved.get("steps") == max_steps
+    return saved if done else None
 
 
 def write_json(path: Path, obj: Any) -> None:

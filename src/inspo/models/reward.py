@@ -1,0 +1,157 @@
+"""Reward models: a causal LM with a scalar head on its last token, r(x, y).
+
+A reward model is an ordinary ``AutoModelForSequenceClassification`` with one label, built from
+any causal-LM checkpoint (the decoder's weights, a new linear head) or, with no path, from the
+embedded tiny model's config. It saves with ``save_pretrained`` and loads back as it is, which
+is what ``judge=reward_model`` and ``eval.scorer`` do.
+
+Where the reward is read is the transformers rule for sequence classifiers: the rightmost token
+that is not the pad token. With pad ≠ EOS that is the EOS the encoder appends; with pad = EOS (a
+common choice when a tokenizer has no pad token), the token before it. :func:`score_rewards`
+reads it there too, padded or packed, so training and every later use of the saved model
+agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import (
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from inspo.models.load import (
+    DTYPES,
+    enable_checkpointing,
+    pretrained_kwargs,
+    tiny_llama,
+    turn_off_dropout,
+)
+from inspo.models.packed_attention import PACK_KWARG, PackingUnsupported, empty_mask
+from inspo.models.packing import pack_view, shared_contexts
+from inspo.models.scoring import Scoring, TokenCount, _refuse, can_pack, forward
+
+
+def load_reward_model(
+    name_or_path: str | None = None,
+    tiny: dict[str, Any] | None = None,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    revision: str | None = None,
+    lora: dict[str, Any] | None = None,
+    disable_dropout: bool = True,
+) -> PreTrainedModel:
+    """A one-label sequence classifier: ``tiny_llama(**tiny)``'s architecture when no path is
+    given, else ``AutoModelForSequenceClassification.from_pretrained`` (a causal-LM checkpoint
+    gets a new head, initialised from the seeded RNG; a reward model loads as it is). Takes the
+    ``model.*`` keys of a policy; the pad token id is the tokenizer's."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown model.dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if lora:
+        raise ValueError("model.lora: a reward model trains all its weights (set model.lora=null)")
+    if name_or_path is None:
+        model = tiny_llama(tokenizer=tokenizer, num_labels=1, **(tiny or {})).to(DTYPES[dtype])
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+    else:
+        kwargs = pretrained_kwargs(dtype, trust_remote_code, attn_implementation, revision)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, **kwargs
+        )
+    if tokenizer is not None:
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if disable_dropout:
+        turn_off_dropout(model)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
+def reward_positions(input_ids: Tensor, pad_id: int | None) -> Tensor:
+    """Per row [N], the column whose hidden state gives the reward: the rightmost token that is
+    not ``pad_id`` (as transformers' sequence classifiers read it)."""
+    if pad_id is None:
+        raise ValueError("a reward model needs config.pad_token_id to find each row's last token")
+    columns = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (columns * (input_ids != pad_id)).argmax(-1)
+
+
+def split_score_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder, head) when the model's reward is ``head(decoder(...))`` at the last token (the
+    transformers layout ``base_model_prefix`` + ``score``); None otherwise (other layouts, FSDP
+    roots, whose parameters only their own forward gathers)."""
+    if type(model).__name__.startswith("FSDP"):
+        return None
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or not isinstance(decoder, torch.nn.Module):
+        return None
+    return (decoder, head) if decoder is not model else None
+
+
+def score_rewards(
+    model: torch.nn.Module, view: dict[str, Tensor], how: Scoring | None = None
+) -> tuple[Tensor, TokenCount]:
+    """The reward of every row of a right-padded view [N] (float32 at least) and what computing
+    them ran through the model. ``how.packing``: the rows as one sequence without padding, a
+    pair's shared context once (:mod:`inspo.models.packing`), its attention computed by
+    ``how.packing_kernel``; the same numbers as the padded forward, which is
+    ``model(input_ids, attention_mask).logits[:, 0]``. None: padded."""
+    how = how or Scoring()
+    ids, att = view["input_ids"], view["attention_mask"]
+    last = reward_positions(ids, model.config.get_text_config().pad_token_id)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    padded = TokenCount(torch.tensor(ids.numel(), device=ids.device), att.sum())
+    parts = split_score_head(model)
+    if parts is None:
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+        return _float(logits[:, 0]), padded
+    decoder, head = parts
+    if how.packing and can_pack(model):
+        try:
+            return _packed_rewards(model, decoder, head, view, last, how.packing_kernel)
+        except PackingUnsupported as e:  # found during the forward: scored padded from now on
+            _refuse(model, str(e))
+    hidden = forward(decoder, view, output="last_hidden_state")[rows, last]
+    return _float(head(hidden)[:, 0]), padded
+
+
+def _packed_rewards(
+    model: torch.nn.Module,
+    decoder: torch.nn.Module,
+    head: torch.nn.Linear,
+    view: dict[str, Tensor],
+    last: Tensor,
+    kernel: str,
+) -> tuple[Tensor, TokenCount]:
+    ids = view["input_ids"]
+    pack = pack_view(view, shared_contexts(view))
+    pack.blocks.kernel = kernel
+    out = decoder(
+        input_ids=pack.input_ids,
+        position_ids=pack.position_ids,
+        attention_mask=empty_mask(ids.device),
+        use_cache=False,
+        **{PACK_KWARG: pack.blocks},
+    )
+    layers = model.config.get_text_config().num_hidden_layers
+    if pack.blocks.calls != layers:
+        raise PackingUnsupported(
+            f"{pack.blocks.calls} of {layers} attention layers took the packed layout"
+        )
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    hidden = out.last_hidden_state[0][pack.index[rows, last]]
+    real = torch.tensor(pack.tokens, device=ids.device)
+    return _float(head(hidden)[:, 0]), TokenCount(real, real)
+
+
+def _float(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
