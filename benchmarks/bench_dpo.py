@@ -65,8 +65,9 @@ from inspo.models.load import (
     frozen_copy,
     tiny_llama,
 )
-from inspo.models.scoring import hidden_sequence_logps, sequence_logps
+from inspo.models.scoring import Scoring, hidden_sequence_logps, sequence_logps
 from inspo.objectives import DPO
+from inspo.settings import DataConfig, OptimConfig, ReflectionConfig
 from inspo.training.module import PreferenceModule
 from inspo.training.reference import precompute_reference
 
@@ -333,24 +334,26 @@ def run_inspo(size: Size, options: dict, profile: bool = False, *, workdir: str)
         policy,
         DPO(beta=BETA),
         reference,
-        reflection=reflection,
-        reference_context=context,
-        optim={"lr": LR},
-        packing=packing,
+        reflection=ReflectionConfig(mode=reflection, reference_context=context),
+        optim=OptimConfig(lr=LR, warmup_steps=0),
+        scoring=Scoring(packing=packing),
     )
     rows = make_rows(size)
-    dm = PreferenceDataModule(
-        source=lambda: {"train": rows},
-        tokenizer=tok,
+    data = DataConfig(
         val_split=None,
         batch_size=size.batch,
         max_length=size.max_length,
         max_prompt_length=size.max_length,
-        reflection=reflection != "off",
-        train_views=module.train_views,
-        seed=SEED,
         packing=packing,
         group_by_length=options.get("group_by_length", False),
+    )
+    dm = PreferenceDataModule(
+        lambda: {"train": rows},
+        tok,
+        data,
+        reflective=reflection != "off",
+        train_views=module.train_views,
+        seed=SEED,
     )
     dm.setup("fit")
     if mode == "precomputed":  # scores cached before training; the reference is then freed

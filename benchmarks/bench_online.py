@@ -303,7 +303,7 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
         *[f"model.tiny.{k}={v}" for k, v in m.items()],
     ]
     cfg = compose_config(overrides, workdir, name="iterate")
-    summary = train_run(cfg, Measured(cfg))
+    summary = train_run(cfg, Measured())
     history = summary["rounds"]
     steps = []
     for i in range(size.warmup + 1, size.total):

@@ -36,7 +36,9 @@ from lightning.pytorch.loggers import CSVLogger
 import bench_dpo as harness
 from inspo.data.datamodule import PreferenceDataModule
 from inspo.models.load import byte_tokenizer, count_parameters, tiny_llama
+from inspo.models.scoring import Scoring
 from inspo.objectives import BradleyTerry
+from inspo.settings import DataConfig, OptimConfig
 from inspo.training.reward import RewardModule
 
 SIZES = {name: harness.SIZES[name] for name in ("tiny", "small", "real")}
@@ -94,18 +96,18 @@ class StepClock(L.Callback):
 
 def run_inspo(size: harness.Size, options: dict, *, workdir: str) -> dict:
     tok, model = reward_model(size)
-    module = RewardModule(model, BradleyTerry(), optim={"lr": LR}, packing=options["packing"])
+    optim = OptimConfig(lr=LR, warmup_steps=0)  # as before: no warm-up
+    scoring = Scoring(packing=options["packing"])
+    module = RewardModule(model, BradleyTerry(), optim=optim, scoring=scoring)
     data = rows(size)
-    dm = PreferenceDataModule(
-        source=lambda: {"train": data},
-        tokenizer=tok,
+    settings = DataConfig(
         val_split=None,
         batch_size=size.batch,
         max_length=size.max_length,
         max_prompt_length=size.max_length,
-        seed=SEED,
         packing=options["packing"],
     )
+    dm = PreferenceDataModule(lambda: {"train": data}, tok, settings, seed=SEED)
     dm.setup("fit")
 
     def trainer(callbacks: list, **limits) -> L.Trainer:

@@ -349,13 +349,18 @@ def run_inspo(setup: Setup, tokenizer, warm: list, timed: list, packing: bool, k
     import lightning as L
 
     from inspo.models.load import frozen_copy
+    from inspo.models.scoring import Scoring
     from inspo.objectives import DPO
+    from inspo.settings import OptimConfig
     from inspo.training.module import PreferenceModule
 
     policy = build_model(setup, tokenizer)
     shape = Shape.of(policy)
-    module = PreferenceModule(policy, DPO(beta=BETA), frozen_copy(policy), optim={"lr": LR},
-                              packing=packing, packing_kernel=kernel)  # fmt: skip
+    scoring = Scoring(packing=packing, packing_kernel=kernel or "auto")
+    optim = OptimConfig(lr=LR, warmup_steps=0)  # as before: no warm-up
+    module = PreferenceModule(
+        policy, DPO(beta=BETA), frozen_copy(policy), optim=optim, scoring=scoring
+    )
     meter = Meter(setup)
 
     class Clock(L.Callback):
@@ -394,9 +399,10 @@ def run_inspo(setup: Setup, tokenizer, warm: list, timed: list, packing: bool, k
 
 def score_check(setup: Setup, tokenizer, batch: dict, kernels: list[str]) -> list[dict]:
     """The policy's summed log-probs of one batch, padded and packed under each kernel."""
-    from inspo.models.scoring import Scoring, score_pairs
+    from inspo.models.scoring import Scoring, prepare_packing, score_pairs
 
     model = build_model(setup, tokenizer).eval()
+    prepare_packing(model)  # as the training module does; padded calls are unchanged
     view = {k: v.to(setup.device) for k, v in batch["plain"].items()}
 
     def scores(how: Scoring, autocast: bool = True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -40,6 +41,19 @@ FAST = [
 ]
 
 
+def data_module(source, tokenizer, **settings):
+    """A PreferenceDataModule from keyword arguments: the ``data`` settings (DataConfig's
+    fields) and the module's own (reflective, train_views, template, sft_fraction, seed,
+    cache_dir)."""
+    from inspo.data.datamodule import PreferenceDataModule
+    from inspo.settings import DataConfig
+
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    data = DataConfig(**{k: v for k, v in settings.items() if k in names})
+    rest = {k: v for k, v in settings.items() if k not in names}
+    return PreferenceDataModule(source, tokenizer, data, **rest)
+
+
 def train_user_module(
     tmp_path: Path, module: str, source: str, *overrides: str
 ) -> subprocess.CompletedProcess:
@@ -50,6 +64,38 @@ def train_user_module(
            f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/c"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+# Loaded first by a child process (sitecustomize): every model it builds is written down.
+MODEL_PROBE = """
+import os
+import transformers
+
+_init = transformers.PreTrainedModel.__init__
+
+
+def _probe(self, *args, **kwargs):
+    with open(os.environ["INSPO_MODELS_BUILT"], "a") as f:
+        f.write(type(self).__name__ + "\\n")
+    _init(self, *args, **kwargs)
+
+
+transformers.PreTrainedModel.__init__ = _probe
+"""
+
+
+def run_cli(tmp_path: Path, module: str, *args: str) -> tuple[subprocess.CompletedProcess, list]:
+    """``python -m module *args`` in a child process (an entry point, as a user runs it), and
+    the models it built, by class name."""
+    probe = tmp_path / "probe"
+    probe.mkdir(exist_ok=True)
+    (probe / "sitecustomize.py").write_text(MODEL_PROBE)
+    built = tmp_path / "models_built.txt"
+    env = {**os.environ, "PYTHONPATH": str(probe), "INSPO_MODELS_BUILT": str(built),
+           "OMP_NUM_THREADS": "1", "INSPO_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return proc, built.read_text().split() if built.exists() else []
 
 
 def full_and_resumed(train: Callable[..., dict], tmp_path: Path, *common: str) -> tuple[dict, dict]:

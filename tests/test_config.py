@@ -8,6 +8,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import inspo.objectives
 from inspo.config import ConfigError, build_objective, compose_config, config_dir
 
 CONF = config_dir()
@@ -79,15 +80,18 @@ def test_every_option_composes(tmp_path, group, option):
         assert_applied(expected, composed, group)
         assert "accelerator" in cfg.trainer
         return
-    assert expected, f"{group}/{option}.yaml states nothing"
+    if not expected:  # an option that is the settings' defaults (inspo.settings)
+        default = OmegaConf.structured(OmegaConf.get_type(cfg[group]))
+        assert composed[group] == OmegaConf.to_container(default), f"{group}/{option}.yaml"
     assert_applied(expected, composed[group], group)
 
 
 @pytest.mark.parametrize("objective", options("objective"))
 def test_every_objective_config_instantiates(tmp_path, objective):
     cfg = compose_config([f"objective={objective}"], tmp_path)
-    obj = build_objective(cfg)
-    assert type(obj).__module__ == "inspo.objectives"
+    obj = build_objective(cfg.objective)
+    assert type(obj).__module__.startswith("inspo.objectives.")
+    assert getattr(inspo.objectives, type(obj).__name__) is type(obj)  # the _target_ path
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -123,7 +127,7 @@ def test_misspelt_key_fails(tmp_path):
 def test_misspelt_objective_parameter_fails_before_any_model(tmp_path):
     cfg = compose_config(["+objective.betaa=0.2"], tmp_path)
     with pytest.raises(ConfigError, match="DPO takes no parameter 'betaa'; valid: beta, scal"):
-        build_objective(cfg)
+        build_objective(cfg.objective)
 
 
 @pytest.mark.subprocess

@@ -1,4 +1,4 @@
-"""Tests of the preference objectives (src/inspo/objectives.py).
+"""Tests of the preference objectives (src/inspo/objectives/).
 
 1. Agreement with TRL 1.16: value and gradient, float64, driven through TRL's own code
    (``DPOTrainer._compute_loss`` on a stub model; ``CPOTrainer.cpo_loss``;

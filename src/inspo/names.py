@@ -6,6 +6,26 @@ Metric names follow TRL where TRL has the quantity (``rewards/margins``, ``logps
 
 from __future__ import annotations
 
+from enum import Enum
+
+
+# --------------------------------------------------------------------------- choices
+class Choice(str, Enum):
+    """A setting's closed set of values. Members are strings (``Reflection.off == "off"``), so
+    configs, JSON and file names hold the plain value; Hydra checks a composed value against the
+    members (by name, so each member's name is its value)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def valid(cls) -> str:
+        return ", ".join(m.value for m in cls)
+
+
 # --------------------------------------------------------------------------- views of a pair
 # plain: y after x (the standard form, and the policy at inference); reflective: y after
 # R(x, y'), the prompt and the other response (InSPO).
@@ -13,18 +33,82 @@ PLAIN = "plain"
 REFLECTIVE = "reflective"
 VIEWS = (REFLECTIVE, PLAIN)  # the order a batch lists them in
 
+
+class View(Choice):
+    """A view of a pair (``reflection.reference_context`` picks the reference's)."""
+
+    reflective = REFLECTIVE
+    plain = PLAIN
+
+
 # --------------------------------------------------------------------------- config choices
-REFLECTIONS = ("off", "inspo", "inspo_one_sided")
-REFERENCE_KINDS = (
-    "auto",
-    "policy_init",
-    "model",
-    "none",
-    "sync",
-    "precomputed",
-    "adapter_disabled",
-)
+class Reflection(Choice):
+    """``reflection.mode``: the standard form, InSPO, or InSPO's one-sided form (eq. 22)."""
+
+    off = "off"
+    inspo = "inspo"
+    inspo_one_sided = "inspo_one_sided"
+
+
+class ReferenceKind(Choice):
+    """``reference.kind`` (see :mod:`inspo.training.reference`)."""
+
+    auto = "auto"
+    policy_init = "policy_init"
+    model = "model"
+    none = "none"
+    sync = "sync"
+    precomputed = "precomputed"
+    adapter_disabled = "adapter_disabled"
+
+
+class IterateReference(Choice):
+    """``iterate.reference``: the starting policy throughout, or the last round's policy."""
+
+    initial = "initial"
+    previous = "previous"
+
+
+class Scheduler(Choice):
+    """``optim.scheduler``: the learning rate after warm-up."""
+
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class OverLong(Choice):
+    """``data.over_long``: a row whose scored response is cut is kept (counted) or dropped."""
+
+    truncate = "truncate"
+    drop = "drop"
+
+
+class PackingKernel(Choice):
+    """``data.packing_kernel``: how a packed sequence's attention is computed
+    (:mod:`inspo.models.varlen_attention`)."""
+
+    auto = "auto"  # blocks on CPU; on CUDA varlen in bf16/fp16 where installed, else flex
+    blocks = "blocks"  # sdpa per row, no [T, T] mask
+    flex = "flex"  # flex_attention with a block mask
+    varlen = "varlen"  # flash-attention's varlen kernel
+
+
+class Dtype(Choice):
+    """``model.dtype``: the weights' floating-point type."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+REFLECTIONS = tuple(m.value for m in Reflection)
+REFERENCE_KINDS = tuple(m.value for m in ReferenceKind)
 REFERENCE_CONTEXTS = (REFLECTIVE, PLAIN)
+#: ``eval.scorer``: the built-in task's gold reward (anything else names a reward model).
+GOLD = "gold"
+#: ``eval.device``: the CUDA device when there is one, else the CPU.
+AUTO_DEVICE = "auto"
 
 # --------------------------------------------------------------------------- data rows
 ERROR = "_error"  # key of a row a source could not read; its value is the reason
@@ -53,13 +137,25 @@ TOKENS_PADDING_SHARE = "tokens/padding_share"
 PLAIN_ACCURACY = f"{VAL_PLAIN}/{REWARDS_ACCURACIES}"  # held-out accuracy of the plain policy
 VIEW_ACCURACY = f"{VAL}/{REWARDS_ACCURACIES}"  # ...of the trained view
 
-# Evaluation of a policy by sampling (evaluation.stage), in summary.json and reports.
+# Evaluation of a policy by sampling (evaluation.stage), in summary.json and reports. The
+# reference is the policy the samples are compared with (by default the run's initial policy).
+EVAL = "eval/"  # every evaluation metric's prefix
 EVAL_WIN_RATE = "eval/win_rate"
+EVAL_WIN_RATE_LOW = "eval/win_rate_low"  # Wilson 95% interval
+EVAL_WIN_RATE_HIGH = "eval/win_rate_high"
 EVAL_LC_WIN_RATE = "eval/lc_win_rate"
+EVAL_LC_IDENTIFIED = "eval/lc_identified"  # 0.0: the length difference did not vary
 EVAL_SCORE = "eval/score/policy"
+EVAL_SCORE_REFERENCE = "eval/score/reference"
 EVAL_LENGTH = "eval/length/policy"
+EVAL_LENGTH_REFERENCE = "eval/length/reference"
 EVAL_KL = "eval/kl"
+EVAL_KL_SE = "eval/kl_se"
 EVAL_VALID = "eval/valid/policy"
+EVAL_VALID_REFERENCE = "eval/valid/reference"
+EVAL_N_PROMPTS = "eval/n_prompts"
+EVAL_SECONDS = "eval/seconds"
+EVAL_SAMPLES = "eval/samples"  # the wandb table of sample generations
 EVAL_PLAIN_ACCURACY = "eval/pref_accuracy/plain"
 EVAL_REFLECTIVE_ACCURACY = "eval/pref_accuracy/reflective"
 

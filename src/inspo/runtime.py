@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
@@ -42,12 +42,32 @@ def close_loggers() -> None:
         wandb.finish()
 
 
-def run_app(fn: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> float | None:
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors in what the user asked for (a setting, the data), reported in one line."""
+    from inspo.data.report import DataError
+    from inspo.settings import ConfigError
+
+    return (ConfigError, DataError)
+
+
+def fail(prog: str, error: BaseException) -> NoReturn:
+    """Exit with ``prog: error: <message>`` on one line (status 2, as argparse), no traceback:
+    the message names the setting or the data, which is all the user needs."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = " ".join(lines) or type(error).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_app(fn: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, prog: str) -> float | None:
     """What an entry point does with its composed config: set up, run ``fn``, always close the
-    loggers, and return ``optimized_metric`` (None when absent or NaN) for Hydra's sweepers."""
+    loggers, and return ``optimized_metric`` (None when absent or NaN) for Hydra's sweepers. A
+    bad setting or bad data ends the program with one line (:func:`fail`)."""
     setup()
     try:
         summary = fn(cfg)
+    except user_errors() as e:
+        fail(prog, e)
     finally:
         close_loggers()
     value = summary["metrics"].get(cfg.optimized_metric)

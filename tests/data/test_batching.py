@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import data_module
 from inspo.data.batching import LengthGroupedBatches, TokenBudgetBatches, batch_tokens
-from inspo.data.datamodule import PreferenceDataModule
 from inspo.data.sampler import EpochShuffle
 
 N = 203  # not a multiple of any batch size used here
@@ -117,7 +117,7 @@ def rows(n=40):
 def datamodule(tokenizer, **kw):
     source = lambda: {"train": rows(), "val": rows(12)}
     sizes = {"batch_size": 4, "eval_batch_size": 8, "max_length": 128, "max_prompt_length": 96}
-    dm = PreferenceDataModule(source, tokenizer, **sizes, **kw)
+    dm = data_module(source, tokenizer, **sizes, **kw)
     dm.setup()
     return dm
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import data_module
 from inspo.data.collate import PreferenceCollator
 from inspo.data.encode import Encoder
 from inspo.data.templates import Template, resolve_template
@@ -110,15 +111,14 @@ def test_encode_batch_equals_encode(tokenizer):
 def test_token_cache_is_keyed_on_the_chat_template(tmp_path, tokenizer):
     """Changing only the tokenizer's chat template (which the chat reflective template renders
     with) gives new tokens, never the stale cached ones."""
-    from inspo.data.datamodule import PreferenceDataModule
 
     rows = [{"prompt": f"Capital of {c}?", "chosen": "Paris.", "rejected": "Lyon."} for c in "ABCD"]
 
     def reflective_context(chat_template: str) -> str:
         tokenizer.chat_template = chat_template
         source = lambda: {"train": rows}
-        dm = PreferenceDataModule(
-            source, tokenizer, val_split=None, template="chat", reflection=True,
+        dm = data_module(
+            source, tokenizer, val_split=None, template="chat", reflective=True,
             cache_dir=str(tmp_path),
         )  # fmt: skip
         dm.setup()

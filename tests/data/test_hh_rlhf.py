@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from conftest import SHARED_DATA
-from inspo.data.datamodule import PreferenceDataModule
+from conftest import SHARED_DATA, data_module
 from inspo.data.sources import preference_data
 from inspo.models.load import byte_tokenizer
 
@@ -21,7 +20,7 @@ pytestmark = pytest.mark.skipif(not HH.exists(), reason=f"shared data file absen
 
 def test_every_row_of_the_full_file_is_accounted_for():
     src = functools.partial(preference_data, str(HH), val_fraction=0.1, seed=0)
-    dm = PreferenceDataModule(src, byte_tokenizer(), max_length=1024, max_prompt_length=768)
+    dm = data_module(src, byte_tokenizer(), max_length=1024, max_prompt_length=768)
     dm.setup()
     report = dm.report.to_dict()
     assert sum(s["rows_read"] for s in report.values()) == 2312
@@ -53,6 +52,7 @@ def test_a_few_training_steps_on_hh_rlhf(tmp_path):
     overrides = [
         "data=hh_rlhf",
         f"data.source.path={HH}",
+        "data.source.splits=null",  # a local file: one split, val_fraction of it held out
         "data.max_samples=24",
         "data.max_length=256",
         "data.max_prompt_length=160",

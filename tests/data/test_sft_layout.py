@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from inspo.data.datamodule import PreferenceDataModule
+from conftest import data_module
 from inspo.data.sources import synthetic
 from inspo.data.templates import TEMPLATES
 from inspo.models.load import byte_tokenizer
@@ -16,7 +16,7 @@ from inspo.models.load import byte_tokenizer
 def test_sft_fraction_lays_out_rows_reflectively(fraction, tmp_path):
     tok = byte_tokenizer()
     src = functools.partial(synthetic, n_sft=40, n_train=8, n_val=8, n_eval=4)
-    dm = PreferenceDataModule(src, tok, train_split="sft", val_split=None,
+    dm = data_module(src, tok, train_split="sft", val_split=None,
                               sft_fraction=fraction, seed=0)  # fmt: skip
     dm.setup("fit")
     raw = {r["row_id"]: r for r in (dict(r, row_id=i) for i, r in enumerate(dm.raw["sft"]))}

@@ -9,8 +9,8 @@ import json
 import pytest
 from datasets import Dataset
 
+from conftest import data_module
 from inspo.data import sources
-from inspo.data.datamodule import PreferenceDataModule
 from inspo.data.report import DataError
 from inspo.data.rows import split_implicit, to_text
 from inspo.data.sources import preference_data
@@ -35,7 +35,7 @@ def write_jsonl(path, rows, extra_lines=()):
 
 def build(tokenizer, source, **kw):
     kw = {"val_split": None, "max_length": 64, "max_prompt_length": 32, **kw}
-    dm = PreferenceDataModule(source, tokenizer, **kw)
+    dm = data_module(source, tokenizer, **kw)
     dm.setup()
     return dm
 
@@ -233,16 +233,16 @@ def test_ultrafeedback_layout_from_a_local_save_to_disk_folder(tmp_path, tokeniz
 
 
 @pytest.mark.parametrize("name", ["hh_rlhf", "ultrafeedback", "jsonl"])
-def test_data_configs_compose(name, monkeypatch):
+def test_data_configs_compose(name):
     from hydra import compose, initialize_config_dir
 
     from conftest import REPO
 
-    monkeypatch.setenv("INSPO_SHARED_DATA", "/data/shared")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"data={name}", "data.source.path=${oc.env:HOME}"])
         assert cfg.data.source._target_ == "inspo.data.sources.preference_data"
         assert cfg.data.source.val_split == "val" and cfg.data.over_long == "truncate"
-        if name == "hh_rlhf":
+        if name == "hh_rlhf":  # the Hub dataset by default (its test split validates)
             cfg = compose("train", overrides=["data=hh_rlhf"])
-            assert cfg.data.source.path == "/data/shared/hh-rlhf/harmless-base-test.jsonl.gz"
+            assert cfg.data.source.path == "Anthropic/hh-rlhf"
+            assert dict(cfg.data.source.splits) == {"train": "train", "val": "test"}

@@ -13,6 +13,7 @@ from inspo.data.synthetic import (
     prompt_letters,
     prompt_pool,
 )
+from inspo.settings import SettingError
 
 SMALL = {"n_sft": 200, "n_train": 1000, "n_val": 200, "n_eval": 256}
 
@@ -103,8 +104,8 @@ def test_tune_split_leaves_the_other_splits_unchanged():
     assert len(a["tune"]) == 8 and len(b["tune"]) == 512 and b["tune"][:8] == a["tune"]
     a.pop("tune"), b.pop("tune")
     assert a == b
-    with pytest.raises(ValueError, match="n_tune"):
-        make_splits(SyntheticConfig(n_tune=513, **SMALL))
+    with pytest.raises(SettingError, match=r"n_tune: must lie in \[1, 512\], got 513"):
+        SyntheticConfig(n_tune=513, **SMALL)
 
 
 def _agreement(rows):

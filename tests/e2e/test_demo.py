@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from conftest import FAST
-from inspo.evaluation.stage import EvalConfig
 from inspo.recipes.demo import run_demo
+from inspo.settings import EvalConfig
 
 
 def test_demo_compares_every_stage_with_the_same_sft_samples(tmp_path):

@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from inspo.config import build_objective, check_config, compose_config
+from inspo.config import build_objective, check_run, compose_config, resolve_reference
+from inspo.settings import load_settings
 
 
 def grid(cfg):
@@ -26,5 +27,8 @@ def test_research_grid_is_valid(preset, runs, tmp_path):
              for c in combos}  # fmt: skip
     for cell in cells:
         cfg = compose_config([f"experiment={preset}", *(f"{k}={v}" for k, v in cell)], tmp_path)
-        check_config(cfg, build_objective(cfg))
+        settings = load_settings(cfg)
+        objective = build_objective(settings.objective)
+        settings.reference = resolve_reference(settings.reference, objective)
+        check_run(settings, objective)
         assert cfg.trainer.max_steps == 250

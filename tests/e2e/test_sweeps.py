@@ -119,15 +119,17 @@ def test_an_ad_hoc_multirun_groups_its_wandb_runs_and_names_each_by_its_choices(
     share the group named after the sweep folder, and each run's name says its choices."""
     from hydra.utils import instantiate
 
-    from inspo.config import build_objective, compose_config, resolve_auto, run_name
+    from inspo.config import build_objective, compose_config, name_run, resolve_reference
+    from inspo.settings import load_settings
 
     sweep = ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/2026-11-23_10-00-00"]
     cfg = compose_config(["logger=wandb", "objective=ipo", "reflection=inspo", "seed=3", *sweep],
                          tmp_path / "0")  # fmt: skip
     assert cfg.wandb_group == "train_2026-11-23_10-00-00"  # {task_name}_{sweep folder}
-    resolve_auto(cfg, build_objective(cfg))
-    cfg.run_name = run_name(cfg)
-    assert cfg.run_name == "ipo-squared-inspo-policy_init-seed3"
+    settings = load_settings(cfg)
+    settings.reference = resolve_reference(settings.reference, build_objective(settings.objective))
+    assert name_run(settings, cfg).run_name == "ipo-squared-inspo-policy_init-seed3"
+    assert cfg.run_name == "ipo-squared-inspo-policy_init-seed3"  # the logger interpolates it
     logger = instantiate(cfg.logger)  # lazily initialised: no wandb run is started here
     assert logger._wandb_init["group"] == "train_2026-11-23_10-00-00"
     assert logger._wandb_init["name"] == "ipo-squared-inspo-policy_init-seed3"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ from inspo.evaluation.metrics import (
     win_rate,
 )
 from inspo.evaluation.scorers import RewardModelScorer
-from inspo.evaluation.stage import EvalConfig, eval_stage, evaluate, log_wandb, resolve_device
+from inspo.evaluation.stage import eval_stage, evaluate, log_wandb, resolve_device, save
 from inspo.models.load import tiny_llama
+from inspo.settings import EvalConfig, load_settings
 
 PROMPTS = [make_prompt(t) for t in ("bkt", "dfg", "hjl", "mnp", "rst", "vwz")]
 SMALL = EvalConfig(n_prompts=6, max_new_tokens=6, batch_size=4, seed=3, progress=False)
@@ -62,16 +64,16 @@ def test_kl_of_a_model_with_itself_is_zero_and_positive_otherwise(small_model, t
     assert kl == 0.0
     # On the policy's own samples, the MC estimate of KL to a different model is positive.
     ecfg = EvalConfig(n_prompts=6, max_new_tokens=12, batch_size=6, seed=0, progress=False)
-    metrics, _ = evaluate(
+    metrics = evaluate(
         small_model, other_model(tokenizer), tokenizer, PROMPTS, ecfg, scorer=lambda p, r: [0] * 6
-    )
+    ).metrics
     assert metrics["eval/kl"] > 0
 
 
 def test_evaluate_against_itself_ties_everything(small_model, tokenizer, tmp_path):
-    metrics, rows = evaluate(
-        small_model, small_model, tokenizer, PROMPTS, SMALL, out_dir=tmp_path, generator="g"
-    )
+    ev = evaluate(small_model, small_model, tokenizer, PROMPTS, SMALL)
+    save(ev, tmp_path, SMALL, "cpu", generator="g")
+    metrics, rows = ev.metrics, ev.rows()
     # Same model, same seed: identical samples, all ties, zero KL, equal lengths and scores.
     assert [r["policy"] for r in rows] == [r["reference"] for r in rows]
     assert metrics["eval/win_rate"] == 0.5
@@ -96,7 +98,7 @@ def test_win_rate_and_lengths_follow_the_scorer(small_model, tokenizer):
     # A scorer that is the length in bytes: the mean score is the mean length.
     longer = lambda ps, rs: [float(len(r.encode())) for r in rs]
     ecfg = EvalConfig(n_prompts=6, max_new_tokens=12, batch_size=6, seed=0, progress=False)
-    pol_m, _ = evaluate(small_model, small_model, tokenizer, PROMPTS, ecfg, scorer=longer)
+    pol_m = evaluate(small_model, small_model, tokenizer, PROMPTS, ecfg, scorer=longer).metrics
     assert pol_m["eval/score/policy"] == pytest.approx(pol_m["eval/length/policy"])
 
 
@@ -115,8 +117,9 @@ def test_reward_model_scorer(tmp_path, small_model, tokenizer):
     assert len(set(scores)) == 3  # different inputs, different scores
     # Batched = one by one (right padding reads the last real token).
     assert rm(PROMPTS[1:2], ["bakoti"])[0] == pytest.approx(scores[1], abs=1e-5)
-    ecfg = EvalConfig(**{**SMALL.__dict__, "scorer": str(tmp_path / "rm")})
-    metrics, rows = evaluate(small_model, other_model(tokenizer), tokenizer, PROMPTS, ecfg)
+    ecfg = replace(SMALL, scorer=str(tmp_path / "rm"))
+    ev = evaluate(small_model, other_model(tokenizer), tokenizer, PROMPTS, ecfg)
+    metrics, rows = ev.metrics, ev.rows()
     assert "eval/valid/policy" not in metrics  # the gold-only metric is absent with an RM
     want = rm([r["prompt"] for r in rows], [r["policy"] for r in rows])
     assert metrics["eval/score/policy"] == pytest.approx(sum(want) / len(want), abs=1e-5)
@@ -140,7 +143,8 @@ def test_wandb_table(small_model, tokenizer):
         def log(self, d):
             logged.update(d)
 
-    metrics, rows = evaluate(small_model, small_model, tokenizer, PROMPTS, SMALL)
+    ev = evaluate(small_model, small_model, tokenizer, PROMPTS, SMALL)
+    metrics, rows = ev.metrics, ev.rows()
     log_wandb(FakeRun(), metrics, rows, n_table=4)
     assert logged["eval/win_rate"] == 0.5
     table = logged["eval/samples"]
@@ -157,7 +161,8 @@ def test_the_checkpoints_generation_config_changes_nothing(tokenizer, tmp_path):
         policy, reference = sharp_model(tokenizer, 0), sharp_model(tokenizer, 1)
         for model in (policy, reference):
             model.generation_config.update(**defaults)
-        runs.append(evaluate(policy, reference, tokenizer, PROMPTS, ecfg, scorer=no_score))
+        ev = evaluate(policy, reference, tokenizer, PROMPTS, ecfg, scorer=no_score)
+        runs.append((ev.metrics, ev.rows()))
     (plain, plain_rows), (loaded, loaded_rows) = runs
     assert loaded_rows == plain_rows
     assert loaded["eval/kl"] == plain["eval/kl"] and loaded["eval/kl_se"] == plain["eval/kl_se"]
@@ -167,12 +172,13 @@ def test_the_checkpoints_generation_config_changes_nothing(tokenizer, tmp_path):
 def test_kl_is_estimated_on_temperature_1_samples(tokenizer, tmp_path):
     policy, reference = sharp_model(tokenizer, 0), sharp_model(tokenizer, 1)
     pure = EvalConfig(n_prompts=6, max_new_tokens=12, batch_size=4, seed=0, progress=False)
-    tempered = EvalConfig(**{**pure.__dict__, "temperature": 0.5, "top_k": 20, "top_p": 0.9})
+    tempered = replace(pure, temperature=0.5, top_k=20, top_p=0.9)
     got = {}
     for name, ecfg in (("pure", pure), ("tempered", tempered)):
         out = tmp_path / name
-        metrics, rows = evaluate(policy, reference, tokenizer, PROMPTS, ecfg, scorer=no_score,
-                                 out_dir=out)  # fmt: skip
+        ev = evaluate(policy, reference, tokenizer, PROMPTS, ecfg, scorer=no_score)
+        save(ev, out, ecfg, "cpu")
+        metrics, rows = ev.metrics, ev.rows()
         got[name] = (metrics, rows, json.loads((out / "metrics.json").read_text()))
     assert got["pure"][2]["kl_samples"] == "eval"
     assert got["tempered"][2]["kl_samples"] == "separate temperature-1 samples"
@@ -236,9 +242,10 @@ def test_the_stage_and_the_cli_resolve_the_same_device(tmp_path, tokenizer, monk
 
     overrides = [*FAST, "eval.n_prompts=4", "eval.max_new_tokens=4", "eval.progress=false"]
     cfg = compose_config(overrides, tmp_path / "run")
+    settings = load_settings(cfg)
     policy = tiny_llama(tokenizer=tokenizer, **{**cfg.model.tiny, "seed": 5})
     calls = spy_on_resolve_device(monkeypatch)
-    stage = eval_stage(cfg, policy, tokenizer, {}, tmp_path / "run")
+    stage = eval_stage(settings, policy, tokenizer, {}, tmp_path / "run")
     assert calls == ["auto"]
     info = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert info["device"] == str(resolve_device("auto")) and info["config"]["device"] == "auto"
@@ -287,15 +294,28 @@ def test_eval_stage_of_a_training_run_and_cli(tmp_path):
 
 def test_eval_prompts_of_the_tuning_split_and_a_missing_split(tmp_path, tokenizer):
     """data.eval_split=tune scores the tuning prompts (none of them a test prompt); a split the
-    data lack is an error, never a silent fallback to other prompts."""
+    data lack is an error, never a silent fallback to other prompts, and a training run that
+    would be scored on it fails before it trains, not after."""
+    from conftest import FAST
     from inspo.config import compose_config
     from inspo.data.report import DataError
+    from inspo.data.sources import source_of
     from inspo.evaluation.stage import eval_prompts
+    from inspo.settings import load_settings
+    from inspo.training.run import run
+
+    def prompts(*overrides):
+        data = load_settings(compose_config([*sizes, *overrides], tmp_path)).data
+        return eval_prompts(source_of(data), data, tokenizer)
 
     sizes = ["+data.source.n_sft=8", "+data.source.n_train=8", "+data.source.n_val=8",
              "+data.source.n_eval=16", "+data.source.n_tune=12"]  # fmt: skip
-    test = eval_prompts(compose_config(sizes, tmp_path), tokenizer)
-    tune = eval_prompts(compose_config([*sizes, "data.eval_split=tune"], tmp_path), tokenizer)
+    test, tune = prompts(), prompts("data.eval_split=tune")
     assert (len(test), len(tune)) == (16, 12) and not set(test) & set(tune)
     with pytest.raises(DataError, match=r"'tuning'.*no such split"):
-        eval_prompts(compose_config([*sizes, "data.eval_split=tuning"], tmp_path), tokenizer)
+        prompts("data.eval_split=tuning")
+    cfg = compose_config([*FAST, "eval.generate=true", "data.eval_split=tuning"], tmp_path / "r")
+    with pytest.raises(DataError, match=r"'tuning'.*no such split"):
+        run(cfg)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r" / "data_report.json").exists()  # before the trainer was built

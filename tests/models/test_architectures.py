@@ -11,8 +11,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from inspo.data.collate import PreferenceCollator
 from inspo.data.encode import Encoder
 from inspo.data.templates import resolve_template
-from inspo.models.load import load_policy, tiny_llama
+from inspo.models.load import load_model, tiny_llama
 from inspo.objectives import DPO
+from inspo.settings import LoraConfig, ModelConfig, TinyConfig
 from inspo.training.module import PreferenceModule
 
 ROWS = [("Q: bkt? A:", "bakitu", "zz"), ("Q: a much longer prompt? A:", "ok", "nope, no")]
@@ -91,30 +92,36 @@ def test_scores_match_direct_computation_with_either_padding(tokenizer, family):
 
 def test_model_options(tokenizer):
     view = batch(tokenizer)
-    tiny_kw = {"hidden_size": 32, "num_layers": 2, "num_heads": 2}
-    eager = load_policy(tiny=tiny_kw, attn_implementation="eager", tokenizer=tokenizer)
-    sdpa = load_policy(tiny=tiny_kw, attn_implementation="sdpa", tokenizer=tokenizer)
+    tiny = TinyConfig(hidden_size=32, num_layers=2, num_heads=2)
+
+    def load(**settings):
+        return load_model(ModelConfig(tiny=tiny, **settings), tokenizer)
+
+    eager = load(attn_implementation="eager")
+    sdpa = load(attn_implementation="sdpa")
     assert eager.config._attn_implementation == "eager"
     assert sdpa.config._attn_implementation == "sdpa"
     with torch.no_grad():
         torch.testing.assert_close(scores(eager, view), scores(sdpa, view), atol=1e-4, rtol=1e-5)
-    bf16 = load_policy(tiny=tiny_kw, dtype="bf16", tokenizer=tokenizer)
+    bf16 = load(dtype="bf16")
     assert next(bf16.parameters()).dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(scores(bf16, view), scores(eager, view), atol=0.5, rtol=0.02)
-    ckpt = load_policy(tiny=tiny_kw, gradient_checkpointing=True, tokenizer=tokenizer).train()
+    ckpt = load(gradient_checkpointing=True).train()
     assert getattr(ckpt, "is_activation_checkpointing", None) or ckpt.is_gradient_checkpointing
     scores(ckpt, view).sum().backward()
     assert all(p.grad is not None for p in ckpt.parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match=r"model\.dtype"):
-        load_policy(tiny=tiny_kw, dtype="fp8")
+    with pytest.raises(ValueError, match="dtype: unknown value 'fp8'; valid: fp32, bf16, fp16"):
+        load(dtype="fp8")
 
 
 def test_lora_reference_is_the_base_model_with_the_adapter_off(tokenizer):
     pytest.importorskip("peft", reason="the peft extra is not installed")
     tiny_kw = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "seed": 0}
     lora = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
-    policy = load_policy(tiny=tiny_kw, lora=lora, tokenizer=tokenizer)
+    model = ModelConfig(tiny=TinyConfig(**tiny_kw), lora=lora)
+    assert model.lora == LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])
+    policy = load_model(model, tokenizer)
     base = tiny_llama(tokenizer=tokenizer, **tiny_kw).eval()
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

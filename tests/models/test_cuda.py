@@ -17,7 +17,7 @@ import torch
 from test_packing import batch, tiny
 
 import inspo.models.varlen_attention as va
-from inspo.models.scoring import Scoring, score_pairs
+from inspo.models.scoring import Scoring, prepare_packing, score_pairs
 
 pytestmark = pytest.mark.cuda
 
@@ -33,7 +33,10 @@ def full_fp32_matmuls():
 
 
 def model_on_cuda(tokenizer, family="llama", dtype=torch.float32, **extra):
-    return tiny(family, tokenizer, initializer_range=0.2, **extra).to("cuda", dtype)
+    """A model prepared for packed rows (its padded calls are unchanged by the switch)."""
+    model = tiny(family, tokenizer, initializer_range=0.2, **extra).to("cuda", dtype)
+    assert prepare_packing(model)
+    return model
 
 
 def views(tokenizer):

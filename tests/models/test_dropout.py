@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from conftest import FAST
 from inspo.config import build_objective, compose_config
 from inspo.models.load import load_policy, turn_off_dropout
+from inspo.settings import load_settings
 from inspo.training.run import build_module
 
 
@@ -54,8 +55,8 @@ def test_load_policy_and_the_training_module_disable_dropout_by_default(tmp_path
     fast = [o for o in FAST if not o.startswith("model.")]
     overrides = [*fast, "model=hf", f"model.name_or_path={tmp_path / 'm'}",
                  f"model.disable_dropout={str(disable).lower()}"]  # fmt: skip
-    cfg = compose_config(overrides, tmp_path / "run")
-    module = build_module(cfg, build_objective(cfg), tok)
+    settings = load_settings(compose_config(overrides, tmp_path / "run"))
+    module = build_module(settings, build_objective(settings.objective), tok)
     module.train()
     assert two_passes_agree(module.policy) == disable
     assert module.reference is not None and not module.reference.training

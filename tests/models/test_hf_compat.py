@@ -15,7 +15,7 @@ import torch
 from test_packing import batch, tiny
 
 from inspo.models.hf_compat import cache_keyword, cache_kwargs, eager_attention
-from inspo.models.scoring import Scoring, score_pairs
+from inspo.models.scoring import Scoring, prepare_packing, score_pairs
 
 
 def test_the_cache_keyword_is_the_one_the_forward_takes(tokenizer):
@@ -69,6 +69,7 @@ def test_a_model_without_an_eager_function_is_scored_padded(tokenizer, caplog, m
     )
     monkeypatch.setitem(sys.modules, defining.__name__, stripped)
     with caplog.at_level(logging.WARNING, logger="inspo.models.scoring"):
+        assert not prepare_packing(model)
         got = score_pairs(model, view, Scoring(packing=True))[0]
     torch.testing.assert_close(got.chosen, want)
     assert int(got.tokens.computed) > int(got.tokens.real)  # padding was computed

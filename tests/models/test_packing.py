@@ -17,7 +17,7 @@ from inspo.data.encode import Encoder
 from inspo.data.templates import resolve_template
 from inspo.models.load import enable_checkpointing, turn_off_dropout
 from inspo.models.packing import pack_view, shared_contexts, unpack
-from inspo.models.scoring import Scoring, score_pairs, score_sequences
+from inspo.models.scoring import Scoring, prepare_packing, score_pairs, score_sequences
 
 # The last pair's prompt is cut to fit max_length, by a different amount on each side (its
 # responses differ in length), so its two contexts differ: it packs as two rows, the others
@@ -81,6 +81,7 @@ def scores_and_grads(model, view, how, **kw):
 def assert_same(model, view, how, **kw):
     """Packed and padded: equal scores, counts and gradients; returns the packed scores."""
     want, want_g, padded, want_logits = scores_and_grads(model, view, how, **kw)
+    assert prepare_packing(model)
     got, got_g, packed, got_logits = scores_and_grads(model, view, replace(how, packing=True), **kw)
     # Float64 models, but parts of them compute in float32 (RMSNorm; eager's softmax, where
     # the pack runs sdpa), so "equal" is to float32 rounding, not to float64's.
@@ -199,6 +200,7 @@ def test_a_model_that_cannot_pack_is_scored_padded_with_one_warning(tokenizer, c
     view = batch(tokenizer)["plain"]
     how = Scoring(packing=True)
     with caplog.at_level(logging.WARNING, logger="inspo.models.scoring"):
+        assert not prepare_packing(model)
         first = score_pairs(model, view, how)[0]
         second = score_pairs(model, view, how)[0]
     warnings = [r for r in caplog.records if "cannot run packed rows" in r.getMessage()]
@@ -217,6 +219,7 @@ def test_attention_that_does_not_take_the_layout_falls_back(tokenizer, caplog, m
     model = tiny("llama", tokenizer)
     want = score_pairs(model, view, Scoring())[0].chosen
     monkeypatch.setattr(packed_attention, "HARMLESS_KWARGS", frozenset({"position_ids"}))
+    assert prepare_packing(model)  # the layout is refused later, during the forward
     with caplog.at_level(logging.WARNING, logger="inspo.models.scoring"):
         got = score_pairs(model, view, Scoring(packing=True))[0]
     torch.testing.assert_close(got.chosen, want)
@@ -231,6 +234,7 @@ def test_attention_that_does_not_take_the_layout_falls_back(tokenizer, caplog, m
     model = tiny("llama", tokenizer)
     model.model.layers[1].self_attn = Bypass()
     want = score_pairs(model, view, Scoring())[0].chosen
+    assert prepare_packing(model)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="inspo.models.scoring"):
         got = score_pairs(model, view, Scoring(packing=True))[0]
@@ -249,7 +253,10 @@ def test_ordinary_calls_are_unchanged_after_the_switch(tokenizer):
         mask[1, :3] = 0  # left padding
         with torch.no_grad():
             before = model(input_ids=ids, attention_mask=mask).logits
+            assert model.config._attn_implementation == attn  # scoring alone switches nothing
             score_sequences(model, batch(tokenizer)["plain"], Scoring(packing=True))
+            assert model.config._attn_implementation == attn
+            assert prepare_packing(model)  # the switch, explicit
             assert model.config._attn_implementation == packed_attention.WRAPPERS[attn]
             after = model(input_ids=ids, attention_mask=mask).logits
         torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)

@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 import inspo.models.varlen_attention as va
 from inspo.models.packed_attention import Blocks, key_start
 from inspo.models.packing import pack_view, shared_contexts
-from inspo.models.scoring import Scoring, score_pairs
+from inspo.models.scoring import Scoring, prepare_packing, score_pairs
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt2"]
 
@@ -194,6 +194,7 @@ def test_real_flex_forward_on_cpu_scores_as_padded(tokenizer, family):
     sliding window and the eager wrapper (Gemma), shared contexts included."""
     extra = {"sliding_window": 5} if family == "mistral" else {}
     model = tiny(family, tokenizer, "sdpa" if family != "gemma" else "eager", **extra).eval()
+    assert prepare_packing(model)
     b = batch(tokenizer)
     with torch.no_grad():
         for view in (b["plain"], b["reflective"]):
@@ -215,6 +216,7 @@ def test_kernel_choice(tokenizer, monkeypatch):
         Scoring(packing_kernel="flash")
     monkeypatch.setattr(va, "varlen_kernel", lambda: None)
     model = tiny("llama", tokenizer)
+    assert prepare_packing(model)
     how = Scoring(packing=True, packing_kernel="varlen")
     with pytest.raises(RuntimeError, match=r"flash_attn package, or torch >= 2\.11"):
         score_pairs(model, batch(tokenizer)["plain"], how)

@@ -16,6 +16,7 @@ from inspo.names import ERROR
 from inspo.objectives import DPO
 from inspo.online import run as online_run
 from inspo.online.prompts import SPLIT, check_prompts, pool_rows, stream
+from inspo.settings import load_settings
 
 
 def test_bad_prompt_rows_are_counted_not_fatal(tokenizer):
@@ -71,9 +72,9 @@ def write_pairs(path, prompts):
 
 
 def pool(tmp_path, *overrides):
-    cfg = compose_config(list(overrides), tmp_path / "run", name="iterate")
-    ext = online_run.Iterate(cfg)
-    ext.datamodule(cfg, byte_tokenizer(), DPO())
+    settings = load_settings(compose_config(list(overrides), tmp_path / "run", name="iterate"))
+    ext = online_run.Iterate()
+    ext.datamodule(settings, byte_tokenizer(), DPO())
     return [p.text for p in ext.pool]
 
 
@@ -97,6 +98,6 @@ def test_hh_rlhf_prompts_make_the_pool(tmp_path):
     path = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     if not path.exists():
         pytest.skip(f"HH-RLHF test data not found at {path}")
-    got = pool(tmp_path, "data=hh_rlhf", f"data.source.path={path}")
+    got = pool(tmp_path, "data=hh_rlhf", f"data.source.path={path}", "data.source.splits=null")
     assert len(got) > 1000
     assert all(p.startswith("\n\nHuman:") and p.endswith("\n\nAssistant:") for p in got)

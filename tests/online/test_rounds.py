@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -92,9 +93,9 @@ def stop_after(monkeypatch, steps):
     round folders are what is left)."""
     check = online_run.Iterate.check
 
-    def cut(self, cfg, objective):
-        check(self, cfg, objective)
-        cfg.trainer.max_steps = steps
+    def cut(self, settings, objective):
+        settings = check(self, settings, objective)
+        return replace(settings, trainer=replace(settings.trainer, max_steps=steps))
 
     monkeypatch.setattr(online_run.Iterate, "check", cut)
 

@@ -17,6 +17,7 @@ from inspo.data.encode import Encoder
 from inspo.data.templates import resolve_template
 from inspo.models.load import byte_tokenizer, frozen_copy, tiny_llama
 from inspo.objectives import PSI_OBJECTIVES, SCALARIZATIONS, MarginObjective, RewardObjective
+from inspo.settings import ReflectionConfig as R
 from inspo.training.module import PreferenceModule, pair_scores
 
 CONF = REPO / "conf" / "objective"
@@ -131,7 +132,7 @@ def step_margins(model0, batch, ref_scores, objective, reflection: str):
     The step is normalised to a parameter change of norm STEP, so it measures the direction of
     the update (first order), whatever the scale of the loss (IPO's is 1/(4τ²) = 25)."""
     policy = frozen_copy(model0).requires_grad_(True).train()
-    module = PreferenceModule(policy, objective, None, reflection=reflection)
+    module = PreferenceModule(policy, objective, None, reflection=R(mode=reflection))
     ref = discopop_shift(ref_scores) if type(objective).__name__ == "DiscoPOP" else ref_scores
     batch = {**batch, "reference_scores": ref}
     saturated_start_fix(module, objective, batch)
@@ -179,7 +180,7 @@ def test_reflective_form_moves_toward_the_chosen_response(model0, batch, ref_sco
     assert after > before
     # ...and the loss falls (a sign error would have the step climb the intended loss)
     policy = frozen_copy(model0)
-    module = PreferenceModule(policy, objective, frozen_copy(model0), reflection="inspo")
+    module = PreferenceModule(policy, objective, frozen_copy(model0), reflection=R(mode="inspo"))
     before_loss, *_ = module.compute_loss(batch)
     assert before_loss.item() == pytest.approx(loss, rel=1e-9)  # precomputed = live reference
 
@@ -192,11 +193,11 @@ def test_reflective_rdpo_discounts_a_longer_chosen_response(model0, batch):
 
     policy = frozen_copy(model0)
     ref = frozen_copy(model0)
-    rd = PreferenceModule(policy, RDPO(beta=0.1, alpha=0.05), ref, reflection="inspo")
-    dpo = PreferenceModule(policy, DPO(beta=0.1), ref, reflection="inspo")
+    rd = PreferenceModule(policy, RDPO(beta=0.1, alpha=0.05), ref, reflection=R(mode="inspo"))
+    dpo = PreferenceModule(policy, DPO(beta=0.1), ref, reflection=R(mode="inspo"))
     with torch.no_grad():
-        _, out_r, pol, _ = rd.compute_loss(batch)
-        _, out_d, _, _ = dpo.compute_loss(batch)
+        _, out_r, pol, *_ = rd.compute_loss(batch)
+        _, out_d, *_ = dpo.compute_loss(batch)
     longer = pol.chosen_length > pol.rejected_length
     assert longer.any() and (~longer).any()
     assert torch.all(out_r.losses[longer] < out_d.losses[longer])

@@ -11,8 +11,14 @@ from inspo.data.templates import resolve_template
 from inspo.models.load import frozen_copy
 from inspo.models.scoring import forward
 from inspo.objectives import DPO, SFT
+from inspo.settings import ReflectionConfig
 from inspo.training.distill import distill_kl
 from inspo.training.module import PreferenceModule
+
+
+def R(mode, **knobs):
+    return ReflectionConfig(mode=mode, **knobs)
+
 
 ROWS = [
     ("Q: bkt? A:", "bakitu", "zz"),
@@ -51,9 +57,9 @@ def direct_score(model, view, i):
 def test_dpo_value_by_hand(tokenizer, small_model, view):
     ref = perturbed(small_model)
     reflection = "off" if view == "plain" else "inspo"
-    module = PreferenceModule(small_model, DPO(beta=0.5), ref, reflection=reflection)
+    module = PreferenceModule(small_model, DPO(beta=0.5), ref, reflection=R(reflection))
     batch = batch_for(tokenizer)
-    loss, out, _, _ = module.compute_loss(batch)
+    loss, out, *_ = module.compute_loss(batch)
     v, b = batch[view], len(ROWS)
     expected = []
     for i in range(b):
@@ -80,7 +86,7 @@ def policy_margin(module, batch, view):
 @pytest.mark.parametrize("reflection", ["off", "inspo", "inspo_one_sided"])
 def test_a_step_raises_the_chosen_over_rejected_margin(tokenizer, small_model, reflection):
     module = PreferenceModule(small_model, DPO(beta=0.1), frozen_copy(small_model),
-                              reflection=reflection)  # fmt: skip
+                              reflection=R(reflection))  # fmt: skip
     batch = batch_for(tokenizer)
     view = module.policy_view
     before = policy_margin(module, batch, view)
@@ -92,7 +98,7 @@ def test_a_step_raises_the_chosen_over_rejected_margin(tokenizer, small_model, r
 
 
 def test_reference_is_frozen_and_outside_the_optimiser(tokenizer, small_model):
-    module = PreferenceModule(small_model, DPO(), frozen_copy(small_model), reflection="inspo")
+    module = PreferenceModule(small_model, DPO(), frozen_copy(small_model), reflection=R("inspo"))
     module.train()
     assert not module.reference.training
     assert all(not p.requires_grad for p in module.reference.parameters())
@@ -121,7 +127,7 @@ class CountingModel(torch.nn.Module):
 def test_one_forward_per_model_and_no_reference_for_reference_free(tokenizer, small_model):
     policy = CountingModel(small_model)
     ref = CountingModel(frozen_copy(small_model))
-    module = PreferenceModule(policy, DPO(), ref, reflection="inspo")
+    module = PreferenceModule(policy, DPO(), ref, reflection=R("inspo"))
     module.compute_loss(batch_for(tokenizer))
     assert (policy.calls, ref.calls) == (1, 1)  # chosen + rejected in one pass each
     sft = PreferenceModule(policy, SFT(), None)
@@ -134,8 +140,10 @@ def test_one_forward_per_model_and_no_reference_for_reference_free(tokenizer, sm
 def test_plain_reference_context_uses_the_plain_view(tokenizer, small_model):
     ref = perturbed(small_model)
     batch = batch_for(tokenizer)
-    refl = PreferenceModule(small_model, DPO(), ref, reflection="inspo")
-    plain = PreferenceModule(small_model, DPO(), ref, reflection="inspo", reference_context="plain")
+    refl = PreferenceModule(small_model, DPO(), ref, reflection=R("inspo"))
+    plain = PreferenceModule(
+        small_model, DPO(), ref, reflection=R("inspo", reference_context="plain")
+    )
     assert refl.train_views == ("reflective",)
     assert plain.train_views == ("reflective", "plain")
     a = refl.reference_scores(batch, refl.reference_view)
@@ -147,12 +155,13 @@ def test_plain_reference_context_uses_the_plain_view(tokenizer, small_model):
 def test_mixing_and_distillation_terms(tokenizer, small_model):
     batch = batch_for(tokenizer)
     ref = frozen_copy(small_model)
-    base = PreferenceModule(small_model, DPO(), ref, reflection="inspo")
-    mixed = PreferenceModule(small_model, DPO(), ref, reflection="inspo", standard_weight=0.5)
-    distilled = PreferenceModule(small_model, DPO(), ref, reflection="inspo", distill_weight=2.0)
+    base = PreferenceModule(small_model, DPO(), ref, reflection=R("inspo"))
+    mixed = PreferenceModule(small_model, DPO(), ref, reflection=R("inspo", standard_weight=0.5))
+    distilled = PreferenceModule(small_model, DPO(), ref, reflection=R("inspo", distill_weight=2.0))
     l0, *_ = base.compute_loss(batch)
-    l1, _, _, extra1 = mixed.compute_loss(batch)
-    l2, _, _, extra2 = distilled.compute_loss(batch)
+    mixed_step, distilled_step = mixed.compute_loss(batch), distilled.compute_loss(batch)
+    l1, extra1 = mixed_step.loss, mixed_step.extra
+    l2, extra2 = distilled_step.loss, distilled_step.extra
     torch.testing.assert_close(l1, l0 + 0.5 * extra1["loss_standard"])
     torch.testing.assert_close(l2, l0 + 2.0 * extra2["distill_kl"])
     assert extra2["distill_kl"].item() > 0  # the two contexts give different distributions

@@ -8,21 +8,20 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import OmegaConf
 
 import inspo.training.reference as R
-from conftest import FAST
-from inspo.config import ConfigError, check_config, compose_config, resolve_auto
-from inspo.data.datamodule import PreferenceDataModule
+from conftest import FAST, data_module
+from inspo.config import ConfigError, check_run, compose_config, resolve_reference
 from inspo.data.sources import synthetic
 from inspo.models.load import byte_tokenizer, frozen_copy, tiny_llama
 from inspo.objectives import DPO, SimPO
+from inspo.settings import OptimConfig, ReferenceConfig, ReflectionConfig, RunConfig
 from inspo.training.module import PreferenceModule
 from inspo.training.run import run
 
 
 def datamodule(template="default", max_length=128, batch_size=4):
-    dm = PreferenceDataModule(
+    dm = data_module(
         lambda: synthetic(n_sft=8, n_train=12, n_val=8, n_eval=4),
         byte_tokenizer(),
         batch_size=batch_size,
@@ -30,7 +29,7 @@ def datamodule(template="default", max_length=128, batch_size=4):
         max_length=max_length,
         max_prompt_length=64,
         template=template,
-        reflection=True,
+        reflective=True,
         train_views=("reflective", "plain"),
     )
     dm.setup("fit")
@@ -44,8 +43,8 @@ def tiny(seed=0):
 
 def make_module(policy, reference, **settings):
     # plain reference context + a mixed-in standard loss: both views' reference scores are used
-    return PreferenceModule(policy, DPO(beta=0.5), reference, reflection="inspo",
-                            reference_context="plain", standard_weight=0.5, **settings)  # fmt: skip
+    reflection = ReflectionConfig(mode="inspo", reference_context="plain", standard_weight=0.5)
+    return PreferenceModule(policy, DPO(beta=0.5), reference, reflection=reflection, **settings)
 
 
 def test_precomputed_gives_the_live_losses(tmp_path):
@@ -128,7 +127,7 @@ def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
     dm = datamodule(batch_size=2)
     policy = tiny(0)
     module = make_module(policy, frozen_copy(policy), reference_in_checkpoint=True,
-                         optim={"lr": 1e-2, "warmup_steps": 0})  # fmt: skip
+                         optim=OptimConfig(lr=1e-2, warmup_steps=0))  # fmt: skip
     sync, rec = R.ReferenceSync(every=2, alpha=0.25), Recorder()
     trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -185,25 +184,20 @@ def test_a_soft_sync_leaves_the_reference_the_last_step_trained_with(tmp_path):
         assert torch.equal(now, trained)
 
 
-def cfg(kind, mode="off"):
-    return OmegaConf.create({"reflection": {"mode": mode}, "reference": {"kind": kind},
-                             "model": {"lora": None}})  # fmt: skip
+def settings(kind):
+    return RunConfig(reference=ReferenceConfig(kind=kind), reflection=ReflectionConfig(mode="off"))
 
 
 def test_start_up_checks_and_auto():
     for kind in ("policy_init", "precomputed", "sync"):
-        check_config(cfg(kind), DPO())
+        check_run(settings(kind), DPO())
     with pytest.raises(ConfigError, match="needs a reference"):
-        check_config(cfg("none"), DPO())
+        check_run(settings("none"), DPO())
     for kind in ("precomputed", "sync", "policy_init"):
         with pytest.raises(ConfigError, match="reference-free"):
-            check_config(cfg(kind), SimPO())
-    c = cfg("auto")
-    resolve_auto(c, SimPO())
-    assert c.reference.kind == "none"
-    c = cfg("auto")
-    resolve_auto(c, DPO())
-    assert c.reference.kind == "policy_init"
+            check_run(settings(kind), SimPO())
+    assert resolve_reference(ReferenceConfig(kind="auto"), SimPO()).kind == "none"
+    assert resolve_reference(ReferenceConfig(kind="auto"), DPO()).kind == "policy_init"
     with pytest.raises(ValueError, match="sync_every"):
         R.ReferenceSync(every=0)
 
@@ -227,7 +221,7 @@ def test_sync_resume_is_exact(tmp_path):
     def fit(max_steps, ckpt=None, save=False):
         policy = tiny(0)
         module = make_module(policy, frozen_copy(policy), reference_in_checkpoint=True,
-                             optim={"lr": 1e-2, "warmup_steps": 0})  # fmt: skip
+                             optim=OptimConfig(lr=1e-2, warmup_steps=0))  # fmt: skip
         callbacks = [R.ReferenceSync(every=2, alpha=0.25)]
         if save:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,

@@ -14,17 +14,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import FAST, REPO, SHARED_DATA, full_and_resumed
+from conftest import FAST, REPO, SHARED_DATA, data_module, full_and_resumed
 from inspo.config import ConfigError, compose_config
 from inspo.data.collate import PreferenceCollator
-from inspo.data.datamodule import PreferenceDataModule
 from inspo.evaluation.scorers import make_scorer
 from inspo.models.load import byte_tokenizer, load_tokenizer, tiny_llama
 from inspo.models.reward import reward_positions, score_rewards
-from inspo.models.scoring import Scoring
+from inspo.models.scoring import Scoring, prepare_packing
 from inspo.names import PLAIN
 from inspo.objectives import BradleyTerry
 from inspo.online.judges import Group
+from inspo.settings import ModelConfig, TinyConfig
 from inspo.training.reward import RewardModule
 from inspo.training.run import run
 
@@ -45,9 +45,8 @@ ROWS = [
 
 
 def batch_of(rows, tokenizer, packing: bool = False, **kw):
-    dm = PreferenceDataModule(
-        lambda: {"train": rows, "val": rows}, tokenizer, batch_size=len(rows), packing=packing, **kw
-    )
+    source = lambda: {"train": rows, "val": rows}
+    dm = data_module(source, tokenizer, batch_size=len(rows), packing=packing, **kw)
     dm.setup("fit")
     data = dm.datasets["train"]
     return PreferenceCollator(tokenizer.pad_token_id)([data[i] for i in range(len(data))]), dm
@@ -83,6 +82,7 @@ def test_rewards_are_what_the_saved_classifier_returns(pad_is_eos, packing):
     batch, _ = batch_of(ROWS, tok)
     model = rm(tok).eval()
     model.config.pad_token_id = tok.pad_token_id
+    prepare_packing(model)  # as RewardModule does; its padded calls are unchanged
     view = batch[PLAIN]
     with torch.no_grad():
         got, tokens = score_rewards(model, view, Scoring(packing=packing))
@@ -137,7 +137,7 @@ def test_matches_trl_reward_trainer(tmp_path, trl_reward, center, with_margin, p
     trl_loss.backward()
 
     objective = BradleyTerry(center_rewards_coefficient=center)
-    module = RewardModule(ours_model, objective, packing=packing)
+    module = RewardModule(ours_model, objective, scoring=Scoring(packing=packing))
     chosen, rejected, losses, _ = module.rewards(batch)
     assert ("margin" in batch) == with_margin
     loss = losses.mean()
@@ -264,11 +264,13 @@ def test_a_saved_reward_model_scores_real_rows_as_training_did(tmp_path):
     lines, _ = read_json_lines(HH)
     rows = [t for t in (to_text(r, tok) for r in lines[:40]) if isinstance(t, dict)][:24]
     cfg = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 2048}
-    model = load_reward_model(tiny={**cfg, "vocab_size": len(tok)}, tokenizer=tok).eval()
+    tiny = TinyConfig(**cfg, vocab_size=len(tok))
+    model = load_reward_model(ModelConfig(tiny=tiny), tok).eval()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     batch, dm = batch_of(rows, tok, packing=True, max_length=2048, max_prompt_length=2048)
     assert dm.report.split("train").truncated == 0  # the scorer does not truncate
+    prepare_packing(model)  # as RewardModule does
     with torch.no_grad():
         trained, _ = score_rewards(model, batch[PLAIN], Scoring(packing=True))
     scorer = RewardModelScorer(str(tmp_path), batch_size=8)

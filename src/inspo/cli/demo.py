@@ -11,9 +11,12 @@ from datetime import datetime
 from pathlib import Path
 
 from inspo import runtime
-from inspo.evaluation.stage import EvalConfig
 from inspo.recipes.demo import run_demo
 from inspo.recipes.iterative_demo import run_iterative_demo
+from inspo.settings import EvalConfig
+
+#: Rows per sampling forward in the demo's evaluation (eval.batch_size defaults to 64).
+DEMO_EVAL_BATCH = 128
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,23 +26,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--iterative", action="store_true", help="the iterative demo (inspo.recipes.iterative_demo)"
     )
-    parser.add_argument("--eval-prompts", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--eval-batch-size", type=int, default=128)
-    parser.add_argument("--eval-seed", type=int, default=1234)
+    # The evaluation's settings: eval.* (inspo.settings.EvalConfig) unless given here.
+    parser.add_argument("--eval-prompts", type=int, default=None, help="eval.n_prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens")
+    parser.add_argument(
+        "--eval-batch-size", type=int, default=DEMO_EVAL_BATCH, help=f"{DEMO_EVAL_BATCH}"
+    )
+    parser.add_argument("--eval-seed", type=int, default=None, help="eval.seed")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
     args = parser.parse_args(argv)
     runtime.setup()
     kind = "iterative_demo" if args.iterative else "demo"
     out = args.out or Path("logs") / kind / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     demo = run_iterative_demo if args.iterative else run_demo
-    ecfg = EvalConfig(
-        n_prompts=args.eval_prompts,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.eval_batch_size,
-        seed=args.eval_seed,
-    )
-    demo(out, args.overrides, ecfg)
+    given = {
+        "n_prompts": args.eval_prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.eval_batch_size,
+        "seed": args.eval_seed,
+    }
+    try:
+        ecfg = EvalConfig(**{k: v for k, v in given.items() if v is not None})
+        demo(out, args.overrides, ecfg)
+    except runtime.user_errors() as e:
+        runtime.fail("inspo-demo", e)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from inspo import runtime
-from inspo.evaluation.stage import EvalConfig, evaluate_run
+from inspo.evaluation.stage import evaluate_run
+from inspo.settings import EvalConfig, load
 
-#: Options that override the run's own ``eval`` settings.
+#: Options that override the run's own ``eval`` settings (:class:`~inspo.settings.EvalConfig`).
 OVERRIDES = (
     "reference",
     "scorer",
@@ -56,15 +58,16 @@ def cli(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--wandb", action="store_true", help="log to a new wandb run")
     args = parser.parse_args(argv)
     runtime.setup()
-    cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
-    ecfg = EvalConfig.from_cfg(cfg.get("eval") or {})
-    for key in OVERRIDES:
-        if getattr(args, key) is not None:
-            setattr(ecfg, key, getattr(args, key))
-    ecfg.progress = not args.no_progress
-    metrics, out_dir = evaluate_run(
-        args.run_dir, ecfg, policy_path=args.policy, out_dir=args.out, log_to_wandb=args.wandb
-    )
+    try:
+        cfg = OmegaConf.load(args.run_dir / ".hydra" / "config.yaml")
+        saved = load(EvalConfig, cfg.eval, "eval.") if "eval" in cfg else EvalConfig()
+        given = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+        ecfg = replace(saved, **given, progress=not args.no_progress)  # checked again
+        metrics, out_dir = evaluate_run(
+            args.run_dir, ecfg, policy_path=args.policy, out_dir=args.out, log_to_wandb=args.wandb
+        )
+    except runtime.user_errors() as e:
+        runtime.fail("inspo-eval", e)
     for k, v in metrics.items():
         print(f"{k:32s} {v:.4f}")
     info = json.loads((out_dir / "metrics.json").read_text())

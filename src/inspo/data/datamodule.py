@@ -37,7 +37,8 @@ from inspo.data.rows import COLUMNS, check_row, to_text
 from inspo.data.sampler import EpochShuffle
 from inspo.data.templates import resolve_template
 from inspo.hashing import fingerprint
-from inspo.names import MARGIN_COLUMN
+from inspo.names import MARGIN_COLUMN, PLAIN, REFLECTIVE, OverLong
+from inspo.settings import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,89 +54,73 @@ def _code_version() -> str:
 
 
 class PreferenceDataModule(L.LightningDataModule):
-    """Pair batches (``reflection=False``) or reflection batches (``reflection=True``).
+    """Pair batches, and reflection batches when ``reflective``.
 
     Args:
-        source: a callable returning ``{split: rows}`` (see :mod:`inspo.data.sources`).
+        source: a callable returning ``{split: rows}`` (see :mod:`inspo.data.sources`; the
+            run builds it from ``data.source``).
         tokenizer: the policy's tokenizer.
+        data: the ``data`` settings (:class:`~inspo.settings.DataConfig`): splits, batch sizes,
+            lengths, bad-row policy, packing and batching. ``data.train_split=None``: no
+            training split (an iterative run's training batches come from its rounds).
+        reflective: whether reflective sequences are built at all. Validation batches then
+            carry both views, so the plain-context policy (the model at inference) is always
+            evaluated.
         train_views: the views the training step needs, e.g. ``("plain",)`` for the standard
             form, ``("reflective",)`` for InSPO with a reflective reference context, and
             ``("reflective", "plain")`` when the plain view is also needed (plain reference
             context, a mixed-in standard loss, self-distillation).
-        reflection: whether reflective sequences are built at all. Validation batches then
-            carry both views, so the plain-context policy (the model at inference) is always
-            evaluated.
-        packing: whether the scorer packs each view's rows into one sequence without padding
-            (``data.packing``; see :mod:`inspo.models.packing`). Here it sets what a token
-            budget counts and what the data report calls padding.
-        group_by_length: training batches of pairs of similar length (seeded mega-batches of
-            ``group_size`` batches, sorted by length, then shuffled as batches).
-        max_tokens_per_batch: training batches hold as many pairs as fit this many computed
-            tokens (``batch_size`` then only sizes the mega-batches of ``group_by_length``).
+        template: the reflective layout R(x, y') (``reflection.template``).
+        sft_fraction: for an SFT stage, this share of the training rows is laid out
+            reflectively, R(x, other) then the chosen response, so the SFT policy learns the
+            layout InSPO scores in (rows picked by a seeded draw over the row order).
+        seed: the training order's seed (the run's ``seed``).
+        cache_dir: where tokenised splits are cached (None: not cached).
     """
 
     def __init__(
         self,
         source: Callable[[], dict[str, Sequence[dict]]],
         tokenizer: PreTrainedTokenizerBase,
+        data: DataConfig | None = None,
         *,
-        train_split: str = "train",
-        val_split: str | None = "val",
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        max_length: int = 512,
-        max_prompt_length: int = 256,
+        reflective: bool = False,
+        train_views: Sequence[str] = (PLAIN,),
         template: str = "default",
-        reflection: bool = False,
-        train_views: Sequence[str] = ("plain",),
-        strict: bool = False,
-        num_workers: int = 0,
+        sft_fraction: float = 0.0,
         seed: int = 0,
         cache_dir: str | None = None,
-        max_samples: int | None = None,
-        over_long: str = "truncate",
-        sft_fraction: float = 0.0,
-        packing: bool = False,
-        group_by_length: bool = False,
-        group_size: int = 50,
-        max_tokens_per_batch: int | None = None,
     ) -> None:
         super().__init__()
         self.source = source
         self.tokenizer = tokenizer
-        self.train_split, self.val_split = train_split, val_split
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.reflection = reflection
-        self.views = ("plain", "reflective") if reflection else ("plain",)
+        self.data = data = data or DataConfig()
+        self.train_split, self.val_split = data.train_split, data.val_split
+        self.views = (PLAIN, REFLECTIVE) if reflective else (PLAIN,)
         self.train_views = tuple(train_views)
         if not set(self.train_views) <= set(self.views):
-            raise ValueError(f"train_views {self.train_views} need reflection=True")
-        self.encoder = Encoder(tokenizer, resolve_template(template), max_length, max_prompt_length)
+            raise ValueError(f"train_views {self.train_views} need reflective=True")
+        self.encoder = Encoder(
+            tokenizer, resolve_template(template), data.max_length, data.max_prompt_length
+        )
         self.template = template
-        self.report = DataReport(strict=strict)
-        self.num_workers, self.seed = num_workers, seed
+        self.report = DataReport(strict=data.strict)
+        self.seed = seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.max_samples = max_samples
-        if over_long not in ("truncate", "drop"):
-            raise ValueError(f"data.over_long must be truncate or drop, got {over_long!r}")
-        self.over_long = over_long
-        # SFT stage (reflection=sft_layout): this share of the training rows is laid
-        # out reflectively, R(x, other) then the chosen response, so the SFT policy learns the
-        # layout InSPO scores in. Rows are picked by a seeded draw over the row order.
         self.sft_fraction = sft_fraction
-        self.packing, self.group_by_length, self.group_size = packing, group_by_length, group_size
-        if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
-            raise ValueError(f"data.max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
-        self.max_tokens_per_batch = max_tokens_per_batch
         self.datasets: dict[str, Dataset] = {}
         self.raw: dict[str, Sequence[dict]] = {}
         # {split: {view: {field: [N]}}}: precomputed reference scores (training.reference),
         # added to each batch by row index as batch["reference_scores"].
         self.reference_scores: dict[str, dict] = {}
 
+    @property
+    def batch_size(self) -> int:
+        return self.data.batch_size
+
     # ------------------------------------------------------------------ building
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:  # idempotent: train.py sets up early to fail before model build
+        if self.datasets:  # idempotent: the run sets up early, to fail before any model is built
             return
         self.raw = self.source()
         for split in (self.train_split, self.val_split):
@@ -151,7 +136,7 @@ class PreferenceDataModule(L.LightningDataModule):
         rep = self.report.split(split)
         clean: list[dict] = []
         for i, row in enumerate(rows):
-            if self.max_samples is not None and len(clean) >= self.max_samples:
+            if self.data.max_samples is not None and len(clean) >= self.data.max_samples:
                 break
             rep.rows_read += 1
             row_id = row.get("row_id", i) if isinstance(row, dict) else i
@@ -197,7 +182,7 @@ class PreferenceDataModule(L.LightningDataModule):
         ):
             if same:
                 self.report.skip(split, "identical_after_truncation", row_id)
-            elif resp_cut and self.over_long == "drop":
+            elif resp_cut and self.data.over_long is OverLong.drop:
                 self.report.skip(split, "over_long", row_id)
             else:
                 keep.append(i)
@@ -216,7 +201,7 @@ class PreferenceDataModule(L.LightningDataModule):
         picked = [i for i, f in enumerate(rows.get("sft_reflective") or []) if f]
         if picked:  # reflective-layout SFT rows: the plain chosen sequence becomes R(x, y') + y
             sub = {c: [rows[c][i] for i in picked] for c in rows if c != "sft_reflective"}
-            ref = self.encoder.encode_batch(sub, ("reflective",))
+            ref = self.encoder.encode_batch(sub, (REFLECTIVE,))
             for j, i in enumerate(picked):
                 enc["plain_chosen"][i] = ref["reflective_chosen"][j]
                 enc["plain_chosen_start"][i] = ref["reflective_chosen_start"][j]
@@ -260,17 +245,15 @@ class PreferenceDataModule(L.LightningDataModule):
     ) -> LengthGroupedBatches | TokenBudgetBatches | None:
         """The training batch sampler of ``group_by_length`` / ``max_tokens_per_batch``, or
         None when batches are plain runs of ``batch_size`` rows of ``sampler``'s order."""
-        lengths = self.lengths(self.train_split, self.train_views)
-        if self.max_tokens_per_batch is not None:
-            group = self.group_size * self.batch_size if self.group_by_length else None
-            budget = self.max_tokens_per_batch
-            return TokenBudgetBatches(
-                sampler, lengths, budget, self.packing, group, self.seed, skip
-            )
-        if self.group_by_length:
+        d, lengths = self.data, self.lengths(self.train_split, self.train_views)
+        if d.max_tokens_per_batch is not None:
+            group = d.group_size * d.batch_size if d.group_by_length else None
+            budget = d.max_tokens_per_batch
+            return TokenBudgetBatches(sampler, lengths, budget, d.packing, group, self.seed, skip)
+        if d.group_by_length:
             longest = lengths.flatten(1).max(-1).values
             return LengthGroupedBatches(
-                sampler, longest, self.batch_size, self.group_size, self.seed, skip
+                sampler, longest, d.batch_size, d.group_size, self.seed, skip
             )
         return None
 
@@ -284,13 +267,13 @@ class PreferenceDataModule(L.LightningDataModule):
                 sampler = EpochShuffle(n, self.seed)
                 batcher = self.train_batches(sampler)
                 if batcher is None:
-                    batches = _runs(list(sampler), self.batch_size)
+                    batches = _runs(list(sampler), self.data.batch_size)
                 else:
                     batches = batcher.epoch_batches(0)
             else:
-                batches = _runs(list(range(n)), self.eval_batch_size)
+                batches = _runs(list(range(n)), self.data.eval_batch_size)
             self.report.split(split).batches = batch_tokens(
-                batches, self.lengths(split, views), self.packing
+                batches, self.lengths(split, views), self.data.packing
             )
 
     # ------------------------------------------------------------------ loaders
@@ -301,11 +284,8 @@ class PreferenceDataModule(L.LightningDataModule):
         collate = PreferenceCollator(self.tokenizer.pad_token_id, views)
         if split in self.reference_scores:
             collate = WithReferenceScores(collate, self.reference_scores[split])
-        common = {
-            "collate_fn": collate,
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-        }
+        workers = self.data.num_workers
+        common = {"collate_fn": collate, "num_workers": workers, "persistent_workers": workers > 0}
         batches = self.train_batches(EpochShuffle(len(ds), self.seed)) if shuffle else None
         if batches is not None:
             # skip is an argument, not an attribute set afterwards: under DDP Lightning
@@ -333,15 +313,16 @@ class PreferenceDataModule(L.LightningDataModule):
         return max(t.global_step * t.accumulate_grad_batches - t.current_epoch * per_epoch, 0)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader(self.train_split, self.train_views, self.batch_size, shuffle=True)
+        size = self.data.batch_size
+        loader = self._loader(self.train_split, self.train_views, size, shuffle=True)
         if isinstance(loader.sampler, EpochShuffle):
-            loader.sampler.skip = self._consumed(len(loader)) * self.batch_size
+            loader.sampler.skip = self._consumed(len(loader)) * size
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_split is None:
             return []
-        return self._loader(self.val_split, self.views, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_split, self.views, self.data.eval_batch_size, shuffle=False)
 
 
 def _runs(order: list[int], size: int) -> list[list[int]]:

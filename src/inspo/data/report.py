@@ -11,11 +11,12 @@ tokens, padded tokens and the share of computed tokens that is padding
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from inspo.jsonio import write_json
 
 MAX_EXAMPLES = 5
 
@@ -86,7 +87,7 @@ class DataReport:
         return out
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     def __str__(self) -> str:
         lines = ["data report:"]

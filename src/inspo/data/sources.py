@@ -19,7 +19,7 @@ import bz2
 import gzip
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,23 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from inspo.data.report import DataError
 from inspo.data.synthetic import SyntheticConfig, make_splits
 from inspo.names import ERROR, MARGIN_COLUMN
+from inspo.settings import DataConfig, SettingError, require_values
 
 log = logging.getLogger(__name__)
 
 LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".jsonl.bz2")
 BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+
+
+def source_of(data: DataConfig) -> Callable[[], dict[str, Sequence[dict]]]:
+    """The rows source of the ``data`` settings: its ``source`` config (a ``_target_`` and
+    its arguments) as a callable, built, not yet called."""
+    from hydra.utils import instantiate
+
+    if not data.source:
+        raise SettingError("data.source", "needs a _target_ that returns {split: rows}")
+    require_values(data.source, "data.source")
+    return instantiate(data.source, _partial_=True)
 
 
 def synthetic(**kwargs: Any) -> dict[str, list[dict]]:

@@ -95,6 +95,11 @@ class SyntheticConfig:
     label_noise: float = 0.0  # extra probability of flipping a label (on top of BT sampling)
     length_bias: float = 0.0  # labeller's bonus per byte of length (verbosity bias; 0 = none)
 
+    def __post_init__(self) -> None:
+        from inspo.settings import within
+
+        within("n_tune", self.n_tune, 1, VAL_POOL)  # the tuning prompts come from the val pool
+
 
 def make_prompt(letters: tuple[str, ...] | list[str] | str) -> str:
     """The fixed prompt layout, e.g. ``make_prompt("bkt") == "Word with b, k, t: "``."""
@@ -198,8 +203,6 @@ def prompt_pool(seed: int = 0, n_eval: int = 256) -> list[dict[str, str]]:
 
 def make_splits(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     """The sft / train / val / eval / tune splits of the task, deterministic from ``cfg.seed``."""
-    if not 0 < cfg.n_tune <= VAL_POOL:
-        raise ValueError(f"n_tune={cfg.n_tune}: must be 1 to {VAL_POOL} (the val pool's size)")
     rng = random.Random(cfg.seed)
     eval_triples, val_pool, train_pool = _partition(rng, cfg.n_eval)
 

@@ -26,6 +26,7 @@ from inspo.names import (
     EVAL_REFLECTIVE_ACCURACY,
     PLAIN_ACCURACY,
     VIEW_ACCURACY,
+    Reflection,
 )
 
 
@@ -183,10 +184,10 @@ def preference_accuracy(metrics: dict[str, float], reflection: str | None) -> di
     """Held-out preference accuracy, plain and (for reflective runs) reflective, side by side."""
     out = {}
     plain = metrics.get(PLAIN_ACCURACY)
-    if plain is None and reflection == "off":
+    if plain is None and reflection == Reflection.off:
         plain = metrics.get(VIEW_ACCURACY)
     if plain is not None:
         out[EVAL_PLAIN_ACCURACY] = float(plain)
-    if reflection not in (None, "off") and VIEW_ACCURACY in metrics:
+    if reflection not in (None, Reflection.off) and VIEW_ACCURACY in metrics:
         out[EVAL_REFLECTIVE_ACCURACY] = float(metrics[VIEW_ACCURACY])
     return out

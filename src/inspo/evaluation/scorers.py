@@ -1,6 +1,8 @@
 """Scorers of responses: the built-in task's gold reward, or any reward model.
 
-A scorer is a callable ``(prompts, responses) -> scores``, one float per pair.
+A scorer is a callable ``(prompts, responses) -> scores``, one float per pair. A scorer that
+knows which responses are valid answers (the gold reward) also has ``valid(responses) ->
+[bool]``; the evaluation then reports the share of valid samples.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from inspo.data.collate import pad_rows
+from inspo.names import GOLD
 
 Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
 
@@ -60,10 +63,22 @@ class RewardModelScorer:
         return out
 
 
-def make_scorer(scorer: str, tokenizer: PreTrainedTokenizerBase | None = None) -> Scorer:
-    """``gold``: the synthetic task's gold reward; anything else: a reward model path/name."""
-    if scorer == "gold":
+class GoldScorer:
+    """The built-in task's gold reward (:mod:`inspo.data.synthetic`), and its valid answers."""
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         from inspo.data.synthetic import gold_reward
 
-        return lambda ps, rs: [gold_reward(p, r) for p, r in zip(ps, rs, strict=True)]
+        return [gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+    def valid(self, responses: Sequence[str]) -> list[bool]:
+        from inspo.data.synthetic import is_valid
+
+        return [is_valid(r) for r in responses]
+
+
+def make_scorer(scorer: str, tokenizer: PreTrainedTokenizerBase | None = None) -> Scorer:
+    """``gold``: the synthetic task's gold reward; anything else: a reward model path/name."""
+    if scorer == GOLD:
+        return GoldScorer()
     return RewardModelScorer(scorer, tokenizer)

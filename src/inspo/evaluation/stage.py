@@ -24,23 +24,26 @@ a training run (``eval.generate=true``), it reports under ``eval/...``:
   (a list of ``{"instruction", "output", "generator"}``), and ``eval/samples.json``.
 
 It runs at the end of ``inspo-train`` (:func:`eval_stage`) and as ``inspo-eval RUN_DIR``
-(:func:`evaluate_run`), on ``eval.device`` in both.
+(:func:`evaluate_run`), on ``eval.device`` in both, with the ``eval`` settings
+(:class:`~inspo.settings.EvalConfig`). :func:`evaluate` is the comparison itself, in short
+steps: sample and score each policy (:func:`draw_and_score`), compare the scores
+(:func:`comparison`), estimate the KL (:func:`kl_metrics`); :func:`save` writes the files.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from inspo.config import run_name
+from inspo.data.sources import source_of
 from inspo.evaluation.metrics import (
     length_controlled_win_rate,
     monte_carlo_kl,
@@ -48,60 +51,86 @@ from inspo.evaluation.metrics import (
     win_rate,
 )
 from inspo.evaluation.scorers import Scorer, make_scorer
-from inspo.models.sampling import SamplingConfig, sample
+from inspo.jsonio import write_json
+from inspo.models.sampling import sample
+from inspo.names import (
+    AUTO_DEVICE,
+    EVAL_KL,
+    EVAL_KL_SE,
+    EVAL_LC_IDENTIFIED,
+    EVAL_LC_WIN_RATE,
+    EVAL_LENGTH,
+    EVAL_LENGTH_REFERENCE,
+    EVAL_N_PROMPTS,
+    EVAL_SAMPLES,
+    EVAL_SCORE,
+    EVAL_SCORE_REFERENCE,
+    EVAL_SECONDS,
+    EVAL_VALID,
+    EVAL_VALID_REFERENCE,
+    EVAL_WIN_RATE,
+    EVAL_WIN_RATE_HIGH,
+    EVAL_WIN_RATE_LOW,
+)
+from inspo.settings import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    SamplingConfig,
+    as_dict,
+    load_saved,
+)
+
+__all__ = ["EvalConfig", "Evaluation", "eval_stage", "evaluate", "evaluate_run"]
+
+#: What ``metrics.json`` says the KL was estimated on.
+KL_ON_EVAL, KL_ON_SEPARATE = "eval", "separate temperature-1 samples"
 
 
-@dataclass
-class EvalConfig:
-    """What ``conf/eval/default.yaml`` holds (the ``eval`` key of a training config)."""
-
-    generate: bool = False  # run the evaluation stage at the end of inspo-train
-    n_prompts: int = 256
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    batch_size: int = 64
-    seed: int = 1234
-    scorer: str = "gold"  # gold (synthetic task) | a path/name of a sequence-classification RM
-    reference: str | None = None  # null: the initial policy (model.*); else a path/name
-    n_table: int = 16  # sample generations kept in the wandb table / samples.json
-    progress: bool = True
-    device: str = "auto"  # auto: cuda when available, else cpu; or any torch device string
-
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> EvalConfig:
-        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-        known = {k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-            seed=self.seed,
-        )
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
+def resolve_device(spec: str = AUTO_DEVICE) -> torch.device:
     """Where evaluation runs: ``auto`` is the CUDA device when there is one, else the CPU;
     anything else is taken as a torch device string (``cpu``, ``cuda:1``, ``mps``)."""
-    if spec == "auto":
+    if spec == AUTO_DEVICE:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
 
 
 # --------------------------------------------------------------------------- evaluation
-def alpaca_eval_records(
-    prompts: Sequence[str], outputs: Sequence[str], generator: str
-) -> list[dict[str, str]]:
-    """AlpacaEval's model-outputs format: ``[{"instruction", "output", "generator"}]``."""
-    return [
-        {"instruction": p, "output": o, "generator": generator}
-        for p, o in zip(prompts, outputs, strict=True)
-    ]
+@dataclass
+class Samples:
+    """One policy's sample per prompt: token ids, texts and their scores."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    scores: list[float]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Response lengths in bytes."""
+        return [len(t.encode()) for t in self.texts]
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` found: the prompts, both sample sets, the ``eval/...`` metrics
+    and what the KL was estimated on."""
+
+    prompts: list[str]
+    policy: Samples
+    reference: Samples
+    metrics: dict[str, float]
+    kl_samples: str
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per prompt: both samples and their scores (``samples.json``)."""
+        pol, ref = self.policy, self.reference
+        return [
+            {"prompt": p, "policy": a, "reference": b, "policy_score": sa, "reference_score": sb}
+            for p, a, b, sa, sb in zip(
+                self.prompts, pol.texts, ref.texts, pol.scores, ref.scores, strict=True
+            )
+        ]
 
 
 def evaluate(
@@ -112,106 +141,146 @@ def evaluate(
     ecfg: EvalConfig,
     *,
     scorer: Scorer | None = None,
-    out_dir: str | Path | None = None,
-    generator: str = "policy",
-    reference_generator: str = "reference",
     reference_samples: list[str] | None = None,
-    val_metrics: dict[str, float] | None = None,
-    reflection: str | None = None,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Sample policy and reference on ``prompts`` with the same seed; score; compare; KL.
-
-    Runs where the models are (see :func:`resolve_device`). Returns (``eval/...`` metrics,
-    sample rows) and, with ``out_dir``, writes the AlpacaEval files, ``samples.json`` and
-    ``metrics.json`` (with the device and the samples the KL was estimated on) there.
-    ``reference_samples``: the reference's samples when they are already known (the same
-    reference, prompts and sampling settings: the draws are deterministic).
-    """
+) -> Evaluation:
+    """Sample policy and reference on the first ``ecfg.n_prompts`` prompts with the same seed,
+    score, compare, and estimate KL(π_θ ‖ π_ref), where the models are (see
+    :func:`resolve_device`). ``reference_samples``: the reference's texts when they are already
+    known (the same reference, prompts and sampling settings: the draws are deterministic)."""
     t0 = time.perf_counter()
     prompts = list(prompts)[: ecfg.n_prompts]
     scorer = scorer or make_scorer(ecfg.scorer, tokenizer)
-    sampling = ecfg.sampling()
-    pol_ids, pol_text = draw(policy, tokenizer, prompts, sampling, ecfg, "sampling policy")
-    ref_text = reference_samples
-    if ref_text is None:
-        _, ref_text = draw(reference, tokenizer, prompts, sampling, ecfg, "sampling reference")
-    pol_score, ref_score = scorer(prompts, pol_text), scorer(prompts, ref_text)
-    pol_len = [len(s.encode()) for s in pol_text]
-    ref_len = [len(s.encode()) for s in ref_text]
-    wr = win_rate(pol_score, ref_score)
-    lc = length_controlled_win_rate(pol_score, ref_score, pol_len, ref_len)
-    # The KL estimate is unbiased only on draws from π_θ itself, not from a tempered or
-    # truncated sampler; the same seed keeps the two sample sets comparable.
-    kl_samples = "eval" if sampling.pure else "separate temperature-1 samples"
-    if not sampling.pure:
-        pol_ids, _ = draw(policy, tokenizer, prompts, sampling.as_pure(), ecfg, "sampling for KL")
-    kl, kl_se = monte_carlo_kl(policy, reference, tokenizer, prompts, pol_ids, ecfg.batch_size)
-    n = len(prompts)
-    metrics = {
-        **preference_accuracy(val_metrics or {}, reflection),
-        "eval/score/policy": sum(pol_score) / n,
-        "eval/score/reference": sum(ref_score) / n,
-        "eval/win_rate": wr.rate,
-        "eval/win_rate_low": wr.low,
-        "eval/win_rate_high": wr.high,
-        "eval/lc_win_rate": lc.rate,
-        "eval/lc_identified": float(lc.identified),
-        "eval/length/policy": sum(pol_len) / n,
-        "eval/length/reference": sum(ref_len) / n,
-        "eval/kl": kl,
-        "eval/kl_se": kl_se,
-        "eval/n_prompts": float(n),
-    }
-    if ecfg.scorer == "gold":
-        from inspo.data.synthetic import is_valid
-
-        metrics["eval/valid/policy"] = sum(map(is_valid, pol_text)) / n
-        metrics["eval/valid/reference"] = sum(map(is_valid, ref_text)) / n
-    metrics["eval/seconds"] = time.perf_counter() - t0
-    rows = [
-        {"prompt": p, "policy": a, "reference": b, "policy_score": sa, "reference_score": sb}
-        for p, a, b, sa, sb in zip(prompts, pol_text, ref_text, pol_score, ref_score, strict=True)
-    ]
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        dump = {
-            "generations.json": alpaca_eval_records(prompts, pol_text, generator),
-            "reference_generations.json": alpaca_eval_records(
-                prompts, ref_text, reference_generator
-            ),
-            "samples.json": rows,
-            "metrics.json": {
-                "metrics": metrics,
-                "config": asdict(ecfg),
-                "device": str(next(policy.parameters()).device),
-                "kl_samples": kl_samples,
-            },
-        }
-        for name, obj in dump.items():
-            (out / name).write_text(json.dumps(obj, indent=2) + "\n")
-    return metrics, rows
+    pol = draw_and_score(policy, tokenizer, prompts, ecfg, scorer, "sampling policy")
+    if reference_samples is None:
+        ref = draw_and_score(reference, tokenizer, prompts, ecfg, scorer, "sampling reference")
+    else:
+        ref = Samples([], reference_samples, scorer(prompts, reference_samples))
+    kl, kl_samples = kl_metrics(policy, reference, tokenizer, prompts, pol.ids, ecfg)
+    metrics = {**comparison(pol, ref), **kl, EVAL_N_PROMPTS: float(len(prompts))}
+    metrics |= validity(scorer, pol, ref)
+    metrics[EVAL_SECONDS] = time.perf_counter() - t0
+    return Evaluation(prompts, pol, ref, metrics, kl_samples)
 
 
 def draw(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
-    sampling: SamplingConfig,
     ecfg: EvalConfig,
     desc: str,
+    sampling: SamplingConfig | None = None,
 ) -> tuple[list[list[int]], list[str]]:
-    """One sample per prompt: (token ids, texts)."""
+    """One sample per prompt with ``ecfg``'s sampling (or ``sampling``): (token ids, texts)."""
     groups = sample(
         model,
         tokenizer,
         prompts,
-        sampling,
+        sampling or ecfg.sampling(),
         batch_size=ecfg.batch_size,
         progress=ecfg.progress,
         desc=desc,
     )
     return [g[0].ids for g in groups], [g[0].text for g in groups]
+
+
+def draw_and_score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    ecfg: EvalConfig,
+    scorer: Scorer,
+    desc: str,
+) -> Samples:
+    ids, texts = draw(model, tokenizer, prompts, ecfg, desc)
+    return Samples(ids, texts, scorer(prompts, texts))
+
+
+def comparison(policy: Samples, reference: Samples) -> dict[str, float]:
+    """Mean scores and lengths, the win rate (Wilson 95% interval) and the length-controlled
+    win rate of the policy's samples over the reference's, prompt by prompt."""
+    n = len(policy.texts)
+    wr = win_rate(policy.scores, reference.scores)
+    pol_len, ref_len = policy.lengths, reference.lengths
+    lc = length_controlled_win_rate(policy.scores, reference.scores, pol_len, ref_len)
+    return {
+        EVAL_SCORE: sum(policy.scores) / n,
+        EVAL_SCORE_REFERENCE: sum(reference.scores) / n,
+        EVAL_WIN_RATE: wr.rate,
+        EVAL_WIN_RATE_LOW: wr.low,
+        EVAL_WIN_RATE_HIGH: wr.high,
+        EVAL_LC_WIN_RATE: lc.rate,
+        EVAL_LC_IDENTIFIED: float(lc.identified),
+        EVAL_LENGTH: sum(pol_len) / n,
+        EVAL_LENGTH_REFERENCE: sum(ref_len) / n,
+    }
+
+
+def kl_metrics(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    policy_ids: list[list[int]],
+    ecfg: EvalConfig,
+) -> tuple[dict[str, float], str]:
+    """Monte-Carlo KL(π_θ ‖ π_ref) and its standard error, and which samples it used. The
+    estimate is unbiased only on draws from π_θ itself, not from a tempered or truncated
+    sampler: those get separate temperature-1 samples with the same seed (comparable sets)."""
+    sampling = ecfg.sampling()
+    kl_samples = KL_ON_EVAL if sampling.pure else KL_ON_SEPARATE
+    if not sampling.pure:
+        pure = sampling.as_pure()
+        policy_ids, _ = draw(policy, tokenizer, prompts, ecfg, "sampling for KL", pure)
+    kl, se = monte_carlo_kl(policy, reference, tokenizer, prompts, policy_ids, ecfg.batch_size)
+    return {EVAL_KL: kl, EVAL_KL_SE: se}, kl_samples
+
+
+def validity(scorer: Scorer, policy: Samples, reference: Samples) -> dict[str, float]:
+    """The share of valid answers, for a scorer that knows them (the gold reward)."""
+    valid: Callable[[Sequence[str]], list[bool]] | None = getattr(scorer, "valid", None)
+    if valid is None:
+        return {}
+    n = len(policy.texts)
+    return {
+        EVAL_VALID: sum(valid(policy.texts)) / n,
+        EVAL_VALID_REFERENCE: sum(valid(reference.texts)) / n,
+    }
+
+
+# --------------------------------------------------------------------------- files
+def alpaca_eval_records(
+    prompts: Sequence[str], outputs: Sequence[str], generator: str
+) -> list[dict[str, str]]:
+    """AlpacaEval's model-outputs format: ``[{"instruction", "output", "generator"}]``."""
+    return [
+        {"instruction": p, "output": o, "generator": generator}
+        for p, o in zip(prompts, outputs, strict=True)
+    ]
+
+
+def save(
+    ev: Evaluation,
+    out_dir: str | Path,
+    ecfg: EvalConfig,
+    device: Any,
+    generator: str = "policy",
+    reference_generator: str = "reference",
+) -> None:
+    """The AlpacaEval files, ``samples.json`` and ``metrics.json`` (with the device and the
+    samples the KL was estimated on) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"metrics": ev.metrics, "config": as_dict(ecfg), "device": str(device)}
+    files = {
+        "generations.json": alpaca_eval_records(ev.prompts, ev.policy.texts, generator),
+        "reference_generations.json": alpaca_eval_records(
+            ev.prompts, ev.reference.texts, reference_generator
+        ),
+        "samples.json": ev.rows(),
+        "metrics.json": info | {"kl_samples": ev.kl_samples},
+    }
+    for name, obj in files.items():
+        write_json(out / name, obj)
 
 
 def log_wandb(run: Any, metrics: dict[str, float], rows: list[dict], n_table: int) -> None:
@@ -220,27 +289,38 @@ def log_wandb(run: Any, metrics: dict[str, float], rows: list[dict], n_table: in
 
     cols = ["prompt", "policy", "reference", "policy_score", "reference_score"]
     table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows[:n_table]])
-    run.log({**metrics, "eval/samples": table})
+    run.log({**metrics, EVAL_SAMPLES: table})
 
 
 # --------------------------------------------------------------------------- sources
-def eval_prompts(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The run's held-out eval prompts: those of ``data.eval_split`` (on the built-in task
-    ``eval``, the test prompts, or ``tune``, the tuning prompts), or, when it is null, of the
-    val split. A named split the data lacks is an error, not a silent fallback: a tuning run
-    must never be scored on the test prompts."""
-    from hydra.utils import instantiate
-
+def eval_split(raw: Mapping[str, Any], data: DataConfig) -> str:
+    """The split of ``raw`` (the data's ``{split: rows}``) the evaluation samples the prompts
+    of: ``data.eval_split``, or the val split when it is null; a DataError when the data lack
+    it."""
     from inspo.data.report import DataError
-    from inspo.data.rows import to_text
 
-    raw = instantiate(cfg.data.source, _partial_=True)()
-    split = cfg.data.get("eval_split") or cfg.data.val_split
+    split = data.eval_split or data.val_split
     if split not in raw:
         raise DataError(
             f"data.eval_split={split!r}: the data have no such split (they have "
             f"{', '.join(map(repr, raw))}); name one of them, or null for the val split"
         )
+    return split
+
+
+def eval_prompts(
+    source: Callable[[], dict[str, Sequence[Any]]],
+    data: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+) -> list[str]:
+    """The held-out eval prompts of ``source``'s rows, each once, in order: those of
+    ``data.eval_split`` (on the built-in task ``eval``, the test prompts, or ``tune``, the
+    tuning prompts), or, when it is null, of the val split. A named split the data lack is an
+    error, not a silent fallback: a tuning run must never be scored on the test prompts."""
+    from inspo.data.rows import to_text
+
+    raw = source()
+    split = eval_split(raw, data)
     seen: dict[str, None] = {}
     for row in raw[split]:
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and "chosen" not in row:
@@ -252,29 +332,33 @@ def eval_prompts(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> list[st
     return list(seen)
 
 
-def initial_policy(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The run's starting policy, rebuilt from ``model.*`` (the tiny model is seeded)."""
-    from inspo.models.load import load_policy
+def initial_policy(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The run's starting policy, rebuilt from its ``model`` settings (the tiny model is
+    seeded), without its LoRA adapter."""
+    from inspo.models.load import load_model
 
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    m.pop("tokenizer", None)
-    m.pop("lora", None)
-    m["gradient_checkpointing"] = False
-    return load_policy(tokenizer=tokenizer, **m)
+    return load_model(replace(model, lora=None, gradient_checkpointing=False), tokenizer)
 
 
 def reference_policy(
-    cfg: DictConfig, ecfg: EvalConfig, tokenizer: PreTrainedTokenizerBase
+    model: ModelConfig, ecfg: EvalConfig, tokenizer: PreTrainedTokenizerBase
 ) -> PreTrainedModel:
+    """What the policy is compared with: ``eval.reference``, else the run's initial policy."""
     from inspo.models.load import load_policy
 
     if ecfg.reference:
         return load_policy(ecfg.reference)
-    return initial_policy(cfg, tokenizer)
+    return initial_policy(model, tokenizer)
 
 
+def generator_name(settings: RunConfig, run_dir: Path) -> str:
+    """The AlpacaEval ``generator`` of a run's samples: its name and its folder."""
+    return f"{settings.run_name or run_name(settings)}/{run_dir.name}"
+
+
+# --------------------------------------------------------------------------- stages
 def eval_stage(
-    cfg: DictConfig,
+    settings: RunConfig,
     policy: PreTrainedModel,
     tokenizer: Any,
     metrics: dict,
@@ -285,34 +369,21 @@ def eval_stage(
 
     Runs on ``eval.device`` as ``inspo-eval`` does, and puts the policy back where it was.
     """
-    ecfg = EvalConfig.from_cfg(cfg.eval)
+    ecfg = settings.eval
     was_training, home = policy.training, next(policy.parameters()).device
-    prompts = eval_prompts(cfg, tokenizer)
+    prompts = eval_prompts(source_of(settings.data), settings.data, tokenizer)
     device = resolve_device(ecfg.device)
     policy.to(device)
-    reference = reference_policy(cfg, ecfg, tokenizer).to(device)
+    reference = reference_policy(settings.model, ecfg, tokenizer).to(device)
     try:
-        out, rows = evaluate(
-            policy,
-            reference,
-            tokenizer,
-            prompts,
-            ecfg,
-            out_dir=run_dir / "eval",
-            generator=generator_name(cfg, run_dir),
-            val_metrics=metrics,
-            reflection=cfg.reflection.mode,
-        )
+        ev = evaluate(policy, reference, tokenizer, prompts, ecfg)
     finally:
         policy.to(home).train(was_training)
+    ev.metrics = preference_accuracy(metrics, settings.reflection.mode) | ev.metrics
+    save(ev, run_dir / "eval", ecfg, device, generator_name(settings, run_dir))
     if logger is not None and type(logger).__name__ == "WandbLogger":
-        log_wandb(logger.experiment, out, rows, ecfg.n_table)
-    return out
-
-
-def generator_name(cfg: DictConfig, run_dir: Path) -> str:
-    """The AlpacaEval ``generator`` of a run's samples: its name and its folder."""
-    return f"{run_name(cfg)}/{run_dir.name}"
+        log_wandb(logger.experiment, ev.metrics, ev.rows(), ecfg.n_table)
+    return ev.metrics
 
 
 def evaluate_run(
@@ -326,35 +397,31 @@ def evaluate_run(
     """``inspo-eval``: evaluate a finished run's policy (or ``policy_path``) as its training
     config says, on ``ecfg``'s settings; writes ``out_dir`` (default RUN_DIR/eval) and, for the
     run's own policy, adds the metrics to its summary.json. Returns (metrics, out_dir)."""
+    from omegaconf import OmegaConf
+
     from inspo.models.load import load_policy, load_tokenizer
 
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    settings = load_saved(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     path = policy_path or str(run_dir / "policy")
     tokenizer = load_tokenizer(path)
     device = resolve_device(ecfg.device)
     policy = load_policy(path).to(device)
-    reference = reference_policy(cfg, ecfg, tokenizer).to(device)
+    reference = reference_policy(settings.model, ecfg, tokenizer).to(device)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    prompts = eval_prompts(source_of(settings.data), settings.data, tokenizer)
+    ev = evaluate(policy, reference, tokenizer, prompts, ecfg)
+    accuracy = preference_accuracy(summary.get("metrics") or {}, settings.reflection.mode)
+    ev.metrics = accuracy | ev.metrics
     out_dir = out_dir or run_dir / "eval"
-    metrics, rows = evaluate(
-        policy,
-        reference,
-        tokenizer,
-        eval_prompts(cfg, tokenizer),
-        ecfg,
-        out_dir=out_dir,
-        generator=generator_name(cfg, run_dir),
-        val_metrics=summary.get("metrics"),
-        reflection=cfg.reflection.mode,
-    )
+    save(ev, out_dir, ecfg, device, generator_name(settings, run_dir))
     if summary and policy_path is None:
-        summary["metrics"] = {**summary["metrics"], **metrics}
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        summary["metrics"] = {**summary["metrics"], **ev.metrics}
+        write_json(summary_path, summary)
     if log_to_wandb:
         import wandb
 
-        run = wandb.init(project="inspo", job_type="eval", config=asdict(ecfg))
-        log_wandb(run, metrics, rows, ecfg.n_table)
+        run = wandb.init(project="inspo", job_type="eval", config=as_dict(ecfg))
+        log_wandb(run, ev.metrics, ev.rows(), ecfg.n_table)
         run.finish()
-    return metrics, out_dir
+    return ev.metrics, out_dir

@@ -30,28 +30,29 @@ from typing import Any
 
 import torch
 
+from inspo.jsonio import write_json
 from inspo.names import (
     EOS_RATE,
+    EVAL,
     EVAL_KL,
+    EVAL_KL_SE,
     EVAL_LC_WIN_RATE,
     EVAL_LENGTH,
+    EVAL_N_PROMPTS,
     EVAL_PLAIN_ACCURACY,
     EVAL_SCORE,
+    EVAL_SECONDS,
     EVAL_VALID,
     EVAL_WIN_RATE,
+    EVAL_WIN_RATE_HIGH,
+    EVAL_WIN_RATE_LOW,
     PLAIN_ACCURACY,
     SCORES,
     SCORES_MARGIN,
     VIEW_ACCURACY,
 )
 
-SKIP_METRICS = (
-    "eval/seconds",
-    "eval/n_prompts",
-    "eval/win_rate_low",
-    "eval/win_rate_high",
-    "eval/kl_se",
-)
+SKIP_METRICS = (EVAL_SECONDS, EVAL_N_PROMPTS, EVAL_WIN_RATE_LOW, EVAL_WIN_RATE_HIGH, EVAL_KL_SE)
 EXTRA_METRICS = (PLAIN_ACCURACY, VIEW_ACCURACY)
 DEFAULT_GROUP = ("objective", "reflection")
 # The summary table's columns, when a sweep has them: what the InSPO claims are about.
@@ -90,16 +91,16 @@ class Plot:
 PLOTS = (
     Plot(
         "frontier.png",
-        "eval/kl",
-        "eval/score/policy",
+        EVAL_KL,
+        EVAL_SCORE,
         "KL(π_θ ‖ π_ref) (MC, nats)",
         "score of the policy's samples",
         "reward–KL frontier",
     ),
     Plot(
         "winrate_length.png",
-        "eval/length/policy",
-        "eval/win_rate",
+        EVAL_LENGTH,
+        EVAL_WIN_RATE,
         "mean length (bytes)",
         "win rate vs reference",
         "win rate vs mean length",
@@ -143,7 +144,7 @@ def group_name(choices: dict[str, Any], keys: tuple[str, ...]) -> str:
 
 
 def metric_names(runs: list[dict[str, Any]]) -> list[str]:
-    names = {k for r in runs for k in r["metrics"] if k.startswith("eval/") or k in EXTRA_METRICS}
+    names = {k for r in runs for k in r["metrics"] if k.startswith(EVAL) or k in EXTRA_METRICS}
     return sorted(n for n in names if n not in SKIP_METRICS)
 
 
@@ -170,11 +171,14 @@ def divergence_inputs(runs: list[dict[str, Any]], n_prompts: int) -> list[tuple[
             return [(x["instruction"], x["output"]) for x in rows]
     for r in runs:
         if r["config"] is not None:
+            from inspo.data.sources import source_of
             from inspo.evaluation.stage import eval_prompts
             from inspo.models.load import load_tokenizer
+            from inspo.settings import load_saved
 
+            data = load_saved(r["config"]).data
             tok = load_tokenizer(str(r["dir"] / "policy"))
-            return [(p, "") for p in eval_prompts(r["config"], tok)[:n_prompts]]
+            return [(p, "") for p in eval_prompts(source_of(data), data, tok)[:n_prompts]]
     return []
 
 
@@ -400,7 +404,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
             pts = points(report, p, gname)
             if pts:
                 ax.scatter(*zip(*pts, strict=True), label=gname, marker=markers[i % len(markers)])
-        if p.y == "eval/win_rate":
+        if p.y == EVAL_WIN_RATE:
             ax.axhline(0.5, color="grey", ls="--", lw=1)
         ax.set_xlabel(p.x_label)
         ax.set_ylabel(p.y_label)
@@ -488,7 +492,7 @@ def write_report(
     report = build_report(runs, DEFAULT_GROUP + group_by, divergence, divergence_prompts)
     out = out or sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(out / "report.json", report)
     md = to_markdown(report)
     (out / "report.md").write_text(md + "\n")
     plots = plot(report, out)

@@ -1,6 +1,8 @@
 """Policies, references and tokenizers: the embedded tiny model and anything from_pretrained.
 
-The embedded default (``model=tiny``) is a small Llama with random weights and a byte-level
+:func:`load_model` builds the policy of the ``model`` settings
+(:class:`~inspo.settings.ModelConfig`); :func:`load_policy` loads a saved checkpoint. The
+embedded default (``model=tiny``) is a small Llama with random weights and a byte-level
 tokenizer built in memory, so the whole pipeline runs with no downloads. Both save with
 ``save_pretrained`` and load back with the ``Auto*`` classes, so a trained tiny policy is an
 ordinary Hugging Face checkpoint.
@@ -9,6 +11,7 @@ ordinary Hugging Face checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Any
 
@@ -26,9 +29,12 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from inspo.names import Dtype
+from inspo.settings import LoraConfig, ModelConfig, TinyConfig
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {Dtype.fp32: torch.float32, Dtype.bf16: torch.bfloat16, Dtype.fp16: torch.float16}
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>")
 
 
@@ -53,26 +59,24 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(
-    vocab_size: int = 259,
-    hidden_size: int = 256,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    intermediate_size: int | None = None,
-    max_position_embeddings: int = 512,
-    seed: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
     num_labels: int | None = None,
+    **sizes: Any,
 ) -> LlamaForCausalLM | LlamaForSequenceClassification:
-    """A random-init Llama sized for CPU experiments (≈3.4 M parameters by default); with
-    ``num_labels``, the same decoder as a sequence classifier (a reward model's head)."""
+    """A random-init Llama sized for CPU experiments: 3.2 M parameters by default, 0.8 M at
+    ``hidden_size=128`` (the demo's). ``sizes``: fields of :class:`~inspo.settings.TinyConfig`
+    (its defaults and checks; ``seed`` None is 0). With ``num_labels``, the same decoder as a
+    sequence classifier (a reward model's head)."""
+    t = TinyConfig(**sizes)
+    hidden_size = t.hidden_size
     cfg = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=t.vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size or int(hidden_size * 8 / 3 // 8 * 8),
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
+        intermediate_size=t.intermediate_size or int(hidden_size * 8 / 3 // 8 * 8),
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings,
         tie_word_embeddings=True,
     )
     if tokenizer is not None:
@@ -82,7 +86,7 @@ def tiny_llama(
     if num_labels is not None:
         cfg.num_labels = num_labels
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(t.seed or 0)
         return LlamaForCausalLM(cfg) if num_labels is None else LlamaForSequenceClassification(cfg)
 
 
@@ -129,71 +133,55 @@ def turn_off_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_policy(
-    name_or_path: str | None = None,
-    tiny: dict[str, Any] | None = None,
-    dtype: str = "fp32",
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    gradient_checkpointing: bool = False,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    revision: str | None = None,
-    lora: dict[str, Any] | None = None,
-    disable_dropout: bool = True,
-) -> PreTrainedModel:
-    """Build the policy: ``tiny_llama(**tiny)`` when no path is given, else ``from_pretrained``.
-
-    Dropout is off unless ``disable_dropout=False`` (see :func:`turn_off_dropout`)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    if name_or_path is None:
-        model = tiny_llama(tokenizer=tokenizer, **(tiny or {})).to(DTYPES[dtype])
+def load_model(m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """The policy of ``model`` settings: ``tiny_llama(**m.tiny)`` when no path is given, else
+    ``from_pretrained``; dropout off unless ``m.disable_dropout`` is false (see
+    :func:`turn_off_dropout`), activation checkpointing and a LoRA adapter when asked."""
+    dtype = DTYPES[m.dtype]
+    if m.name_or_path is None:
+        model = tiny_llama(tokenizer, **dataclasses.asdict(m.tiny)).to(dtype)
+        if m.attn_implementation:
+            model.set_attn_implementation(m.attn_implementation)
     else:
-        kwargs = pretrained_kwargs(dtype, trust_remote_code, attn_implementation, revision)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    if name_or_path is None and attn_implementation:
-        model.set_attn_implementation(attn_implementation)
-    if disable_dropout:
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **pretrained_kwargs(m))
+    if m.disable_dropout:
         turn_off_dropout(model)
-    if gradient_checkpointing:
+    if m.gradient_checkpointing:
         enable_checkpointing(model)
-    if lora:
-        model = add_lora(model, **lora)
+    if m.lora is not None:
+        model = add_lora(model, m.lora)
     return model
 
 
-def pretrained_kwargs(
-    dtype: str, trust_remote_code: bool, attn_implementation: str | None, revision: str | None
-) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments of the ``model.*`` keys."""
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if revision:
-        kwargs["revision"] = revision
+def load_policy(path: str, **settings: Any) -> PreTrainedModel:
+    """A saved checkpoint (a run's ``policy/``, a Hub id) with the defaults of
+    :class:`~inspo.settings.ModelConfig`, or the given ones (``dtype=...``, ...)."""
+    return load_model(ModelConfig(name_or_path=str(path), tiny=None, **settings))
+
+
+def pretrained_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of the ``model`` settings."""
+    kwargs: dict[str, Any] = {"dtype": DTYPES[m.dtype], "trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
     return kwargs
 
 
-def add_lora(
-    model: PreTrainedModel,
-    r: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    target_modules: list[str] | str | None = "all-linear",
-) -> PreTrainedModel:
+def add_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
     """Wrap ``model`` with a LoRA adapter (the ``peft`` extra); only the adapter trains.
 
     With ``reference=adapter_disabled`` the reference is this same model with the adapter off.
     """
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("model.lora needs peft: pip install 'inspo[peft]'") from e
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
+    cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, cfg)

@@ -14,7 +14,7 @@ agree.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict
 
 import torch
 from torch import Tensor
@@ -33,44 +33,33 @@ from inspo.models.load import (
 )
 from inspo.models.packed_attention import PACK_KWARG, PackingUnsupported, empty_mask
 from inspo.models.packing import pack_view, shared_contexts
-from inspo.models.scoring import Scoring, TokenCount, _refuse, can_pack, forward
+from inspo.models.scoring import Scoring, TokenCount, _refuse, forward, packed
+from inspo.settings import ModelConfig, SettingError
 
 
 def load_reward_model(
-    name_or_path: str | None = None,
-    tiny: dict[str, Any] | None = None,
-    dtype: str = "fp32",
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    gradient_checkpointing: bool = False,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    revision: str | None = None,
-    lora: dict[str, Any] | None = None,
-    disable_dropout: bool = True,
+    m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> PreTrainedModel:
-    """A one-label sequence classifier: ``tiny_llama(**tiny)``'s architecture when no path is
-    given, else ``AutoModelForSequenceClassification.from_pretrained`` (a causal-LM checkpoint
-    gets a new head, initialised from the seeded RNG; a reward model loads as it is). Takes the
-    ``model.*`` keys of a policy; the pad token id is the tokenizer's."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    if lora:
-        raise ValueError("model.lora: a reward model trains all its weights (set model.lora=null)")
-    if name_or_path is None:
-        model = tiny_llama(tokenizer=tokenizer, num_labels=1, **(tiny or {})).to(DTYPES[dtype])
-        if attn_implementation:
-            model.set_attn_implementation(attn_implementation)
+    """A one-label sequence classifier of the ``model`` settings: ``tiny_llama(**m.tiny)``'s
+    architecture when no path is given, else ``AutoModelForSequenceClassification
+    .from_pretrained`` (a causal-LM checkpoint gets a new head, initialised from the seeded RNG;
+    a reward model loads as it is). The pad token id is the tokenizer's."""
+    if m.lora is not None:
+        raise SettingError("model.lora", "a reward model trains all its weights (set it null)")
+    if m.name_or_path is None:
+        model = tiny_llama(tokenizer, num_labels=1, **asdict(m.tiny)).to(DTYPES[m.dtype])
+        if m.attn_implementation:
+            model.set_attn_implementation(m.attn_implementation)
     else:
-        kwargs = pretrained_kwargs(dtype, trust_remote_code, attn_implementation, revision)
         model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, num_labels=1, **kwargs
+            m.name_or_path, num_labels=1, **pretrained_kwargs(m)
         )
     if tokenizer is not None:
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
-    if disable_dropout:
+    if m.disable_dropout:
         turn_off_dropout(model)
-    if gradient_checkpointing:
+    if m.gradient_checkpointing:
         enable_checkpointing(model)
     return model
 
@@ -115,7 +104,7 @@ def score_rewards(
         logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
         return _float(logits[:, 0]), padded
     decoder, head = parts
-    if how.packing and can_pack(model):
+    if packed(model, how):
         try:
             return _packed_rewards(model, decoder, head, view, last, how.packing_kernel)
         except PackingUnsupported as e:  # found during the forward: scored padded from now on

@@ -1,6 +1,6 @@
 """Sampling responses from a causal LM, explicitly and reproducibly.
 
-Everything that shapes the samples is in :class:`SamplingConfig`; the model's
+Everything that shapes the samples is in :class:`~inspo.settings.SamplingConfig`; the model's
 ``generation_config`` (a checkpoint's ``repetition_penalty``, ``no_repeat_ngram_size``,
 ``min_length``, ``top_k``, ...) is never read, so the samples are draws from the distribution
 the config names and nothing else. That matters for anything computed from them: a Monte-Carlo
@@ -34,40 +34,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
 from inspo.models.hf_compat import cache_kwargs
+from inspo.settings import SamplingConfig
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to sample: the complete list (nothing else is read from the model).
-
-    Processing order: temperature, then top-k, then top-p. ``temperature=0`` is greedy
-    decoding (top-k, top-p and the seed are then irrelevant); ``top_k=0`` and ``top_p=1`` are off.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"invalid sampling config {self}")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def pure(self) -> bool:
-        """True when the samples are draws from the model's own distribution."""
-        return self.temperature == 1 and self.top_p == 1 and self.top_k == 0
-
-    def as_pure(self) -> SamplingConfig:
-        """The same lengths and seed, sampling from the model's own distribution."""
-        return replace(self, temperature=1.0, top_p=1.0, top_k=0)
+__all__ = ["Sample", "SamplingConfig", "prompt_ids", "sample", "sample_ids"]
 
 
 @dataclass(frozen=True)

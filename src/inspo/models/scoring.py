@@ -10,8 +10,9 @@ reference's precomputed scores and for evaluation. It picks the cheapest exact p
 - full logits with a chunked log-softmax (:func:`sequence_logps`) when the caller needs the
   logits or the model's head is not a plain linear map;
 - with ``Scoring.packing``, every one of these on the view's rows packed into one sequence
-  without padding (:func:`packed_logps`; pairs that share a context hold it once), falling back
-  to the padded view, with one warning, for a model that cannot pack.
+  without padding (:func:`packed_logps`; pairs that share a context hold it once), for a model
+  switched to packing where it was prepared (:func:`prepare_packing`); a model that cannot pack
+  (one warning there) or was not prepared is scored padded.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ class Scoring:
     head allows it). ``share_prompt``: run a pair's shared context once (needs the scored-head
     path and a plain KV cache; off under activation checkpointing, which drops the cache).
     ``logp_chunk``: sequence chunk of the full-logits path's log-softmax. ``packing``: run the
-    view's rows as one sequence without padding (``data.packing``). ``packing_kernel``: how a
-    packed sequence's attention is computed (``data.packing_kernel``:
-    :data:`~inspo.models.varlen_attention.PACKING_KERNELS`; ``auto`` by device).
+    view's rows as one sequence without padding (``data.packing``), on models prepared with
+    :func:`prepare_packing`. ``packing_kernel``: how a packed sequence's attention is computed
+    (``data.packing_kernel``: :data:`~inspo.models.varlen_attention.PACKING_KERNELS`; ``auto``
+    by device).
     """
 
     scored_lm_head: bool = True
@@ -120,7 +122,7 @@ def score_sequences(
     come back only when ``need_logits`` or when the model's head forces the full-logits path."""
     ids, scored = view["input_ids"], view["loss_mask"]
     parts = split_lm_head(model) if how.scored_lm_head and not need_logits else None
-    if how.packing and can_pack(model):
+    if packed(model, how):
         try:
             return packed_logps(model, parts, view, how)
         except PackingUnsupported as e:  # found during the forward: nothing of it is kept
@@ -426,26 +428,47 @@ def shared_prompt_logps(
 
 
 # --------------------------------------------------------------------------- packed rows
-#: Per model: None when it runs packed sequences, else why not (decided once, then cached).
+#: Per model: None when it runs packed sequences, else why not.
 _PACKING: weakref.WeakKeyDictionary[torch.nn.Module, str | None] = weakref.WeakKeyDictionary()
 _WARNED: set[tuple[str, str]] = set()
 
 
-def can_pack(model: torch.nn.Module) -> bool:
-    """Whether ``model`` runs packed sequences; on the first call, switches it to the packing
-    attention wrapper, or warns once why it cannot (its batches are then scored padded)."""
+def prepare_packing(model: torch.nn.Module) -> bool:
+    """Switch ``model`` to the packing attention wrapper (identical results for ordinary calls),
+    where the model is prepared for training; or warn once why it cannot, and return False
+    (its batches are then scored padded). Idempotent."""
     if model not in _PACKING:
         reason = packing_blocker(model)
         if reason is None:
             enable_packing(model)
-        _PACKING[model] = reason
-        if reason is not None:
+            _PACKING[model] = None
+        else:
             _refuse(model, reason)
-    return _PACKING[model] is None
+    return packs(model)
+
+
+def packed(model: torch.nn.Module, how: Scoring) -> bool:
+    """Whether ``model`` is scored packed under ``how``: asked for, and the model was prepared
+    (a model that was not is scored padded, with one warning)."""
+    if not how.packing:
+        return False
+    if model not in _PACKING:
+        _warn_once(model, "it was not prepared for them (prepare_packing, where it is built)")
+    return packs(model)
+
+
+def packs(model: torch.nn.Module) -> bool:
+    """Whether ``model`` was prepared for packed rows (:func:`prepare_packing`) and has not
+    refused a packed forward since. Changes nothing."""
+    return model in _PACKING and _PACKING[model] is None
 
 
 def _refuse(model: torch.nn.Module, reason: str) -> None:
     _PACKING[model] = reason
+    _warn_once(model, reason)
+
+
+def _warn_once(model: torch.nn.Module, reason: str) -> None:
     key = (type(model).__name__, reason)
     if key not in _WARNED:
         _WARNED.add(key)

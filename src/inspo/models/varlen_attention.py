@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from inspo.names import PackingKernel
+
 if TYPE_CHECKING:
     from inspo.models.packed_attention import Blocks
 
 #: ``data.packing_kernel``: how a packed sequence's attention is computed.
-PACKING_KERNELS = ("auto", "blocks", "flex", "varlen")
+PACKING_KERNELS = tuple(k.value for k in PackingKernel)
 #: Query and key tile of the flex block mask (flex attention's default).
 TILE = 128
 HALF = (torch.bfloat16, torch.float16)

@@ -20,20 +20,22 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from inspo.models.sampling import Sample, SamplingConfig, sample_ids
+from inspo.models.sampling import Sample, sample_ids
+from inspo.settings import Sampling, SamplingConfig, at_least
 
 
 @dataclass
-class Backend:
-    """Base class: the sampling settings and the binding to a policy."""
+class Backend(Sampling):
+    """Base class: the sampling settings (:class:`~inspo.settings.Sampling`, checked when the
+    backend is built) and the binding to a policy."""
 
     policy: Any = field(default=None, init=False, repr=False)  # set by bind()
     tokenizer: Any = field(default=None, init=False, repr=False)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 48
     batch_size: int = 256  # decoded rows per forward
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        at_least("batch_size", self.batch_size, 1)
 
     def sampling(self, seed: int) -> SamplingConfig:
         return SamplingConfig(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inspo.evaluation.scorers import RewardModelScorer, make_scorer
+from inspo.names import GOLD
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Gold(ScalarJudge):
     """The built-in task's gold reward."""
 
     def scorer(self) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
-        return make_scorer("gold")
+        return make_scorer(GOLD)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from inspo.data.report import DataReport
 from inspo.data.rows import is_messages, render_chat, to_text
-from inspo.names import ERROR
+from inspo.names import ERROR, OverLong
 
 SPLIT = "prompts"  # the data report's name for the pool
 
@@ -99,7 +99,7 @@ def check_prompts(
             continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_length:
-            if over_long == "drop":
+            if over_long == OverLong.drop:
                 report.skip(SPLIT, "over_long", row_id)
                 continue
             ids, rep.truncated = ids[-max_prompt_length:], rep.truncated + 1

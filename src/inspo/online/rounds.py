@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +32,9 @@ from inspo.online import processes
 from inspo.online.builder import RoundBuilder, RoundError
 from inspo.online.records import PlainReference, Round
 from inspo.online.store import RoundStore
+from inspo.settings import IterateConfig
 
 __all__ = ["IterateConfig", "RoundEnd", "RoundError", "Rounds"]
-
-
-@dataclass
-class IterateConfig:
-    """``iterate.*`` of ``conf/iterate.yaml``."""
-
-    rounds: int = 4
-    steps_per_round: int = 50
-    samples_per_prompt: int = 2
-    reference: str = "initial"  # initial | previous: the last round's policy (see online.run)
-    save_rounds: bool = True  # a folder per round (samples, pairs, report, evaluation)
-    eval_every: int = 1  # evaluate every k rounds (and after the last); 0: after the last only
-    max_prompts_factor: int = 20  # a round gives up after this many × the pairs it needs
 
 
 class Rounds:

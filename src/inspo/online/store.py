@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from inspo.jsonio import json_line, write_json
 from inspo.online.records import (
     PairRecord,
     PairTokens,
@@ -61,8 +62,8 @@ class RoundStore:
         write_lines(tmp / "samples.jsonl", (asdict(s) for s in r.samples))
         write_lines(tmp / PAIRS, (asdict(p.record) for p in r.pairs))
         write_lines(tmp / TOKENS, (token_line(p) for p in r.pairs))
-        atomic_json(tmp / "data_report.json", {"round": r.index, **span(r), **asdict(r.report)})
-        atomic_json(tmp / "round.json", round_json(r, r.metrics))
+        write_json(tmp / "data_report.json", {"round": r.index, **span(r), **asdict(r.report)})
+        write_json(tmp / "round.json", round_json(r, r.metrics))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
 
@@ -90,9 +91,9 @@ class RoundStore:
         """At the round's end: ``iterate.json`` (every round so far) and the round's
         ``round.json`` with its final metrics."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_json(self.out_dir / "iterate.json", {"rounds": history})
+        write_json(self.out_dir / "iterate.json", {"rounds": history})
         if self.save and self.folder(r.index).exists():
-            atomic_json(self.folder(r.index) / "round.json", round_json(r, metrics))
+            write_json(self.folder(r.index) / "round.json", round_json(r, metrics))
 
 
 def span(r: Round) -> dict[str, int]:
@@ -116,10 +117,4 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 def write_lines(path: Path, objects: Any) -> None:
     with open(path, "w") as f:
         for obj in objects:
-            f.write(json.dumps(obj) + "\n")
-
-
-def atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+            f.write(json_line(obj))

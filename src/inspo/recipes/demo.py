@@ -13,16 +13,32 @@ Writes ``OUT/demo.json``, ``OUT/demo.png`` and one run folder per stage; returns
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from inspo.config import compose_config
-from inspo.evaluation.stage import EvalConfig, eval_prompts, evaluate
+from inspo.data.sources import source_of
+from inspo.evaluation.metrics import preference_accuracy
+from inspo.evaluation.stage import eval_prompts, evaluate, save
+from inspo.jsonio import write_json
 from inspo.models.load import load_policy, load_tokenizer
-from inspo.names import EVAL_PLAIN_ACCURACY, EVAL_REFLECTIVE_ACCURACY
+from inspo.names import (
+    EVAL_KL,
+    EVAL_LC_IDENTIFIED,
+    EVAL_LC_WIN_RATE,
+    EVAL_LENGTH,
+    EVAL_LENGTH_REFERENCE,
+    EVAL_PLAIN_ACCURACY,
+    EVAL_REFLECTIVE_ACCURACY,
+    EVAL_SCORE,
+    EVAL_SCORE_REFERENCE,
+    EVAL_WIN_RATE,
+    EVAL_WIN_RATE_HIGH,
+    EVAL_WIN_RATE_LOW,
+)
+from inspo.settings import EvalConfig, load_settings
 from inspo.training.run import run
 
 LABELS = {"sft": "SFT", "dpo": "DPO", "inspo": "InSPO-DPO"}
@@ -71,8 +87,8 @@ def run_stages(
     start = f"model.name_or_path={(out / 'sft' / 'policy').resolve()}"
     for st in stages:
         summaries[st.name] = train_stage(st.name, [*st.overrides, start, *common], out, st.app)
-    cfg = compose_config(["experiment=demo", *common], out / "eval")
-    prompts = eval_prompts(cfg, load_tokenizer(None))[: ecfg.n_prompts]
+    data = load_settings(compose_config(["experiment=demo", *common], out / "eval")).data
+    prompts = eval_prompts(source_of(data), data, load_tokenizer(None))[: ecfg.n_prompts]
     t_eval = time.perf_counter()
     names = tuple(st.name for st in stages)
     table, examples = evaluate_policies(out, prompts, ecfg, summaries, names, labels)
@@ -104,36 +120,29 @@ def evaluate_policies(
     for name in policies:
         path = str(out / name / "policy")
         s = summaries[name]
-        m, rows = evaluate(
-            load_policy(path),
-            sft,
-            load_tokenizer(path),
-            prompts,
-            ecfg,
-            scorer=None,
-            out_dir=out / name / "eval",
-            generator=labels[name],
-            reference_generator="SFT",
-            val_metrics=s["metrics"],
-            reflection=s["choices"]["reflection"],
-        )
+        policy = load_policy(path)
+        ev = evaluate(policy, sft, load_tokenizer(path), prompts, ecfg)
+        ev.metrics = preference_accuracy(s["metrics"], s["choices"]["reflection"]) | ev.metrics
+        device = next(policy.parameters()).device
+        save(ev, out / name / "eval", ecfg, device, labels[name], reference_generator="SFT")
+        m = ev.metrics
         table["sft"] = {
-            "gold_reward": m["eval/score/reference"],
-            "mean_length": m["eval/length/reference"],
+            "gold_reward": m[EVAL_SCORE_REFERENCE],
+            "mean_length": m[EVAL_LENGTH_REFERENCE],
         }
         table[name] = {
-            "gold_reward": m["eval/score/policy"],
-            "mean_length": m["eval/length/policy"],
-            "win_rate_vs_sft": m["eval/win_rate"],
-            "win_rate_ci95": [m["eval/win_rate_low"], m["eval/win_rate_high"]],
-            "lc_win_rate_vs_sft": m["eval/lc_win_rate"],
-            "lc_identified": bool(m["eval/lc_identified"]),
-            "kl_to_sft": m["eval/kl"],
+            "gold_reward": m[EVAL_SCORE],
+            "mean_length": m[EVAL_LENGTH],
+            "win_rate_vs_sft": m[EVAL_WIN_RATE],
+            "win_rate_ci95": [m[EVAL_WIN_RATE_LOW], m[EVAL_WIN_RATE_HIGH]],
+            "lc_win_rate_vs_sft": m[EVAL_LC_WIN_RATE],
+            "lc_identified": bool(m[EVAL_LC_IDENTIFIED]),
+            "kl_to_sft": m[EVAL_KL],
             "pref_accuracy_plain": m.get(EVAL_PLAIN_ACCURACY),
             "pref_accuracy_reflective": m.get(EVAL_REFLECTIVE_ACCURACY),
             "train_seconds": s["seconds"],
         }
-        for ex, row in zip(examples, rows, strict=False):
+        for ex, row in zip(examples, ev.rows(), strict=False):
             ex["sft"], ex[name] = row["reference"], row["policy"]
     return {n: table[n] for n in ("sft", *policies)}, examples
 
@@ -141,7 +150,7 @@ def evaluate_policies(
 def run_demo(out: Path, overrides: list[str], ecfg: EvalConfig) -> dict[str, Any]:
     """Run the demo into ``out``; returns what it writes to demo.json."""
     report, _ = run_stages(out, overrides, DEMO, LABELS, ecfg)
-    (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "demo.json", report)
     plot(report["table"], out / "demo.png")
     print("\n" + format_table(report["table"]))
     minutes = report["seconds_total"] / 60

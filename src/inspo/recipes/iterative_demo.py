@@ -12,14 +12,14 @@ and one run folder per stage.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from inspo.evaluation.stage import EvalConfig
 from inspo.evaluation.sweep_report import label_rounds
+from inspo.jsonio import write_json
 from inspo.names import EVAL_WIN_RATE
 from inspo.recipes.demo import LABELS, Stage, format_table, run_stages
+from inspo.settings import EvalConfig
 
 NAMES = {**LABELS, "iterative_dpo": "iterative DPO", "iterative_inspo": "iterative InSPO-DPO"}
 
@@ -45,7 +45,7 @@ def run_iterative_demo(out: Path, overrides: list[str], ecfg: EvalConfig) -> dic
         name: [r[EVAL_WIN_RATE] for r in summaries[name]["rounds"] if EVAL_WIN_RATE in r]
         for name in ("iterative_dpo", "iterative_inspo")
     }
-    (out / "iterative_demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "iterative_demo.json", report)
     plot_rounds(report["table"], curves, out / "iterative_demo.png")
     print("\n" + format_table(report["table"], NAMES))
     minutes = report["seconds_total"] / 60

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -23,16 +23,65 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from inspo.models.load import freeze
-from inspo.models.scoring import Scoring, TokenCount, ViewScores, score_pairs, score_sequences
+from inspo.models.scoring import (
+    Scoring,
+    TokenCount,
+    ViewScores,
+    prepare_packing,
+    score_pairs,
+    score_sequences,
+)
 from inspo.models.sharding import shard
-from inspo.names import PLAIN, REFERENCE_CONTEXTS, REFLECTIONS, REFLECTIVE, TRAIN, VAL, VAL_PLAIN
+from inspo.names import PLAIN, REFLECTIVE, TRAIN, VAL, VAL_PLAIN, Reflection
 from inspo.objectives import Objective, ObjectiveOutput, PairScores
+from inspo.settings import OptimConfig, ReflectionConfig, as_dict
 from inspo.training.distill import distill_kl
 from inspo.training.guards import NonFiniteError, describe_non_finite, finite_everywhere
 from inspo.training.metrics import PROGRESS, pair_metrics, token_metrics
-from inspo.training.optim import OptimConfig, build_optimizer
+from inspo.training.optim import build_optimizer
 from inspo.training.reference import reference_model
 from inspo.training.views import policy_view, reference_view, train_views
+
+DEFAULT_SCORING = Scoring()
+
+
+class Term(NamedTuple):
+    """One term of the loss: the objective on the policy scored on one view against the
+    reference scored on another (None without a reference), and the policy's logits when
+    asked for."""
+
+    output: ObjectiveOutput
+    policy: ViewScores
+    reference: ViewScores | None
+    logits: Tensor | None = None
+
+
+class StepLoss(NamedTuple):
+    """A batch's training loss, the trained view's output and policy scores (what is logged),
+    ``extra`` (the loss mix's other terms, logged by name) and every term by name
+    (``trained``, and ``standard`` when the standard-form loss is mixed in)."""
+
+    loss: Tensor
+    output: ObjectiveOutput
+    policy: ViewScores
+    extra: dict[str, Tensor]
+    terms: dict[str, Term]
+
+
+class LossWeights(NamedTuple):
+    """L = trained·L_trained + standard·L_standard + distill·KL (see :class:`PreferenceModule`)."""
+
+    trained: float
+    standard: float
+    distill: float
+
+    @classmethod
+    def of(cls, r: ReflectionConfig) -> LossWeights:
+        """Reflective runs weigh their terms as ``reflection`` says; the standard form trains
+        its one loss."""
+        if not r.reflective:
+            return cls(1.0, 0.0, 0.0)
+        return cls(r.reflective_weight, r.standard_weight, r.distill_weight)
 
 
 class PreferenceModule(L.LightningModule):
@@ -40,17 +89,18 @@ class PreferenceModule(L.LightningModule):
 
     ``reference`` is None when the objective is reference-free, when its scores are
     precomputed (they come in the batch), and with ``adapter_reference`` (the LoRA policy with
-    its adapter off). ``reflection``: ``off``, ``inspo`` (each response scored after the other)
-    or ``inspo_one_sided`` (only the rejected one, after the chosen one, against the
-    reference's plain score; eq. 22 of the InSPO paper). ``reference_context``: for InSPO, the
-    reference scores in the reflective context or after the prompt alone (``plain``).
+    its adapter off). ``reflection`` (:class:`~inspo.settings.ReflectionConfig`): ``mode``
+    ``off``, ``inspo`` (each response scored after the other) or ``inspo_one_sided`` (only the
+    rejected one, after the chosen one, against the reference's plain score; eq. 22 of the
+    InSPO paper); ``reference_context``: for InSPO, the reference scores in the reflective
+    context or after the prompt alone (``plain``); the loss weights
     L = reflective_weight·L_reflective + standard_weight·L_standard + distill_weight·KL, the
     KL(stop-grad π(·|R(x,y_l), y<t) ‖ π(·|x, y<t)) on the chosen response carrying the
-    reflective behaviour into the plain context. ``reference_in_checkpoint``: keep the
-    reference in checkpoints (``reference=sync``, whose reference is training state).
-    ``optim``: :class:`~inspo.training.optim.OptimConfig` fields; ``scored_lm_head``,
-    ``share_prompt``, ``logp_chunk``, ``packing`` (``data.packing``), ``packing_kernel``
-    (``data.packing_kernel``): :class:`~inspo.models.scoring.Scoring`.
+    reflective behaviour into the plain context. ``optim``:
+    :class:`~inspo.settings.OptimConfig`. ``reference_in_checkpoint``: keep the reference in
+    checkpoints (``reference=sync``, whose reference is training state). ``scoring``:
+    :class:`~inspo.models.scoring.Scoring`; with ``scoring.packing`` (``data.packing``) the
+    policy and the reference are switched to packed rows here (:func:`prepare_packing`).
     """
 
     def __init__(
@@ -59,45 +109,43 @@ class PreferenceModule(L.LightningModule):
         objective: Objective,
         reference: PreTrainedModel | None = None,
         *,
-        reflection: str = "off",
-        reference_context: str = REFLECTIVE,
-        reflective_weight: float = 1.0,
-        standard_weight: float = 0.0,
-        distill_weight: float = 0.0,
-        optim: dict[str, Any] | None = None,
+        reflection: ReflectionConfig | None = None,
+        optim: OptimConfig | None = None,
         adapter_reference: bool = False,
         reference_in_checkpoint: bool = False,
-        scored_lm_head: bool = True,
-        share_prompt: bool = True,
-        logp_chunk: int = 1024,
-        packing: bool = False,
-        packing_kernel: str = "auto",
+        scoring: Scoring = DEFAULT_SCORING,
     ) -> None:
         super().__init__()
-        if reflection not in REFLECTIONS:
-            raise ValueError(f"unknown reflection {reflection!r}; valid: {', '.join(REFLECTIONS)}")
-        if reference_context not in REFERENCE_CONTEXTS:
-            valid = ", ".join(REFERENCE_CONTEXTS)
-            raise ValueError(f"unknown reference context {reference_context!r}; valid: {valid}")
-        self.save_hyperparameters(ignore=["policy", "objective", "reference"])
-        self.hparams["objective"] = repr(objective)
+        self.reflection = reflection = reflection or ReflectionConfig(mode=Reflection.off)
+        self.optim = optim or OptimConfig()
+        # Plain values only: a checkpoint's hyper-parameters load with weights_only.
+        self.save_hyperparameters(
+            {
+                "objective": repr(objective),
+                "reflection": str(reflection.mode),
+                "reference_context": str(reflection.reference_context),
+                "adapter_reference": adapter_reference,
+                "reference_in_checkpoint": reference_in_checkpoint,
+                "settings": as_dict(reflection) | {"optim": as_dict(self.optim)},
+            }
+        )
         self.policy, self.objective = policy, objective
         self.reference = freeze(reference) if reference is not None else None
-        reflective = reflection != "off"
-        self.mix = (reflective_weight if reflective else 1.0, standard_weight * reflective)
-        self.distill_weight = distill_weight * reflective
-        self.optim = OptimConfig(**(optim or {}))
-        self.scoring = Scoring(scored_lm_head, share_prompt, logp_chunk, packing, packing_kernel)
-        self.policy_view = policy_view(reflection)
-        self.reference_view = reference_view(reflection, reference_context)
+        self.weights = LossWeights.of(reflection)
+        if scoring.packing:  # each model packs only if it can (else one warning, padded)
+            for model in (policy, self.reference):
+                if model is not None:
+                    prepare_packing(model)
+        self.scoring = scoring
+        self.policy_view = policy_view(reflection.mode)
+        self.reference_view = reference_view(reflection.mode, reflection.reference_context)
         self.train_views = train_views(
-            reflection,
+            reflection.mode,
             objective.requires_reference,
-            reference_context,
-            standard_weight,
-            distill_weight,
+            reflection.reference_context,
+            self.weights.standard,
+            self.weights.distill,
         )
-        self._last_reference: ViewScores | None = None  # for a non-finite loss's message
         # What the current training step computed, per model ("policy", "reference").
         self.step_tokens: dict[str, TokenCount] = {}
 
@@ -130,7 +178,7 @@ class PreferenceModule(L.LightningModule):
         reference_view: str,
         one_sided: bool = False,
         need_logits: bool = False,
-    ) -> tuple[ObjectiveOutput, ViewScores, Tensor | None]:
+    ) -> Term:
         """The objective on the policy scored on one view against the reference on another."""
         # The reference's no-grad forward runs first: its activations are freed before the
         # policy's graph is built, so the peak is max(reference, policy), not their sum.
@@ -138,62 +186,63 @@ class PreferenceModule(L.LightningModule):
         if self.objective.requires_reference:
             ref = self.reference_scores(batch, reference_view)
             self._count("reference", ref.tokens)
-        self._last_reference = ref
         chosen_only = not self.objective.pairwise
         view = batch[policy_view]
         pol, logits = score_pairs(
             self.policy, view, self.scoring, chosen_only=chosen_only, need_logits=need_logits
         )
         self._count("policy", pol.tokens)
-        return self.objective(pair_scores(pol, ref, one_sided)), pol, logits
+        return Term(self.objective(pair_scores(pol, ref, one_sided)), pol, ref, logits)
 
-    def compute_loss(
-        self, batch: dict[str, Any]
-    ) -> tuple[Tensor, ObjectiveOutput, ViewScores, dict[str, Tensor]]:
+    def compute_loss(self, batch: dict[str, Any]) -> StepLoss:
         """The training loss of a batch, with what is needed to log it."""
-        one_sided = self.hparams.reflection == "inspo_one_sided"
+        one_sided = self.reflection.mode is Reflection.inspo_one_sided
         views = (self.policy_view, self.reference_view)
-        out, pol, logits = self.evaluate_view(batch, *views, one_sided, self.distill_weight > 0)
-        loss, extra = self.mix[0] * out.losses.mean(), {}
-        if self.mix[1] > 0:
-            std, *_ = self.evaluate_view(batch, PLAIN, PLAIN)
-            loss = loss + self.mix[1] * std.losses.mean()
-            extra["loss_standard"] = std.losses.detach().mean()
-        if self.distill_weight > 0:  # teacher: the reflective logits; student: plain context
-            n, plain = pol.chosen.shape[0], batch[PLAIN]
+        w = self.weights
+        trained = self.evaluate_view(batch, *views, one_sided, w.distill > 0)
+        terms, extra = {"trained": trained}, {}
+        loss = w.trained * trained.output.losses.mean()
+        if w.standard > 0:
+            terms["standard"] = std = self.evaluate_view(batch, PLAIN, PLAIN)
+            loss = loss + w.standard * std.output.losses.mean()
+            extra["loss_standard"] = std.output.losses.detach().mean()
+        if w.distill > 0:  # teacher: the reflective logits; student: plain context
+            pol, plain = trained.policy, batch[PLAIN]
+            n = pol.chosen.shape[0]
             chosen = {k: v[:n] for k, v in plain.items()}
             how = replace(self.scoring, share_prompt=False)  # chosen rows only: no pairs
             scored = score_sequences(self.policy, chosen, how, need_logits=True)
-            student = scored.logits
             self._count("policy", scored.tokens)
             teacher_mask = batch[self.policy_view]["loss_mask"][:n]
-            kl = distill_kl(logits[:n], teacher_mask, student, plain["loss_mask"][:n])
-            loss = loss + self.distill_weight * kl
+            kl = distill_kl(trained.logits[:n], teacher_mask, scored.logits, plain["loss_mask"][:n])
+            loss = loss + w.distill * kl
             extra["distill_kl"] = kl.detach()
-        return loss, out, pol, extra
+        return StepLoss(loss, trained.output, trained.policy, extra, terms)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.step_tokens = {}
-        loss, out, pol, extra = self.compute_loss(batch)
-        if not finite_everywhere([loss], self.trainer.strategy, self.device):
-            reason = describe_non_finite(out, pol, self._last_reference)
+        step = self.compute_loss(batch)
+        if not finite_everywhere([step.loss], self.trainer.strategy, self.device):
             where = f"step {self.global_step} (objective {self.objective!r})"
-            raise NonFiniteError(f"non-finite loss at {where}; {reason}")
-        values = pair_metrics(loss, out, pol, extra) | token_metrics(self.step_tokens)
-        self.log_metrics(TRAIN, values, out.losses.shape[0])
-        return loss
+            raise NonFiniteError(f"non-finite loss at {where}; {describe_terms(step.terms)}")
+        values = pair_metrics(step.loss, step.output, step.policy, step.extra)
+        values |= token_metrics(self.step_tokens)
+        self.log_metrics(TRAIN, values, step.output.losses.shape[0])
+        return step.loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self.hparams.reflection == "off":
-            loss, out, pol, extra = self.compute_loss(batch)
-            self.log_metrics(VAL, pair_metrics(loss, out, pol, extra), out.losses.shape[0])
+        if not self.reflection.reflective:
+            step = self.compute_loss(batch)
+            values = pair_metrics(step.loss, step.output, step.policy, step.extra)
+            self.log_metrics(VAL, values, step.output.losses.shape[0])
             return
         # Reflective metrics are always the two-sided form, so one-sided runs are comparable.
-        context = self.hparams.reference_context
+        context = self.reflection.reference_context
         for stage, views in ((VAL, (REFLECTIVE, context)), (VAL_PLAIN, (PLAIN, PLAIN))):
-            out, pol, _ = self.evaluate_view(batch, *views)
-            values = pair_metrics(out.losses.mean(), out, pol, {})
+            term = self.evaluate_view(batch, *views)
+            out = term.output
+            values = pair_metrics(out.losses.mean(), out, term.policy, {})
             self.log_metrics(stage, values, out.losses.shape[0])
 
     def log_metrics(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
@@ -260,6 +309,16 @@ class PreferenceModule(L.LightningModule):
         if self.reference is not None:
             self.reference.eval()  # dropout and batch statistics off in the reference, always
         return self
+
+
+def describe_terms(terms: dict[str, Term]) -> str:
+    """Which loss term was not finite, and which of its inputs (each term with its own
+    reference scores)."""
+    bad = {k: t for k, t in terms.items() if not torch.isfinite(t.output.losses).all()}
+    return "; ".join(
+        f"{name} term: {describe_non_finite(t.output, t.policy, t.reference)}"
+        for name, t in (bad or terms).items()
+    )
 
 
 def pair_scores(policy: ViewScores, reference: ViewScores | None, one_sided: bool) -> PairScores:

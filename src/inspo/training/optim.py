@@ -1,25 +1,17 @@
-"""The optimiser and its learning-rate schedule."""
+"""The optimiser and its learning-rate schedule (the ``optim`` settings)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from inspo.names import Scheduler
+from inspo.settings import OptimConfig
 
-@dataclass
-class OptimConfig:
-    """AdamW with linear warm-up, then a constant, cosine or linear schedule (``conf/train.yaml``
-    ``optim``)."""
-
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    scheduler: Literal["constant", "cosine", "linear"] = "constant"
+__all__ = ["OptimConfig", "build_optimizer", "lr_factor"]
 
 
 def lr_factor(step: int, total: int, o: OptimConfig) -> float:
@@ -27,9 +19,9 @@ def lr_factor(step: int, total: int, o: OptimConfig) -> float:
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
     progress = min((step - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
-    if o.scheduler == "cosine":
+    if o.scheduler is Scheduler.cosine:
         return 0.5 * (1 + math.cos(math.pi * progress))
-    if o.scheduler == "linear":
+    if o.scheduler is Scheduler.linear:
         return 1.0 - progress
     return 1.0
 

@@ -1,7 +1,7 @@
 """The reference π_ref of every kind, ``reference=`` in the config (``conf/reference/``):
 
     auto         the default: ``none`` if the objective is reference-free, else
-                 ``policy_init`` (resolved at start-up by :func:`inspo.config.resolve_auto`;
+                 ``policy_init`` (resolved at start-up by :func:`inspo.config.resolve_reference`;
                  summary.json and the tags record the resolved kind)
     policy_init  a frozen copy of the initial policy
     model        another model, ``reference.name_or_path``
@@ -29,13 +29,12 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -46,7 +45,8 @@ from inspo.data.encode import tokenizer_fingerprint
 from inspo.hashing import fingerprint
 from inspo.models.load import freeze, frozen_copy, load_policy
 from inspo.models.scoring import Scoring, score_pairs
-from inspo.names import REFERENCE_KINDS
+from inspo.names import ReferenceKind
+from inspo.settings import ModelConfig, ReferenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,24 @@ HASH_WEIGHTS_MAX_PARAMS = 200_000_000
 Scores = dict[str, dict[str, Tensor]]  # view -> field -> [N] (indexed by the row's ``index``)
 
 
-def make_reference(policy: PreTrainedModel, reference: Mapping[str, Any]) -> PreTrainedModel | None:
-    """The frozen reference model of the ``reference`` config (``conf/reference/``); None
-    where there is none to hold (``none``; ``adapter_disabled``, the policy's own base model)."""
-    kind, name = reference["kind"], reference.get("name_or_path")
-    if kind in ("none", "adapter_disabled"):
+def make_reference(
+    policy: PreTrainedModel, reference: ReferenceConfig, model: ModelConfig
+) -> PreTrainedModel | None:
+    """The frozen reference model of the ``reference`` settings (``conf/reference/``) for a
+    policy of the ``model`` settings; None where there is none to hold (``none``;
+    ``adapter_disabled``, the policy's own base model)."""
+    kind, name = reference.kind, reference.name_or_path
+    if kind in (ReferenceKind.none, ReferenceKind.adapter_disabled):
         return None
-    if kind in ("policy_init", "sync") or (kind == "precomputed" and not name):
+    if kind in (ReferenceKind.model, ReferenceKind.precomputed) and name:
+        dtype = reference.dtype or model.dtype
+        remote = model.trust_remote_code
+        if reference.trust_remote_code is not None:
+            remote = reference.trust_remote_code
+        return freeze(load_policy(name, dtype=dtype, trust_remote_code=remote))
+    if kind in (ReferenceKind.policy_init, ReferenceKind.sync, ReferenceKind.precomputed):
         return frozen_copy(policy)  # the initial policy (for precomputed: its scores)
-    if kind in ("model", "precomputed"):
-        remote = reference["trust_remote_code"]
-        return freeze(load_policy(name, dtype=reference["dtype"], trust_remote_code=remote))
-    raise ValueError(f"unknown reference kind {kind!r}; valid: {', '.join(REFERENCE_KINDS)}")
+    raise ValueError(f"reference.kind {kind} must be resolved before a reference is made")
 
 
 @contextlib.contextmanager
@@ -289,29 +295,33 @@ class ReferenceSync(L.Callback):
         self.last_synced = int(state_dict.get("last_synced", 0))
 
 
-# --------------------------------------------------------------------------- wiring (train.py)
-def reference_callbacks(cfg: DictConfig) -> list[L.Callback]:
+# --------------------------------------------------------------------------- wiring
+def reference_callbacks(reference: ReferenceConfig) -> list[L.Callback]:
     """The Lightning callbacks a reference kind needs (``sync``: :class:`ReferenceSync`)."""
-    r = cfg.reference
-    if r.kind == "sync":
-        return [ReferenceSync(r.sync_every, r.sync_alpha)]
+    if reference.kind is ReferenceKind.sync:
+        return [ReferenceSync(reference.sync_every, reference.sync_alpha)]
     return []
 
 
-def prepare_reference(cfg: DictConfig, module: Any, datamodule: Any) -> None:
+def prepare_reference(
+    module: Any,
+    datamodule: Any,
+    reference: ReferenceConfig,
+    model: ModelConfig,
+    cache_dir: str | Path,
+) -> None:
     """For ``reference=precomputed``: fill the data module with the cached (or freshly computed)
     reference scores and free the module's reference model. A no-op for other kinds."""
-    r = cfg.reference
-    if r.kind != "precomputed" or module.reference is None:
+    if reference.kind is not ReferenceKind.precomputed or module.reference is None:
         return
-    name = r.get("name_or_path") or cfg.model.name_or_path
+    name = reference.name_or_path or model.name_or_path
     path, hit = precompute_reference(
         module,
         module.reference,
         datamodule,
-        Path(cfg.paths.cache_dir) / "reference",
+        Path(cache_dir) / "reference",
         model_id=model_fingerprint(module.reference, name),
-        dtype=str(r.get("dtype", cfg.model.dtype)),
-        batch_size=int(r.get("batch_size", 64)),
+        dtype=str(reference.dtype or model.dtype),
+        batch_size=reference.batch_size or datamodule.data.eval_batch_size,
     )
     print(f"reference scores: {'reused' if hit else 'computed and cached in'} {path}")

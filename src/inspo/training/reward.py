@@ -18,18 +18,18 @@ load as they are.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from inspo.config import ConfigError
 from inspo.models.reward import load_reward_model, score_rewards
-from inspo.models.scoring import Scoring
+from inspo.models.scoring import Scoring, prepare_packing
 from inspo.models.sharding import shard
 from inspo.names import (
     ACCURACY,
@@ -45,11 +45,14 @@ from inspo.names import (
     STD_REWARD,
     TRAIN,
     VAL,
+    ReferenceKind,
 )
 from inspo.objectives import RewardObjective
+from inspo.settings import OptimConfig, RunConfig, as_dict
 from inspo.training.guards import NonFiniteError, finite_everywhere
 from inspo.training.metrics import token_metrics
-from inspo.training.optim import OptimConfig, build_optimizer
+from inspo.training.module import DEFAULT_SCORING
+from inspo.training.optim import build_optimizer
 from inspo.training.run import Extension, save_pretrained
 
 #: Shown in the progress bar.
@@ -77,9 +80,10 @@ def reward_metrics(losses: Tensor, chosen: Tensor, rejected: Tensor) -> dict[str
 class RewardModule(L.LightningModule):
     """Holds ``reward_model`` (trained) and a :class:`~inspo.objectives.RewardObjective`.
 
-    ``optim``: :class:`~inspo.training.optim.OptimConfig` fields; ``packing``: score each
-    batch's rows as one sequence without padding (``data.packing``), its attention computed by
-    ``packing_kernel`` (``data.packing_kernel``).
+    ``optim``: :class:`~inspo.settings.OptimConfig`; ``scoring``: with ``scoring.packing``
+    (``data.packing``) each batch's rows run as one sequence without padding, the model
+    switched to packed rows here (:func:`~inspo.models.scoring.prepare_packing`), their
+    attention computed by ``scoring.packing_kernel`` (``data.packing_kernel``).
     """
 
     def __init__(
@@ -87,16 +91,17 @@ class RewardModule(L.LightningModule):
         reward_model: PreTrainedModel,
         objective: RewardObjective,
         *,
-        optim: dict[str, Any] | None = None,
-        packing: bool = False,
-        packing_kernel: str = "auto",
+        optim: OptimConfig | None = None,
+        scoring: Scoring = DEFAULT_SCORING,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["reward_model", "objective"])
-        self.hparams["objective"] = repr(objective)
+        self.optim = optim or OptimConfig()
+        # Plain values only: a checkpoint's hyper-parameters load with weights_only.
+        self.save_hyperparameters({"objective": repr(objective), "optim": as_dict(self.optim)})
         self.reward_model, self.objective = reward_model, objective
-        self.optim = OptimConfig(**(optim or {}))
-        self.scoring = Scoring(packing=packing, packing_kernel=packing_kernel)
+        if scoring.packing:
+            prepare_packing(reward_model)
+        self.scoring = scoring
         self._val: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def rewards(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
@@ -170,34 +175,36 @@ class RewardModelRun(Extension):
     """What a reward objective changes in :func:`inspo.training.run.run`: the model and module
     it trains, the metrics it reports and where it saves."""
 
-    def check(self, cfg: DictConfig, objective: Any) -> None:
-        if cfg.reflection.mode != "off":
-            raise ConfigError("a reward model is trained on the plain view: set reflection=off")
-        if cfg.reference.kind not in ("none", "auto"):
-            raise ConfigError("a reward model has no reference: set reference=none")
-        if cfg.model.get("lora"):
+    def check(self, settings: RunConfig, objective: Any) -> RunConfig:
+        if settings.iterate is not None:
+            raise ConfigError("iterate: a reward model trains on fixed pairs; use inspo-train")
+        if settings.reflection.reflective:
+            raise ConfigError(
+                "reflection: a reward model is trained on the plain view: set reflection=off"
+            )
+        if settings.reference.kind not in (ReferenceKind.none, ReferenceKind.auto):
+            raise ConfigError("reference: a reward model has no reference: set reference=none")
+        if settings.model.lora is not None:
             raise ConfigError("model.lora: a reward model trains all its weights")
-        if cfg.eval.generate:
+        if settings.eval.generate:
             raise ConfigError(
                 "eval.generate: a reward model does not generate; use it as a judge "
                 f"(judge=reward_model judge.name_or_path=RUN/{SAVED_AS}) or as eval.scorer"
             )
-        with open_dict(cfg):  # the preference default names a metric this run does not log
-            if cfg.optimized_metric == PLAIN_ACCURACY:
-                cfg.optimized_metric = REWARD_ACCURACY
+        if settings.optimized_metric == PLAIN_ACCURACY:  # the preference default: not logged here
+            return dataclasses.replace(settings, optimized_metric=REWARD_ACCURACY)
+        return settings
 
-    def module(self, cfg: DictConfig, objective: Any, tokenizer: Any) -> RewardModule:
-        model = OmegaConf.to_container(cfg.model, resolve=True)
-        model.pop("tokenizer")
+    def module(self, settings: RunConfig, objective: Any, tokenizer: Any) -> RewardModule:
+        data = settings.data
         return RewardModule(
-            load_reward_model(tokenizer=tokenizer, **model),
+            load_reward_model(settings.model, tokenizer),
             objective,
-            optim=OmegaConf.to_container(cfg.optim, resolve=True),
-            packing=cfg.data.packing,
-            packing_kernel=cfg.data.packing_kernel,
+            optim=settings.optim,
+            scoring=Scoring(packing=data.packing, packing_kernel=str(data.packing_kernel)),
         )
 
-    def final_metrics(self, cfg: DictConfig, trainer: L.Trainer, train: dict | None) -> dict:
+    def final_metrics(self, settings: RunConfig, trainer: L.Trainer, train: dict | None) -> dict:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         return {**(train or {}), **metrics}
 

@@ -1,4 +1,5 @@
-"""One training run: build data → trainer → models from the config, fit, write the run folder.
+"""One training run, the assembly: the composed config becomes typed settings (checked), then
+data → trainer → models are built from them, fitted, and the run folder written.
 
 Every run writes to its Hydra run directory:
     .hydra/config.yaml    the composed config
@@ -10,9 +11,9 @@ Every run writes to its Hydra run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from inspo.config import (
     ConfigError,
     build_objective,
-    check_config,
+    check_run,
+    name_run,
     objective_name,
-    resolve_auto,
-    run_name,
-    run_tags,
+    resolve_reference,
 )
 from inspo.data.datamodule import PreferenceDataModule
-from inspo.models.load import load_policy, load_tokenizer
-from inspo.names import EOS_RATE, VAL, VAL_PLAIN
+from inspo.data.sources import source_of
+from inspo.jsonio import write_json
+from inspo.models.load import load_model, load_tokenizer
+from inspo.models.scoring import Scoring
+from inspo.names import EOS_RATE, VAL, VAL_PLAIN, ReferenceKind, Reflection
 from inspo.objectives import Objective, RewardObjective
+from inspo.settings import RunConfig, load_settings
 from inspo.training.guards import NonFiniteError
 from inspo.training.module import PreferenceModule
 from inspo.training.reference import make_reference, prepare_reference, reference_callbacks
@@ -42,75 +46,78 @@ from inspo.training.views import train_views
 
 log = logging.getLogger(__name__)
 
-#: Reflection knobs (``conf/reflection/``) and who takes them; absent knobs keep the
-#: constructors' defaults, so ``reflection=off`` carries none.
-MODULE_KNOBS = ("reference_context", "reflective_weight", "standard_weight", "distill_weight")
-DATA_KNOBS = ("template", "sft_fraction")
 
-
-def knobs(cfg: DictConfig, names: tuple[str, ...]) -> dict[str, Any]:
-    return {k: cfg.reflection[k] for k in names if k in cfg.reflection}
+def prepare(
+    cfg: DictConfig, extension: Extension | None = None
+) -> tuple[RunConfig, Objective | RewardObjective, Extension]:
+    """The run's typed settings, its objective and the kind of run it is (``extension``; None:
+    :func:`extension_for` the objective), everything checked: whatever can be wrong with the
+    config fails here, before any model is built, as one ConfigError naming the setting. The
+    run's name, tags and optimised metric are written back into ``cfg`` (the logger's
+    interpolations and the entry point read them)."""
+    settings = load_settings(cfg)
+    objective = build_objective(settings.objective)
+    extension = extension or extension_for(objective)
+    reference = resolve_reference(settings.reference, objective)
+    settings = dataclasses.replace(settings, reference=reference)
+    check_run(settings, objective)
+    settings = name_run(extension.check(settings, objective), cfg)
+    with open_dict(cfg):
+        cfg.optimized_metric = settings.optimized_metric
+    return settings, objective, extension
 
 
 def build_datamodule(
-    cfg: DictConfig,
+    settings: RunConfig,
     tokenizer: Any,
     objective: Objective,
     cls: type[PreferenceDataModule] = PreferenceDataModule,
-    train_split: str | None = "data",
+    train: bool = True,
 ) -> PreferenceDataModule:
-    """The data module of ``cfg.data`` (``train_split="data"``: the config's train split; None:
-    no training split, for a run whose training data come from elsewhere)."""
-    d, weights = cfg.data, knobs(cfg, MODULE_KNOBS)
-    weights.pop("reflective_weight", None)  # scales a loss; changes no view
-    views = train_views(cfg.reflection.mode, objective.requires_reference, **weights)
-    data_knobs = knobs(cfg, DATA_KNOBS)
-    if objective.pairwise:  # reflective-layout rows are for the SFT stage only
-        data_knobs.pop("sft_fraction", None)
+    """The data module of ``settings.data`` (``train=False``: no training split, for a run
+    whose training batches come from elsewhere)."""
+    r, data = settings.reflection, settings.data
+    if not train:
+        data = dataclasses.replace(data, train_split=None)
+    weights = (r.standard_weight, r.distill_weight) if r.reflective else (0.0, 0.0)
+    views = train_views(r.mode, objective.requires_reference, r.reference_context, *weights)
     return cls(
-        source=instantiate(d.source, _partial_=True),
-        tokenizer=tokenizer,
-        train_split=d.train_split if train_split == "data" else train_split,
-        val_split=d.val_split,
-        batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size,
-        max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length,
-        reflection=cfg.reflection.mode != "off",
+        source_of(data),
+        tokenizer,
+        data,
+        reflective=r.reflective,
         train_views=views,
-        strict=d.strict,
-        num_workers=d.num_workers,
-        seed=cfg.seed,
-        cache_dir=str(Path(cfg.paths.cache_dir) / "tokenized"),
-        max_samples=d.max_samples,
-        over_long=d.over_long,
-        packing=d.packing,
-        group_by_length=d.group_by_length,
-        group_size=d.group_size,
-        max_tokens_per_batch=d.max_tokens_per_batch,
-        **data_knobs,
+        template=r.template,
+        # reflective-layout rows are for the SFT stage only
+        sft_fraction=0.0 if objective.pairwise else r.sft_fraction,
+        seed=settings.seed,
+        cache_dir=str(Path(settings.paths.cache_dir) / "tokenized"),
     )
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    logger = instantiate(cfg.logger) if cfg.logger.get("_target_") else False
+def build_trainer(
+    settings: RunConfig, logger_cfg: Any, strategy_cfg: Any, run_dir: Path
+) -> L.Trainer:
+    """Lightning's Trainer of ``settings.trainer``, with the run's logger and strategy (built
+    from their configs) and its checkpoint callbacks."""
+    logger = instantiate(logger_cfg) if logger_cfg and logger_cfg.get("_target_") else False
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         save_last=True,
         save_top_k=0,
-        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        every_n_train_steps=settings.checkpoint.every_n_train_steps,
     )
-    strategy = instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
-    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
-    callbacks = [checkpoint, LastValidation(), *reference_callbacks(cfg)]
-    if settings["enable_progress_bar"]:
+    strategy = instantiate(strategy_cfg) if strategy_cfg else "auto"
+    callbacks = [checkpoint, LastValidation(), *reference_callbacks(settings.reference)]
+    trainer = dataclasses.asdict(settings.trainer)
+    if settings.trainer.enable_progress_bar:
         # tqdm's bar counts steps; Rich's (Lightning's default when rich is installed) reads
         # "Epoch 0/-2" when the steps, not the epochs, bound the run (max_epochs=-1).
         callbacks.append(TQDMProgressBar())
-    if cfg.data.val_split is None:  # no validation loop, rather than an empty loader per stage
-        settings["limit_val_batches"] = 0
+    if settings.data.val_split is None:  # no validation loop, rather than an empty loader per stage
+        trainer["limit_val_batches"] = 0
     return L.Trainer(
-        **settings,
+        **trainer,
         strategy=strategy,
         logger=logger,
         callbacks=callbacks,
@@ -118,56 +125,58 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     )
 
 
-def build_module(cfg: DictConfig, objective: Objective, tokenizer: Any) -> PreferenceModule:
-    resolve_auto(cfg, objective)  # idempotent: callers outside run() may pass reference=auto
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("tokenizer")
-    policy = load_policy(tokenizer=tokenizer, **model)
-    kind = cfg.reference.kind
-    reference = make_reference(policy, cfg.reference)
+def build_module(settings: RunConfig, objective: Objective, tokenizer: Any) -> PreferenceModule:
+    """The policy of ``settings.model``, its reference and the training module around them."""
+    reference = resolve_reference(settings.reference, objective)  # callers may pass auto
+    policy, data = load_model(settings.model, tokenizer), settings.data
+    kind = reference.kind
     return PreferenceModule(
         policy,
         objective,
-        reference,
-        reflection=cfg.reflection.mode,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        adapter_reference=kind == "adapter_disabled",
-        reference_in_checkpoint=kind == "sync",  # TR-DPO's reference is training state
-        packing=cfg.data.packing,  # the scorer packs each view's rows (inspo.models.packing)
-        packing_kernel=cfg.data.packing_kernel,  # their attention: per row on CPU, varlen on GPU
-        **knobs(cfg, MODULE_KNOBS),
+        make_reference(policy, reference, settings.model),
+        reflection=settings.reflection,
+        optim=settings.optim,
+        adapter_reference=kind is ReferenceKind.adapter_disabled,
+        reference_in_checkpoint=kind is ReferenceKind.sync,  # TR-DPO's reference is training state
+        # the scorer packs each view's rows (inspo.models.packing); their attention: per row
+        # on CPU, varlen on GPU
+        scoring=Scoring(packing=data.packing, packing_kernel=str(data.packing_kernel)),
     )
 
 
-def run_choices(cfg: DictConfig) -> dict[str, Any]:
-    """The choices a report groups runs by."""
+def run_choices(settings: RunConfig) -> dict[str, Any]:
+    """The choices a report groups runs by. The reflective knobs are None for the standard
+    form, where they do not apply."""
     picked = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    obj, r, ref = cfg.objective, cfg.reflection, cfg.reference
+    obj, r, ref = settings.objective, settings.reflection, settings.reference
+    knobs = ("reference_context", "reflective_weight", "standard_weight", "distill_weight")
     return {
-        "objective": objective_name(cfg),
+        "objective": objective_name(obj),
         "objective_config": picked.get("objective"),
         "experiment": picked.get("experiment"),
         "scalarization": obj.get("scalarization"),
         "beta": obj.get("beta"),
         "gamma": obj.get("gamma"),
-        "reflection": r.mode,
-        **{k: r.get(k) for k in (*MODULE_KNOBS, "template")},
-        "reference": ref.kind,
-        "reference_name_or_path": ref.get("name_or_path"),
-        "sync_every": ref.get("sync_every"),
-        "sync_alpha": ref.get("sync_alpha"),
-        "seed": cfg.seed,
-        "eval_split": cfg.data.get("eval_split"),  # tune (a search's trials) or the test prompts
-        "model": cfg.model.name_or_path or "tiny",
-        "max_steps": cfg.trainer.max_steps,
-        "lr": cfg.optim.lr,
-        "wandb_group": cfg.get("wandb_group"),
-        "tags": list(cfg.get("tags") or []),
+        "reflection": str(r.mode),
+        **{k: (getattr(r, k) if r.reflective else None) for k in knobs},
+        "template": r.template if r.reflective or r.sft_fraction > 0 else None,
+        "reference": str(ref.kind),
+        "reference_name_or_path": ref.name_or_path,
+        "sync_every": ref.sync_every if ref.kind is ReferenceKind.sync else None,
+        "sync_alpha": ref.sync_alpha if ref.kind is ReferenceKind.sync else None,
+        "seed": settings.seed,
+        # the prompts the evaluation scored: tune (a search's trials) or the test prompts
+        "eval_split": settings.data.eval_split,
+        "model": settings.model.name_or_path or "tiny",
+        "max_steps": settings.trainer.max_steps,
+        "lr": settings.optim.lr,
+        "wandb_group": settings.wandb_group,
+        "tags": list(settings.tags),
     }
 
 
 def summary(
-    cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], error: str | None = None
+    settings: RunConfig, trainer: L.Trainer, metrics: dict[str, float], error: str | None = None
 ) -> dict[str, Any]:
     """summary.json: ``status`` (finished | failed), ``error`` (why it failed), ``metrics`` (the
     last value of every logged metric, by its logged name; evaluation adds ``eval/...``),
@@ -176,15 +185,16 @@ def summary(
     if error:
         out["error"] = error
     run_dir = HydraConfig.get().runtime.output_dir
-    return {**out, "choices": run_choices(cfg), "steps": trainer.global_step, "run_dir": run_dir}
+    choices = run_choices(settings)
+    return {**out, "choices": choices, "steps": trainer.global_step, "run_dir": run_dir}
 
 
-def final_metrics(trainer: L.Trainer, reflection: str, train: dict | None = None) -> dict:
+def final_metrics(trainer: L.Trainer, reflection: Reflection, train: dict | None = None) -> dict:
     """The last value of every logged metric; ``train`` holds the train/* metrics as they were
     before a final ``trainer.validate`` (which clears them from ``callback_metrics``)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics = {**(train or {}), **metrics}
-    if reflection == "off":  # the standard form *is* the plain-context policy
+    if reflection is Reflection.off:  # the standard form *is* the plain-context policy
         prefix = f"{VAL}/"
         pair = [k for k in metrics if k.startswith(prefix) and not k.startswith(VAL_PLAIN)]
         for k in [k for k in pair if k != EOS_RATE]:  # TRL's name for a sample metric
@@ -209,29 +219,40 @@ def save_pretrained(model: Any, tokenizer: Any, out: Path, trainer: L.Trainer) -
 
 class Extension:
     """What a kind of run changes in :func:`run` (the iterative loop and reward-model training
-    are two): its own data module, the module it trains, what it attaches once the models
-    exist, the metrics it reports, where it saves, what it adds to the summary."""
+    are two): what it refuses or changes in the settings (and the components it builds from
+    them, before any model), its own data module, the module it trains, what it attaches once
+    the models exist, the metrics it reports, where it saves, what it adds to the summary."""
 
-    def check(self, cfg: DictConfig, objective: Objective) -> None:
-        """Refuse settings this kind of run cannot use (before any model is built)."""
+    def check(self, settings: RunConfig, objective: Objective) -> RunConfig:
+        """Refuse settings this kind of run cannot use (before any model is built); return
+        the settings it runs with."""
+        if settings.iterate is not None:
+            raise ConfigError("iterate: this config sets iterate.*: run it with inspo-iterate")
+        return settings
 
     def datamodule(
-        self, cfg: DictConfig, tokenizer: Any, objective: Objective
+        self, settings: RunConfig, tokenizer: Any, objective: Objective
     ) -> PreferenceDataModule:
-        return build_datamodule(cfg, tokenizer, objective)
+        return build_datamodule(settings, tokenizer, objective)
 
-    def module(self, cfg: DictConfig, objective: Objective, tokenizer: Any) -> L.LightningModule:
-        return build_module(cfg, objective, tokenizer)
+    def module(
+        self, settings: RunConfig, objective: Objective, tokenizer: Any
+    ) -> L.LightningModule:
+        return build_module(settings, objective, tokenizer)
 
-    def final_metrics(self, cfg: DictConfig, trainer: L.Trainer, train: dict | None) -> dict:
-        return final_metrics(trainer, cfg.reflection.mode, train)
+    def final_metrics(self, settings: RunConfig, trainer: L.Trainer, train: dict | None) -> dict:
+        return final_metrics(trainer, settings.reflection.mode, train)
 
     def save(self, module: Any, tokenizer: Any, run_dir: Path, trainer: L.Trainer) -> None:
         """Write the trained model (``save_policy=true``): the policy to ``RUN/policy``."""
         save_pretrained(module.policy, tokenizer, run_dir / "policy", trainer)
 
     def attach(
-        self, cfg: DictConfig, module: PreferenceModule, datamodule: Any, trainer: L.Trainer
+        self,
+        settings: RunConfig,
+        module: PreferenceModule,
+        datamodule: Any,
+        trainer: L.Trainer,
     ) -> None:
         """Called once the policy, reference and trainer exist, before fitting."""
 
@@ -251,45 +272,44 @@ def extension_for(objective: Objective | RewardObjective) -> Extension:
 
 def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
     """Train once; returns the summary written to summary.json. ``extension``: the kind of run
-    (None: :func:`extension_for` the objective)."""
-    if "iterate" in cfg and extension is None:
-        raise ConfigError("this config sets iterate.*: run it with inspo-iterate")
+    (None: :func:`extension_for` the objective). The composed config ``cfg`` stops here:
+    everything below receives typed settings (:mod:`inspo.settings`)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     if not (run_dir / ".hydra").exists():  # composed outside a Hydra app: keep the config too
         (run_dir / ".hydra").mkdir()
         OmegaConf.save(job_cfg, run_dir / ".hydra" / "config.yaml")
-    # Everything that can be wrong with the config fails here, before any model is built.
-    objective = build_objective(cfg)
-    extension = extension or extension_for(objective)
-    resolve_auto(cfg, objective)
-    check_config(cfg, objective)
-    extension.check(cfg, objective)
-    if cfg.ckpt_path == "last":
-        done = finished_summary(run_dir, cfg.trainer.max_steps)
+    settings, objective, extension = prepare(cfg, extension)  # every bad setting fails here
+    if settings.ckpt_path == "last":
+        done = finished_summary(run_dir, settings.trainer.max_steps)
         if done is not None:  # resubmitted after it finished (a requeue): nothing to redo
             print(f"{run_dir} finished all {done['steps']} steps already; summary.json kept")
             return done
-    with open_dict(cfg):
-        cfg.tags = run_tags(cfg)
-        cfg.run_name = cfg.get("run_name") or run_name(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    datamodule = extension.datamodule(cfg, tokenizer, objective)
-    trainer = build_trainer(cfg, run_dir)
-    datamodule.setup("fit")
+    L.seed_everything(settings.seed, workers=True)
+    model = settings.model
+    tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
+    datamodule = extension.datamodule(settings, tokenizer, objective)
+    datamodule.setup("fit")  # bad data fails before the trainer and the models exist
+    if settings.eval.generate and settings.eval.n_prompts > 0:
+        from inspo.evaluation.stage import eval_split
+
+        eval_split(datamodule.raw, settings.data)  # not after training: the split it scores
+    trainer = build_trainer(settings, cfg.logger, cfg.strategy, run_dir)
     if trainer.is_global_zero:
         print(datamodule.report)
         datamodule.report.save(run_dir / "data_report.json")
     if trainer.logger:
-        trainer.logger.log_hyperparams(OmegaConf.to_container(job_cfg, resolve=True))
+        trainer.logger.log_hyperparams(
+            OmegaConf.to_container(job_cfg, resolve=True, enum_to_str=True)
+        )
         trainer.logger.log_metrics(datamodule.report.flat_metrics(), step=0)
 
-    module = extension.module(cfg, objective, tokenizer)
-    prepare_reference(cfg, module, datamodule)  # reference=precomputed: cached scores
-    extension.attach(cfg, module, datamodule, trainer)
-    ckpt = cfg.ckpt_path
+    module = extension.module(settings, objective, tokenizer)
+    cache = settings.paths.cache_dir
+    prepare_reference(module, datamodule, settings.reference, model, cache)  # precomputed
+    extension.attach(settings, module, datamodule, trainer)
+    ckpt = settings.ckpt_path
     if ckpt == "last" and not (run_dir / "checkpoints" / "last.ckpt").exists():
         log.info("ckpt_path=last but no checkpoint in %s: starting fresh", run_dir)
         ckpt = None
@@ -297,24 +317,25 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except NonFiniteError as err:  # the last good checkpoint stays; no policy is written
         if trainer.is_global_zero:
-            metrics = extension.final_metrics(cfg, trainer, None)
-            write_json(run_dir / "summary.json", summary(cfg, trainer, metrics, str(err)))
+            metrics = extension.final_metrics(settings, trainer, None)
+            write_json(run_dir / "summary.json", summary(settings, trainer, metrics, str(err)))
         raise
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "train/" in k}
     last_val = next(c for c in trainer.callbacks if isinstance(c, LastValidation))
     if datamodule.val_split is not None and last_val.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    result = summary(cfg, trainer, extension.final_metrics(cfg, trainer, train_metrics))
-    if cfg.save_policy:
+    metrics = extension.final_metrics(settings, trainer, train_metrics)
+    result = summary(settings, trainer, metrics)
+    if settings.save_policy:
         extension.save(module, tokenizer, run_dir, trainer)
     # Single-process runs only (a sharded policy cannot generate on one rank): after a
     # multi-device run, evaluate the saved policy with `inspo-eval RUN_DIR`.
-    if cfg.eval.generate and trainer.world_size == 1:
+    if settings.eval.generate and trainer.world_size == 1:
         from inspo.evaluation.stage import eval_stage
 
         result["metrics"] |= eval_stage(
-            cfg, module.policy, tokenizer, result["metrics"], run_dir, trainer.logger
+            settings, module.policy, tokenizer, result["metrics"], run_dir, trainer.logger
         )
     extension.finish(result)
     if trainer.is_global_zero:
@@ -332,21 +353,6 @@ def finished_summary(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
     saved = json.loads(path.read_text())
     done = saved.get("status") == "finished" and saved.get("steps") == max_steps
     return saved if done else None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """JSON with NaN and ±inf as null: the file stays valid JSON for every reader."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [clean(x) for x in v]
-        return v
-
-    path.write_text(json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
 
 
 class LastValidation(L.Callback):

@@ -6,23 +6,23 @@ R(x, y'). The objective never knows which one it got.
 
 from __future__ import annotations
 
-from inspo.names import PLAIN, REFLECTIVE, VIEWS
+from inspo.names import PLAIN, REFLECTIVE, VIEWS, Reflection
 
 
-def policy_view(reflection: str) -> str:
+def policy_view(reflection: Reflection | str) -> str:
     """The view the policy is scored on: plain (standard form) or reflective (InSPO)."""
-    return PLAIN if reflection == "off" else REFLECTIVE
+    return PLAIN if reflection == Reflection.off else REFLECTIVE
 
 
-def reference_view(reflection: str, reference_context: str) -> str:
+def reference_view(reflection: Reflection | str, reference_context: str) -> str:
     """The view the reference is scored on."""
-    if reflection == "inspo_one_sided":
+    if reflection == Reflection.inspo_one_sided:
         return PLAIN  # eq. 22 of the InSPO paper compares against S_ref(y_l | x)
     return policy_view(reflection) if reference_context == REFLECTIVE else PLAIN
 
 
 def train_views(
-    reflection: str,
+    reflection: Reflection | str,
     requires_reference: bool,
     reference_context: str = REFLECTIVE,
     standard_weight: float = 0.0,
@@ -32,6 +32,6 @@ def train_views(
     views = {policy_view(reflection)}
     if requires_reference:
         views.add(reference_view(reflection, reference_context))
-    if reflection != "off" and (standard_weight > 0 or distill_weight > 0):
+    if reflection != Reflection.off and (standard_weight > 0 or distill_weight > 0):
         views.add(PLAIN)  # the standard loss and the distillation student see x alone
     return tuple(v for v in VIEWS if v in views)
