@@ -158,6 +158,9 @@ def test_unpaired_seeds_are_named_not_dropped(head):
         "seed 2: 1 baseline and 0 method runs",
     ]
     assert math.isnan(c["metrics"]["eval/win_rate"]["t_low"])  # one pair: no interval
+    cli([str(head), "--head-to-head"])  # written as strict JSON: no interval is null, not NaN
+    written = json.loads((head / "head_to_head.json").read_text(), parse_constant=pytest.fail)
+    assert written["settings"]["untuned"]["comparison"]["metrics"]["eval/win_rate"]["t_low"] is None
 
 
 def test_cli_writes_the_report(head):

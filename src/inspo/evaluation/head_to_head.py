@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from inspo.evaluation.sweep_report import DEFAULT_GROUP, group_name, load_runs
+from inspo.jsonio import write_json
 from inspo.names import (
     EVAL_KL,
     EVAL_LC_WIN_RATE,
@@ -544,7 +545,7 @@ def write(head_dir: Path, out: Path | None = None) -> tuple[dict[str, Any], str]
     report = build(head_dir)
     out = out or head_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "head_to_head.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(out / "head_to_head.json", report)  # strict JSON: an absent interval is null
     md = to_markdown(report)
     (out / "head_to_head.md").write_text(md + "\n")
     return report, md
