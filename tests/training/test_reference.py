@@ -172,7 +172,7 @@ def test_a_soft_sync_leaves_the_reference_the_last_step_trained_with(tmp_path):
     dm = datamodule(batch_size=2)
     policy = tiny(0)
     module = make_module(policy, frozen_copy(policy), reference_in_checkpoint=True,
-                         optim={"lr": 1e-2, "warmup_steps": 0})  # fmt: skip
+                         optim=OptimConfig(lr=1e-2, warmup_steps=0))  # fmt: skip
     sync, rec = R.ReferenceSync(every=2, alpha=0.25), Recorder()
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
