@@ -235,3 +235,24 @@ def test_trials_the_tuning_prompts_cannot_tell_from_the_best_are_counted(head):
     assert (best["low"], best["high"], dpo["within_best_interval"]) == (0.56, 0.64, [2])
     cli([str(head), "--head-to-head"])
     assert "| 1 | 0.600 (0.560–0.640) | 1 (2) |" in (head / "head_to_head.md").read_text()
+
+
+def test_a_one_trial_search_still_knows_what_it_searched(tmp_path):
+    """With one trial per search nothing looks varied; what the search drew comes from its
+    config, so a test run with other values is not called its search's best."""
+    params = {"objective.beta": "tag(log, interval(0.05, 2.0))"}
+    for method, refl in (("dpo", "off"), ("inspo", "inspo")):
+        trial = tmp_path / "tune" / method / "0"
+        write_run(trial, refl, "tune", {"eval/win_rate": 0.6}, beta=0.3)
+        (trial / ".hydra").mkdir()
+        (trial / ".hydra" / "hydra.yaml").write_text(
+            json.dumps({"hydra": {"sweeper": {"params": params}}})
+        )
+        for setting, beta in (("tuned", 0.3), ("untuned", 0.5)):
+            write_run(tmp_path / setting / method / "seed0", refl, "eval",
+                      {"eval/win_rate": 0.6}, scores=[1, 0, 0, 0], texts=["ba"] * 4,
+                      beta=beta)  # fmt: skip
+    report = build(tmp_path)
+    assert report["tuning"]["methods"]["dpo/off"]["searched"] == ["beta"]
+    assert report["settings"]["tuned"]["best"] == {"dpo/off": True, "dpo/inspo": True}
+    assert report["settings"]["untuned"]["best"] == {"dpo/off": False, "dpo/inspo": False}

@@ -199,21 +199,28 @@ def read_samples(run: dict[str, Any]) -> list[dict[str, Any]] | None:
     return json.loads(path.read_text()) if path is not None else None
 
 
-def search_space(run: dict[str, Any]) -> dict[str, tuple[float, float, bool]]:
-    """The numeric ranges a trial's search drew from, read from the trial's own Hydra config
-    (``RUN/.hydra/hydra.yaml``: ``hydra.sweeper.params``, e.g. ``tag(log, interval(a, b))``):
-    ``{choice key: (low, high, log scale)}``; empty when the run has none (a grid, a copy)."""
+def sweeper_params(run: dict[str, Any]) -> dict[str, str]:
+    """What a trial's search drew, read from the trial's own Hydra config
+    (``RUN/.hydra/hydra.yaml``: ``hydra.sweeper.params``): ``{choice key: its distribution}``,
+    the choice key being the override's last part (``optim.lr`` -> ``lr``); empty when the run
+    has none (a copied folder)."""
     from omegaconf import OmegaConf
 
     path = run["dir"] / ".hydra" / "hydra.yaml"
     if not path.exists():
         return {}
     sweeper = OmegaConf.load(path).hydra.get("sweeper") or {}
+    return {k.rsplit(".", 1)[-1]: str(v) for k, v in (sweeper.get("params") or {}).items()}
+
+
+def search_space(run: dict[str, Any]) -> dict[str, tuple[float, float, bool]]:
+    """The numeric ranges of :func:`sweeper_params` (``tag(log, interval(a, b))``,
+    ``interval(a, b)``): ``{choice key: (low, high, log scale)}``."""
     out = {}
-    for key, spec in (sweeper.get("params") or {}).items():
-        found = re.search(r"interval\(\s*([^,\s]+)\s*,\s*([^)\s]+)\s*\)", str(spec))
-        if found:  # the choice keys are the overrides' last parts: optim.lr -> lr
-            out[key.rsplit(".", 1)[-1]] = (float(found[1]), float(found[2]), "log" in str(spec))
+    for key, spec in sweeper_params(run).items():
+        found = re.search(r"interval\(\s*([^,\s]+)\s*,\s*([^)\s]+)\s*\)", spec)
+        if found:
+            out[key] = (float(found[1]), float(found[2]), "log" in spec)
     return out
 
 
@@ -236,6 +243,8 @@ def tuning_summary(trials: list[dict[str, Any]], methods: Sequence[str]) -> dict
     for method in (m for m in methods if any(method_of(r) == m for r in trials)):
         runs = sorted((r for r in trials if method_of(r) == method), key=trial_number)
         varied = [k for k in TUNABLE if len({str(r["choices"].get(k)) for r in runs}) > 1]
+        # What the search drew (from its config), else what its trials show it varied.
+        searched = list(sweeper_params(runs[0])) or varied
         rows = []
         for r in runs:
             value = r["metrics"].get(EVAL_WIN_RATE)
@@ -250,6 +259,7 @@ def tuning_summary(trials: list[dict[str, Any]], methods: Sequence[str]) -> dict
                     "low": r["metrics"].get(f"{EVAL_WIN_RATE}_low") if ok else None,
                     "high": r["metrics"].get(f"{EVAL_WIN_RATE}_high") if ok else None,
                     "config": configuration(r, varied),
+                    "searched_config": configuration(r, searched),
                     "seed": r["choices"].get("seed"),
                 }
             )
@@ -273,6 +283,7 @@ def tuning_summary(trials: list[dict[str, Any]], methods: Sequence[str]) -> dict
             "n_trials": len(rows),
             "n_failed": len(rows) - len(done),
             "varied": varied,
+            "searched": searched,
             "best": best,
             "within_best_interval": close,
             "space": {k: list(v) for k, v in space.items()},
@@ -366,11 +377,12 @@ def compare(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str
 
 
 def is_best(runs: list[dict[str, Any]], tuning: dict[str, Any] | None) -> bool:
-    """Whether every run uses its search's best configuration (on what the search varied)."""
+    """Whether every run uses its search's best configuration (on what the search drew)."""
     best = (tuning or {}).get("best")
     if not runs or best is None:
         return False
-    return all(configuration(r, tuning["varied"]) == best["config"] for r in runs)
+    keys = tuning["searched"]
+    return all(configuration(r, keys) == best["searched_config"] for r in runs)
 
 
 def setting_summary(
