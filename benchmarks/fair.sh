@@ -41,6 +41,15 @@ case $LOOP in
   *) echo "LOOP must be offline or iterative, not $LOOP" >&2; exit 2 ;;
 esac
 if [[ $JOBS -gt 1 ]]; then export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1; fi
+# The SFT starts are inspo-train runs: the loop's own settings (iterate, generation, judge,
+# pairing), which an iterative head-to-head passes to every run, are not theirs to take.
+SFT_EXTRA=()
+for arg in "${EXTRA[@]+"${EXTRA[@]}"}"; do
+  case ${arg#"${arg%%[!+~]*}"} in  # the key, without a leading + or ~
+    iterate[.=/]* | generation[.=/]* | judge[.=/]* | pairing[.=/]*) ;;
+    *) SFT_EXTRA+=("$arg") ;;
+  esac
+done
 t0=$(date +%s)
 log() { echo "[fair $(( ($(date +%s) - t0) / 60 )) min] $*" | tee -a "$OUT/fair.log"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -58,7 +67,7 @@ sft() {  # sft SEED
     flock 7
     if [[ -e $dir/policy/model.safetensors ]]; then return; fi
     inspo-train experiment=sft seed="$1" ckpt_path=last logger=csv hydra.run.dir="$dir" \
-      "${EXTRA[@]+"${EXTRA[@]}"}" >"$OUT/logs/sft_seed$1.log" 2>&1 && log "sft: seed $1 done"
+      "${SFT_EXTRA[@]+"${SFT_EXTRA[@]}"}" >"$OUT/logs/sft_seed$1.log" 2>&1 && log "sft: seed $1 done"
   } 7>"$OUT/sft/.lock_seed$1"
 }
 best() {  # best METHOD: the best trial's overrides, one word each

@@ -293,3 +293,15 @@ def test_no_shared_reference_scores_where_the_reference_would_score_otherwise(
     )
     online_run.iterate(cfg)
     assert seen == [False]
+
+
+def test_the_summary_holds_the_last_rounds_evaluation(tmp_path):
+    """The run's final metrics (summary.json, and the value a sweeper optimises) hold the last
+    round's evaluation, also when a validation after the last step cleared the logged ones."""
+    # No validation during training (every 50 steps): the run validates once after it.
+    summary = iterate(tmp_path, "iterate.eval_every=0", "iterate.steps_per_round=1",
+                      "trainer.val_check_interval=50")  # fmt: skip
+    last = summary["rounds"][-1]
+    evaluation = {k for k in last if k.startswith("eval/")}
+    assert "eval/win_rate" in evaluation and "eval/win_rate" not in summary["rounds"][0]
+    assert {k: summary["metrics"].get(k) for k in evaluation} == {k: last[k] for k in evaluation}
