@@ -88,6 +88,32 @@ def test_a_search_runs_its_trials_on_the_tuning_prompts(tmp_path):
     assert best.best_value == max(t["metrics"]["eval/win_rate"] for t in trials)
 
 
+@pytest.mark.subprocess
+def test_an_iterative_search_scores_each_trial_after_its_last_round(tmp_path):
+    """`inspo-iterate -m experiment=tune_iterative_dpo` (one tiny trial of 2 one-step rounds,
+    validated once more after the last step): the trial returns its last round's win rate on
+    the tuning prompts, so Optuna completes it (it counted as failed when the validation
+    cleared the logged evaluation: the search then ended with no completed trial)."""
+    sweep = tmp_path / "tune"
+    # A random model's samples rarely end or differ in gold reward: a judge that tells them apart.
+    loop = ["iterate.rounds=2", "iterate.steps_per_round=1", "data.batch_size=4",
+            "generation.max_new_tokens=6", "judge=python", "judge.function=fake_judges.distinct",
+            "trainer.val_check_interval=50"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "online")}
+    cmd = [sys.executable, "-m", "inspo.cli.iterate", "-m", "experiment=tune_iterative_dpo",
+           *TINY, *loop, "hydra.sweeper.n_trials=1", "save_policy=false",
+           f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path}/c"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    trial = json.loads((sweep / "0" / "summary.json").read_text())
+    assert trial["choices"]["eval_split"] == "tune" and len(trial["rounds"]) == 2
+    assert trial["metrics"]["eval/win_rate"] == trial["rounds"][-1]["eval/win_rate"]
+    assert trial["metrics"]["eval/n_prompts"] == 8
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_value == trial["metrics"]["eval/win_rate"]
+
+
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.timeout(3600)  # 15 tiny runs (about 8 min on 2 idle cores), twice the script
