@@ -66,8 +66,11 @@ TUNABLE = (
     "scalarization",
     "gamma",
     "reference",
+    "iterate_reference",
     "max_steps",
 )
+#: Overrides whose run choice is not named by their last part.
+CHOICE_OF = {"iterate.reference": "iterate_reference"}
 #: (key, label, per-prompt quantity or None): the compared metrics. A per-prompt quantity is
 #: read from eval/samples.json and gets the bootstrap interval too.
 METRICS = (
@@ -210,7 +213,8 @@ def sweeper_params(run: dict[str, Any]) -> dict[str, str]:
     if not path.exists():
         return {}
     sweeper = OmegaConf.load(path).hydra.get("sweeper") or {}
-    return {k.rsplit(".", 1)[-1]: str(v) for k, v in (sweeper.get("params") or {}).items()}
+    params = sweeper.get("params") or {}
+    return {CHOICE_OF.get(k, k.rsplit(".", 1)[-1]): str(v) for k, v in params.items()}
 
 
 def search_space(run: dict[str, Any]) -> dict[str, tuple[float, float, bool]]:
