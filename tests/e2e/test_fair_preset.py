@@ -143,3 +143,36 @@ def test_fair_script_end_to_end(tmp_path):
     again = subprocess.run(["bash", "benchmarks/fair.sh", *args], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert again.returncode == 0 and " done" not in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.timeout(3600)
+def test_fair_script_in_the_loop(tmp_path):
+    """LOOP=iterative benchmarks/fair.sh, tiny, one seed and one trial per search, with the
+    loop's own overrides on the command line (the SFT start, an inspo-train run, must not take
+    them): every stage runs and the report pairs the seed in both settings."""
+    out = tmp_path / "fair"
+    env = {**os.environ, "OUT": str(out), "SEEDS": "0", "N_TRIALS": "1", "LOOP": "iterative",
+           "PATH": f"{Path(sys.executable).parent}:" + os.environ["PATH"],
+           "PYTHONPATH": str(REPO / "tests" / "online")}  # fmt: skip
+    fast = [a for a in TINY if a not in ("logger=csv", "trainer.max_steps=2")]
+    loop = [
+        "iterate.rounds=2",
+        "iterate.steps_per_round=1",
+        "data.batch_size=4",
+        "generation.max_new_tokens=6",
+        "judge=python",
+        "judge.function=fake_judges.distinct",
+    ]
+    args = [*fast, *loop, f"paths.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(["bash", "benchmarks/fair.sh", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + (out / "fair.log").read_text()[-2000:]
+    report = json.loads((out / "head_to_head.json").read_text())
+    assert report["tuning"]["counts"] == {"dpo/off": 1, "dpo/inspo": 1}
+    assert "iterate_reference" in report["tuning"]["methods"]["dpo/inspo"]["searched"]
+    for setting in ("tuned", "untuned"):
+        assert report["settings"][setting]["comparison"]["seeds"] == [0]
+    sft = json.loads((out / "sft" / "seed0" / "summary.json").read_text())
+    assert sft["choices"]["objective_config"] == "sft"
