@@ -112,6 +112,8 @@ CONFIGS = [
     # besides the one over the round's samples (online.run.shares_reference_scores). Selected
     # by name or with "all", not in "main".
     ("inspo online (before)", "inspo", {"share_reference": False}),
+    # Without carrying surplus pairs: a second decoding pass when ties leave a step short.
+    ("inspo online (no carry)", "inspo", {"max_staleness": 0}),
     (
         "TRL like-for-like",
         "trl",
@@ -213,8 +215,8 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     tok = byte_tokenizer()
     eos = tok.eos_token_id
     build = inspo_load.tiny_llama  # load_policy builds the tiny model through this name
-    inspo_load.tiny_llama = lambda **kw: (
-        ascii_only(build(**kw), eos) if BYTES[0] == "ascii" else build(**kw)
+    inspo_load.tiny_llama = lambda *a, **kw: (
+        ascii_only(build(*a, **kw), eos) if BYTES[0] == "ascii" else build(*a, **kw)
     )
     rounds: list[dict] = []  # per round (= step): what its build drew, generated and timed
     start: dict = {}
@@ -229,12 +231,8 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
 
             def new_round(seconds: float, data: Any) -> None:
                 rep = data.report
-                # Prompts that gave no trained pair: ties and the other counted reasons.
-                surplus = rep.dropped.get("unused_surplus", 0)
-                unpaired = rep.prompts - rep.pairs - surplus
-                ties = rep.dropped.get("tie", 0)
                 rounds[-1].update(
-                    prompts=rep.prompts, samples=rep.samples, ties=ties, unpaired=unpaired
+                    prompts=rep.prompts, samples=rep.samples, surplus=len(data.surplus)
                 )
 
             def generated(seconds: float, groups: Any) -> None:
@@ -248,6 +246,22 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
                 rounds[-1]["reference_s"] += seconds
 
             build_round = r.build
+            start_round = self.rounds.start
+
+            def start_with_record(index: int, module: Any) -> None:
+                start_round(index, module)
+                rep = self.rounds.current.report
+                d = rep.dropped
+                # Prompts that gave no pair: ties and the other counted reasons; a pair that
+                # entered the round was trained, carried on, or dropped unused or stale.
+                lost = d.get("unused_surplus", 0) + d.get("stale", 0)
+                unpaired = rep.prompts + rep.carried_in - rep.pairs - rep.carried_out - lost
+                rounds[-1].update(
+                    ties=d.get("tie", 0), unpaired=unpaired, carried=rep.carried_out,
+                    discarded=lost,
+                )  # fmt: skip
+
+            self.rounds.start = start_with_record
 
             def build_with_record(*a, **k):
                 rounds.append(Counter(generate_calls=0, tokens=0, non_ascii=0))
@@ -301,6 +315,7 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
         f"paths.cache_dir={workdir}/cache",
         f"seed={SEED}",
         *[f"model.tiny.{k}={v}" for k, v in m.items()],
+        *[f"iterate.max_staleness={v}" for v in [settings.get("max_staleness")] if v is not None],
     ]
     cfg = compose_config(overrides, workdir, name="iterate")
     summary = train_run(cfg, Measured())
@@ -326,6 +341,9 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
             "generate_calls": r["generate_calls"],
             "tokens": r["tokens"],
             "non_ascii": r["non_ascii"],
+            "staleness": h.get("objective/pair_staleness", 0.0),
+            "staleness_max": h.get("objective/pair_staleness_max", 0.0),
+            "discarded": r["discarded"],
         })  # fmt: skip
     return {**start, **summarise(steps), "peak_steps_mb": clock.peak.mb}
 
@@ -444,6 +462,9 @@ def run_trl(size: Size, settings: dict, *, workdir: str) -> dict:
             "generate_calls": 1,
             "tokens": c["tokens"],
             "non_ascii": c["non_ascii"],
+            "staleness": 0.0,  # every step trains on its own samples
+            "staleness_max": 0.0,
+            "discarded": 0,
         })  # fmt: skip
     return {**start, **summarise(steps), "peak_steps_mb": clock.peak.mb}
 
@@ -472,6 +493,9 @@ def summarise(steps: list[dict]) -> dict:
     out["other_ms"] = out["training_ms"] - out["reference_ms"] - out["policy_training_ms"]
     for k in ("prompts", "completions", "ties", "unpaired", "generate_calls", "tokens"):
         out[f"{k}_per_step"] = total[k] / n
+    out["staleness"] = total["staleness"] / n  # mean over steps of each step's mean
+    out["staleness_max"] = max(s["staleness_max"] for s in steps)
+    out["discarded_per_step"] = total["discarded"] / n
     out["non_ascii_tokens"] = total["non_ascii"]
     out["step_times"] = [round(s["step_s"], 4) for s in steps]
     return out
@@ -490,8 +514,9 @@ def table(rows: dict[tuple[str, str], list[dict]]) -> str:
     phases = [
         "",
         "| size | config | step ms | generation | judging | reference forwards | "
-        "policy training | other | decoding passes/step | ties/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "policy training | other | decoding passes/step | ties/step | pair staleness "
+        "(max) | discarded/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (size, label), m in med.items():
         ratio = ""
@@ -516,7 +541,8 @@ def table(rows: dict[tuple[str, str], list[dict]]) -> str:
             f"| {size} | {label} | {m['step_s'] * 1e3:.0f} | "
             + " | ".join(f"{x:.0f}" if x >= 1 else f"{x:.2f}" for x in ms)
             + f" | {m['other_ms']:.0f} | {m['generate_calls_per_step']:.2f} | "
-            f"{m['ties_per_step']:.2f} |"
+            f"{m['ties_per_step']:.2f} | {m['staleness']:.2f} ({m['staleness_max']:.0f}) | "
+            f"{m['discarded_per_step']:.2f} |"
         )
     return "\n".join(lines + phases)
 

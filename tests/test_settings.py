@@ -126,6 +126,8 @@ def test_each_setting_is_checked_where_it_is_declared(tmp_path, overrides, messa
 def test_iterate_settings_are_checked(tmp_path):
     message = settings_error("iterate.samples_per_prompt=1", tmp_path=tmp_path, name="iterate")
     assert message == "iterate.samples_per_prompt: must be at least 2, got 1"
+    message = settings_error("iterate.max_staleness=-1", tmp_path=tmp_path, name="iterate")
+    assert message == "iterate.max_staleness: must be at least 0, got -1"
 
 
 def test_a_required_argument_of_a_component_is_named(tmp_path):

@@ -165,6 +165,10 @@ SCORES_MARGIN = "objective/scores_margin"
 SAMPLE_KL = "objective/kl"
 SAMPLE_ENTROPY = "objective/entropy"
 EOS_RATE = "val/contain_eos_token"
+# Optimiser steps between the policy that sampled a pair and the step that trains on it, mean
+# and largest over the pairs a round trains on (inspo.online.carry).
+PAIR_STALENESS = "objective/pair_staleness"
+PAIR_STALENESS_MAX = "objective/pair_staleness_max"
 
 # Reward-model training (inspo.training.reward), under TRL RewardTrainer's names; std_reward is
 # ours (TRL logs the min and max). Logged under train/ (per step) and val/ (the whole split).

@@ -485,7 +485,14 @@ class IterateConfig:
     pairs, report, evaluation; needed to resume mid-round); ``eval_every``: evaluate after every
     k rounds and the last (0: the last only); ``max_prompts_factor``: a round fails after
     trying this many × the pairs it needs; ``prompts``: the pool, a source ``_target_`` (None:
-    the data's own, ``data.prompts``, else the prompts of ``data.source``'s train split).
+    the data's own, ``data.prompts``, else the prompts of ``data.source``'s train split);
+    ``max_staleness``: a round's pairs beyond what it trains on train first in the next round
+    while at most this many optimiser steps older than the policy training on them (logged as
+    ``objective/pair_staleness``, mean and max), and a round then draws enough prompts in one
+    decoding pass that it rarely falls short (:mod:`inspo.online.carry`). Carrying needs
+    ``max_staleness >= steps_per_round`` (online mode: 1); 0: every round trains on its own
+    samples only and draws as many prompts as it lacks pairs (a second decoding pass when ties
+    leave it short).
     """
 
     rounds: int = 4
@@ -496,6 +503,7 @@ class IterateConfig:
     eval_every: int = 1
     max_prompts_factor: int = 20
     prompts: Any = None
+    max_staleness: int = 1
 
     def __post_init__(self) -> None:
         at_least("rounds", self.rounds, 1)
@@ -504,6 +512,7 @@ class IterateConfig:
         self.reference = choice(IterateReference, "reference", self.reference)
         at_least("eval_every", self.eval_every, 0)
         at_least("max_prompts_factor", self.max_prompts_factor, 1)
+        at_least("max_staleness", self.max_staleness, 0)
 
     @property
     def total_steps(self) -> int:

@@ -28,3 +28,8 @@ def nan(prompts, responses):
 
 def too_few(prompts, responses):
     return [0.0] * (len(responses) - 1)
+
+
+def coarse(prompts, responses):
+    """Distinct characters in steps of three: often tied, so rounds fall short of pairs."""
+    return [float(len(set(r)) // 3) for r in responses]

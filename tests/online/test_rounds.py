@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -170,18 +172,99 @@ def test_a_run_cut_mid_round_resumes_to_identical_metrics_and_a_finished_one_kee
     assert again == json.loads(saved) and "eval/lc_win_rate" in again["metrics"]
 
 
-def test_online_mode_resumes_with_the_same_samples(tmp_path, monkeypatch):
-    """One step per round, no round folders: a resume regenerates its next step's samples
-    exactly as the uninterrupted run drew them."""
-    common = ["iterate.rounds=4", "iterate.steps_per_round=1", "iterate.save_rounds=false",
-              "iterate.eval_every=0", "checkpoint.every_n_train_steps=1"]  # fmt: skip
+ONLINE = ["iterate.steps_per_round=1", "iterate.eval_every=0", "eval.n_prompts=0",
+          "judge.function=fake_judges.coarse"]  # fmt: skip
+
+
+def test_online_mode_resumes_with_the_same_samples_and_carried_pairs(tmp_path, monkeypatch):
+    """One step per round, no round folders, a judge that ties often: cut at the start of the
+    first round after round 0 that trains carried pairs, a resume trains the pairs the
+    checkpoint carried into it and regenerates the next steps' samples exactly as the
+    uninterrupted run drew them."""
+    common = ["iterate.rounds=5", "iterate.save_rounds=false", "checkpoint.every_n_train_steps=1",
+              *ONLINE]  # fmt: skip
     full = iterate(tmp_path / "full", *common)
+    carried = [k for k, r in enumerate(full["rounds"]) if r["objective/pair_staleness_max"] == 1]
+    cut = next(k for k in carried if k >= 2)  # the checkpoint after round k - 1 carries pairs
     with monkeypatch.context() as m:
-        stop_after(m, 2)
+        stop_after(m, cut)
         iterate(tmp_path / "cut", *common)
     resumed = iterate(tmp_path / "cut", *common, "ckpt_path=last")
     assert not (tmp_path / "full" / "rounds").exists()
-    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3, 4]
+    assert [timeless(r) for r in resumed["rounds"]] == [timeless(r) for r in full["rounds"]]
+    assert timeless(resumed["metrics"]) == timeless(full["metrics"])
+
+
+def decoding_passes(monkeypatch):
+    """Per round, how many decoding passes built it (its chunks of prompts)."""
+    passes = Counter()
+    real = RoundBuilder.chunk
+    monkeypatch.setattr(
+        RoundBuilder, "chunk", lambda self, i, *a, **k: passes.update([i]) or real(self, i, *a, **k)
+    )
+    return passes
+
+
+def test_online_mode_makes_up_for_ties_in_one_decoding_pass_by_carrying_pairs(
+    tmp_path, monkeypatch
+):
+    """Most prompts tie: without carrying (max_staleness=0) a round decodes pass after pass
+    for the pairs it still lacks; with it, after round 0 (no yield estimate before its first
+    pass) every round decodes at most once, trains first the pairs the last one carried (in
+    order, at most one step old), and every pair or prompt is trained, carried on or dropped
+    for a counted reason."""
+    passes = decoding_passes(monkeypatch)
+    iterate(tmp_path / "own", "iterate.rounds=6", "iterate.max_staleness=0", *ONLINE)
+    assert max(passes[i] for i in range(1, 6)) > 1
+    own, passes = dict(passes), decoding_passes(monkeypatch)
+    summary = iterate(tmp_path / "carry", "iterate.rounds=6", *ONLINE)
+    assert all(passes[i] <= 1 for i in range(1, 6))
+    assert passes[0] < own[0]  # round 0 sizes its later passes by what its first ones gave
+    folders = [tmp_path / "carry" / "rounds" / f"{i:03d}" for i in range(6)]
+    reports = [json.loads((f / "data_report.json").read_text()) for f in folders]
+    assert sum(r["carried_in"] for r in reports) > 0
+    for before, after in itertools.pairwise(folders):
+        carried = [c["pair"] for c in lines(before / "carry.jsonl")]
+        assert lines(after / "pairs.jsonl")[: len(carried)] == carried
+    for i, r in enumerate(reports):
+        d = r["dropped"]
+        lost = sum(d.get(k, 0) for k in ("tie", "too_few_responses", "below_min_margin",
+                                         "unused_surplus", "stale"))  # fmt: skip
+        assert r["prompts"] + r["carried_in"] == r["pairs"] + r["carried_out"] + lost, i
+        assert r["carried_in"] == (reports[i - 1]["carried_out"] if i else 0)
+        metrics = summary["rounds"][i]
+        assert metrics["objective/pair_staleness_max"] == (1.0 if r["carried_in"] else 0.0)
+        assert metrics["objective/pair_staleness"] == r["carried_in"] / 4
+
+
+def test_a_run_killed_after_building_a_round_resumes_with_what_it_carries(tmp_path, monkeypatch):
+    """Killed in the step after round 3 was built (its folder written, no checkpoint since):
+    the resumed run reloads round 3 with the pairs it carries on and the yield estimate after
+    it, and every round and metric equals the uninterrupted run's."""
+    common = ["iterate.rounds=6", "checkpoint.every_n_train_steps=1", *ONLINE]
+    full = iterate(tmp_path / "full", *common)
+    step = PreferenceModule.training_step
+
+    def dies_at_step_3(self, *a, **k):
+        if self.trainer.global_step == 3:
+            raise RuntimeError("killed")
+        return step(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(PreferenceModule, "training_step", dies_at_step_3)
+        with pytest.raises(RuntimeError, match="killed"):
+            iterate(tmp_path / "cut", *common)
+    assert (tmp_path / "cut" / "rounds" / "003").exists()
+    assert not (tmp_path / "cut" / "rounds" / "004").exists()
+    carried = [json.loads((tmp_path / "full" / "rounds" / f"{i:03d}" / "data_report.json")
+                          .read_text())["carried_in"] for i in (3, 4)]  # fmt: skip
+    assert carried[1] > 0  # round 4 trains pairs carried from round 3
+    resumed = iterate(tmp_path / "cut", *common, "ckpt_path=last")
+    for r in range(6):
+        for name in ("pairs.jsonl", "tokens.jsonl", "carry.jsonl"):
+            a, b = (tmp_path / run / "rounds" / f"{r:03d}" / name for run in ("full", "cut"))
+            assert a.read_text() == b.read_text(), (r, name)
     assert [timeless(r) for r in resumed["rounds"]] == [timeless(r) for r in full["rounds"]]
     assert timeless(resumed["metrics"]) == timeless(full["metrics"])
 

@@ -7,8 +7,9 @@ has the judge score them (:meth:`~RoundBuilder.judge_groups`), scores them under
 (:meth:`~RoundBuilder.reference_logps`: the round's KL, and training's reference scores where
 they can be shared), pairs each prompt's responses (:meth:`~RoundBuilder.pair`) and encodes
 the pairs into the views training needs (:meth:`~RoundBuilder.encode`); the pairs of every
-process are then gathered, in stream order. A round keeps the pairs it needs; the surplus of
-its last chunk is counted (``unused_surplus``) and dropped.
+process are then gathered, in stream order. A round trains first on the pairs carried into it
+from earlier rounds, then on its own; what it has beyond what it needs is its ``surplus``, which
+the loop carries into the next round or drops, counted (:mod:`inspo.online.carry`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from inspo.evaluation.metrics import response_logps
 from inspo.models.sampling import Sample
 from inspo.names import EOS_RATE, PLAIN, SAMPLE_ENTROPY, SAMPLE_KL, SCORES, SCORES_MARGIN
 from inspo.online import processes
+from inspo.online.carry import pair_counts
 from inspo.online.generation import Backend
 from inspo.online.judges import Group, Judge, JudgeError
 from inspo.online.pairing import Candidate, Pairing
@@ -89,23 +91,41 @@ class RoundBuilder:
         self.share_reference = share_reference
 
     # ------------------------------------------------------------------ a round
-    def build(self, index: int, start: int, needed: int, module: Any) -> Round:
-        """Round ``index``: prompts from position ``start`` of the stream, sampled, judged and
-        paired until it has ``needed`` pairs."""
+    def build(
+        self,
+        index: int,
+        start: int,
+        needed: int,
+        module: Any,
+        carried: Sequence[TrainingPair] = (),
+        plan: Callable[[int, list[int]], int] | None = None,
+    ) -> Round:
+        """Round ``index``: the ``carried`` pairs first, then prompts from position ``start`` of
+        the stream, sampled, judged and paired until it has ``needed`` pairs.
+        ``plan(missing, counts)``: how many prompts to draw for ``missing`` pairs, given how many
+        pairs each prompt drawn so far in this round gave (None: as many as are missing)."""
         size = processes.world()[0]
         cursor = start
-        pairs: list[TrainingPair] = []
+        pairs: list[TrainingPair] = list(carried)
         samples: list[SampleRecord] = []
         dropped: Counter = Counter()
         seconds: Counter = Counter()
-        self.backend.sync(module.policy)
+        if len(pairs) < needed:
+            self.backend.sync(module.policy)
         while len(pairs) < needed:
             if cursor - start > self.max_prompts_factor * needed:
                 raise RoundError(
-                    f"round {index} found {len(pairs)} of its {needed} pairs in "
-                    f"{cursor - start} prompts; dropped: {dict(dropped)}"
+                    f"round {index} found {len(pairs) - len(carried)} of its "
+                    f"{needed - len(carried)} pairs in {cursor - start} prompts; "
+                    f"dropped: {dict(dropped)}"
                 )
-            prompts = stream(self.pool, self.seed, cursor, max(needed - len(pairs), size))
+            missing = needed - len(pairs)
+            if plan is None:
+                count = missing
+            else:
+                drawn = pair_counts(pairs[len(carried) :], index, start, cursor)
+                count = min(plan(missing, drawn), self.max_prompts_factor * needed)
+            prompts = stream(self.pool, self.seed, cursor, max(count, size))
             # Every process ends with the same lists, in stream order.
             parts = processes.gather(self.chunk(index, prompts, cursor, module, seconds))
             pairs += sorted((p for c in parts for p in c.pairs), key=lambda p: p.record.position)
@@ -113,10 +133,7 @@ class RoundBuilder:
             for part in parts:
                 dropped.update(part.dropped)
             cursor += len(prompts)
-        # The last chunk's surplus is dropped (counted): a round trains on exactly its own
-        # pairs. Carrying it into the next round would start here, with the round's span.
-        dropped["unused_surplus"] += len(pairs) - needed
-        pairs = pairs[:needed]
+        pairs, surplus = pairs[:needed], pairs[needed:]
         metrics = round_metrics(samples, [p.record for p in pairs])
         metrics.update({f"time/{k}_seconds": v for k, v in seconds.items()})
         report = RoundReport(
@@ -125,8 +142,9 @@ class RoundBuilder:
             pairs=len(pairs),
             dropped=dict(sorted(dropped.items())),
             truncated=sum(p.tokens["truncated"] for p in pairs),
+            carried_in=len(carried),
         )
-        return Round(index, start, cursor, pairs, metrics, report, samples)
+        return Round(index, start, cursor, pairs, metrics, report, samples, surplus)
 
     def chunk(
         self, index: int, prompts: list[Prompt], at: int, module: Any, seconds: Counter
@@ -317,17 +335,21 @@ def sample_record(prompt: str, position: int, r: Response) -> SampleRecord:
 
 
 def round_metrics(samples: list[SampleRecord], pairs: list[PairRecord]) -> dict[str, float]:
-    """The round's samples and pairs under TRL's online names."""
-    n = max(len(samples), 1)
+    """The round's samples and pairs under TRL's online names (a round that sampled nothing,
+    training on carried pairs only, has no sample metrics)."""
+    margin = sum(p.chosen_score - p.rejected_score for p in pairs) / max(len(pairs), 1)
+    if not samples:
+        return {SCORES_MARGIN: margin, "objective/pairs": float(len(pairs))}
+    n = len(samples)
     kl = [s.logp - s.reference_logp for s in samples]
     out = {
         SCORES: sum(s.score for s in samples) / n,
-        SCORES_MARGIN: sum(p.chosen_score - p.rejected_score for p in pairs) / max(len(pairs), 1),
+        SCORES_MARGIN: margin,
         SAMPLE_ENTROPY: -sum(s.logp for s in samples) / n,
         EOS_RATE: sum(s.finished for s in samples) / n,
         "objective/length": sum(len(s.response.encode()) for s in samples) / n,
         "objective/pairs": float(len(pairs)),
     }
-    if samples and all(v == v for v in kl):  # NaN without a reference
+    if all(v == v for v in kl):  # NaN without a reference
         out[SAMPLE_KL] = sum(kl) / n
     return out

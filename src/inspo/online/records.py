@@ -98,20 +98,32 @@ class TrainingPair:
 
 @dataclass
 class RoundReport:
-    """How a round's prompts became pairs: ``data_report.json`` and ``round.json``'s report."""
+    """How a round's prompts became pairs: ``data_report.json`` and ``round.json``'s report.
+
+    ``carried_in``: pairs sampled in earlier rounds that entered this one (the last round's
+    ``carried_out``); ``carried_out``: pairs it passes on to the next round, unused (see
+    :mod:`inspo.online.carry`). Every pair a round's prompts gave or it was passed is trained
+    (``pairs``), carried on, or dropped by a counted reason (``dropped``)."""
 
     prompts: int
     samples: int
     pairs: int
     dropped: dict[str, int]
     truncated: int
+    carried_in: int = 0
+    carried_out: int = 0
 
 
 @dataclass
 class Round:
     """A round: where its prompts lie in the prompt stream (``start`` to one past ``end``),
-    what its steps train on (``pairs``, in training order), what it measured while it was
-    built, and its samples (empty for a round reloaded from its folder)."""
+    what its steps train on (``pairs``, in training order: pairs carried in from earlier rounds
+    first), what it measured while it was built, its samples (empty for a round reloaded from
+    its folder) and the pairs it had beyond what it trains on (``surplus``, in order: carried-in
+    pairs it did not need, then its own). Of those, ``carry`` is what the next round takes
+    (:func:`inspo.online.carry.carry_forward`), and ``pair_yield`` the loop's estimate of
+    pairs per prompt after it (:class:`inspo.online.carry.PairYield`): both are saved with the
+    round, so that a run restarted after the round was built goes on as it would have."""
 
     index: int
     start: int
@@ -120,3 +132,6 @@ class Round:
     metrics: dict[str, float]
     report: RoundReport
     samples: list[SampleRecord] = field(default_factory=list)
+    surplus: list[TrainingPair] = field(default_factory=list)
+    carry: list[TrainingPair] = field(default_factory=list)
+    pair_yield: dict[str, float] = field(default_factory=dict)

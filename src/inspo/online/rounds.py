@@ -1,10 +1,13 @@
 """The iterative loop: round after round, the policy samples, a judge labels, pairs train it.
 
 Round r starts with the batch of its first optimiser step (:meth:`Rounds.batch`):
-    1. :class:`~inspo.online.builder.RoundBuilder` builds it: prompts from the run's seeded
-       prompt stream, sampled by the live policy, judged, paired and encoded, until the round
-       has ``steps_per_round ×`` global batch pairs;
-    2. :class:`~inspo.online.store.RoundStore` writes its folder (samples, pairs, reports);
+    1. :class:`~inspo.online.builder.RoundBuilder` builds it: the pairs carried in from the
+       last round first, then prompts from the run's seeded prompt stream, sampled by the live
+       policy, judged, paired and encoded, until the round has ``steps_per_round ×`` global
+       batch pairs;
+    2. :func:`~inspo.online.carry.carry_forward` keeps what the next round may train on of
+       the pairs it had beyond those (``iterate.max_staleness``), and the others are counted;
+    3. :class:`~inspo.online.store.RoundStore` writes its folder (samples, pairs, reports);
 then ``steps_per_round`` optimiser steps train on its pairs, and at its end (:meth:`Rounds.end`,
 called by :class:`RoundEnd`) the policy is evaluated and ``iterate.json`` updated. Online mode
 is the same loop with one step per round: fresh samples from the live policy every step.
@@ -12,14 +15,15 @@ is the same loop with one step per round: fresh samples from the live policy eve
 A killed run resumes with ``ckpt_path=last``: finished rounds are skipped, a round in progress
 reloads its pairs from its folder (generation and judging are not redone), and a round not yet
 started samples exactly as the uninterrupted run would (its noise depends on its position in
-the prompt stream, and the weights come from the checkpoint).
+the prompt stream, the weights come from the checkpoint, and so do the pairs carried into it
+and the pair yield that sizes its decoding pass).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +34,15 @@ from inspo.data.collate import PreferenceCollator
 from inspo.names import PLAIN
 from inspo.online import processes
 from inspo.online.builder import RoundBuilder, RoundError
-from inspo.online.records import PlainReference, Round
-from inspo.online.store import RoundStore
+from inspo.online.carry import (
+    PairYield,
+    carries,
+    carry_forward,
+    pair_counts,
+    staleness_metrics,
+)
+from inspo.online.records import PlainReference, Round, TrainingPair
+from inspo.online.store import RoundStore, pair_from_state, pair_state
 from inspo.settings import IterateConfig
 
 __all__ = ["IterateConfig", "RoundEnd", "RoundError", "Rounds"]
@@ -60,6 +71,8 @@ class Rounds:
         self.collate = PreferenceCollator(pad_id, builder.views)
         self.current: Round | None = None
         self.cursor = 0  # where the next round starts in the prompt stream
+        self.carry: list[TrainingPair] = []  # what the current round passes to the next
+        self.yields = PairYield()  # pairs per prompt so far: sizes a round's decoding pass
         self.history: list[dict[str, Any]] = []
         self.timer: dict[str, float] = {}
 
@@ -94,14 +107,24 @@ class Rounds:
         built (and saved)."""
         self.timer = {"start": time.perf_counter()}
         if self.store.saved(index):
+            # With what it passes on and the yield after it: the checkpoint may predate it.
             self.current = self.store.load(index, self.builder.tokens)
         else:
             size, rank = processes.world()
-            needed = self.icfg.steps_per_round * self.batch_size * size
-            self.current = self.builder.build(index, self.cursor, needed, module)
+            per_step, spr = self.batch_size * size, self.icfg.steps_per_round
+            plan = self.yields.plan if carries(self.icfg.max_staleness, spr) else None
+            r = self.builder.build(index, self.cursor, spr * per_step, module, self.carry, plan)
+            r.carry = carry_forward(
+                r, steps_per_round=spr, per_step=per_step, max_staleness=self.icfg.max_staleness
+            )
+            self.yields.add(pair_counts([*r.pairs, *r.surplus], r.index, r.start, r.end))
+            r.pair_yield = asdict(self.yields)
+            r.metrics.update(staleness_metrics(r, spr, per_step))
+            self.current = r
             if rank == 0 and self.icfg.save_rounds:
                 self.store.write(self.current)
             processes.barrier()
+        self.carry, self.yields = self.current.carry, PairYield(**self.current.pair_yield)
         self.cursor = self.current.end
         self.timer["built"] = time.perf_counter()
 
@@ -129,14 +152,27 @@ class Rounds:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
+        """Where the current round lies in the prompt stream, the rounds' metrics so far, and
+        what the next round starts from: the pairs the current round carries on, and the
+        yield estimate after it."""
         cur = self.current
-        if cur is None:
-            return {"round": -1, "start": self.cursor, "end": self.cursor, "history": self.history}
-        return {"round": cur.index, "start": cur.start, "end": cur.end, "history": self.history}
+        index, start, end = (-1, self.cursor, self.cursor) if cur is None else (
+            cur.index, cur.start, cur.end
+        )  # fmt: skip
+        return {
+            "round": index,
+            "start": start,
+            "end": end,
+            "history": self.history,
+            "carry": [pair_state(p) for p in self.carry],
+            "yield": asdict(self.yields),
+        }
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
         """Continue where a checkpoint at global ``step`` left off."""
         self.history = list(state.get("history", []))
+        self.carry = [pair_from_state(p, self.builder.tokens) for p in state.get("carry", [])]
+        self.yields = PairYield(**state.get("yield", {}))
         index = step // self.icfg.steps_per_round
         if index == state["round"]:  # in the middle of a round: its pairs must be on disk
             if not self.store.saved(index):

@@ -8,8 +8,11 @@ is built:
                       ``inspo-train data=jsonl`` as it is)
     tokens.jsonl      line for line, the pairs' sampled token ids (what training scores) and
                       the reference's scores that serve training, as they were taken
+    carry.jsonl       the pairs it passes on to the next round (a pairs line and a tokens line
+                      each), which train there first
     data_report.json  how its prompts became pairs (dropped, by reason)
-    round.json        the report, the round's metrics and its span of the prompt stream
+    round.json        the report, the round's metrics, its span of the prompt stream and the
+                      pair-yield estimate after it
 
 and its ``round.json`` is rewritten with the round's final metrics (its evaluation included)
 when the round ends. A run restarted in the middle of a round reloads the round from its folder:
@@ -37,7 +40,7 @@ from inspo.online.records import (
     TrainingPair,
 )
 
-PAIRS, TOKENS = "pairs.jsonl", "tokens.jsonl"
+PAIRS, TOKENS, CARRY = "pairs.jsonl", "tokens.jsonl", "carry.jsonl"
 
 
 class RoundStore:
@@ -62,6 +65,7 @@ class RoundStore:
         write_lines(tmp / "samples.jsonl", (asdict(s) for s in r.samples))
         write_lines(tmp / PAIRS, (asdict(p.record) for p in r.pairs))
         write_lines(tmp / TOKENS, (token_line(p) for p in r.pairs))
+        write_lines(tmp / CARRY, (pair_state(p) for p in r.carry))
         write_json(tmp / "data_report.json", {"round": r.index, **span(r), **asdict(r.report)})
         write_json(tmp / "round.json", round_json(r, r.metrics))
         shutil.rmtree(folder, ignore_errors=True)
@@ -72,20 +76,15 @@ class RoundStore:
         pair's sampled ids into the token rows training takes."""
         folder = self.folder(index)
         saved = json.loads((folder / "round.json").read_text())
-        pairs = []
-        for text, ids in zip(read_lines(folder / PAIRS), read_lines(folder / TOKENS), strict=True):
-            reference = ids.pop("reference")
-            sampled = PairTokens(**ids)
-            pairs.append(
-                TrainingPair(
-                    PairRecord(**text),
-                    sampled,
-                    encode(sampled),
-                    PlainReference(**reference) if reference is not None else None,
-                )
-            )
+        lines = zip(read_lines(folder / PAIRS), read_lines(folder / TOKENS), strict=True)
+        pairs = [load_pair(text, ids, encode) for text, ids in lines]
+        carry = folder / CARRY
+        carried = [pair_from_state(p, encode) for p in read_lines(carry)] if carry.exists() else []
         report = RoundReport(**saved["report"])
-        return Round(index, saved["start"], saved["end"], pairs, saved["metrics"], report)
+        return Round(
+            index, saved["start"], saved["end"], pairs, saved["metrics"], report,
+            carry=carried, pair_yield=saved.get("pair_yield", {}),
+        )  # fmt: skip
 
     def finish(self, r: Round, metrics: dict[str, float], history: list[dict[str, Any]]) -> None:
         """At the round's end: ``iterate.json`` (every round so far) and the round's
@@ -102,12 +101,39 @@ def span(r: Round) -> dict[str, int]:
 
 
 def round_json(r: Round, metrics: dict[str, float]) -> dict[str, Any]:
-    return {"report": asdict(r.report), "metrics": metrics, **span(r)}
+    return {"report": asdict(r.report), "metrics": metrics, **span(r), "pair_yield": r.pair_yield}
 
 
 def token_line(p: TrainingPair) -> dict[str, Any]:
     reference = asdict(p.reference) if p.reference is not None else None
     return {**asdict(p.sampled), "reference": reference}
+
+
+def load_pair(
+    text: dict[str, Any], ids: dict[str, Any], encode: Callable[[PairTokens], dict[str, Any]]
+) -> TrainingPair:
+    """A pair from its ``pairs.jsonl`` and ``tokens.jsonl`` lines (:func:`token_line`)."""
+    ids = dict(ids)
+    reference = ids.pop("reference")
+    sampled = PairTokens(**ids)
+    return TrainingPair(
+        PairRecord(**text),
+        sampled,
+        encode(sampled),
+        PlainReference(**reference) if reference is not None else None,
+    )
+
+
+def pair_state(p: TrainingPair) -> dict[str, Any]:
+    """A pair as a checkpoint keeps it (the pairs a run carries into its next round): its two
+    lines, as a round's folder holds them."""
+    return {"pair": asdict(p.record), "tokens": token_line(p)}
+
+
+def pair_from_state(
+    state: dict[str, Any], encode: Callable[[PairTokens], dict[str, Any]]
+) -> TrainingPair:
+    return load_pair(state["pair"], state["tokens"], encode)
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from inspo.models.scoring import Scoring
 from inspo.names import EOS_RATE, VAL, VAL_PLAIN, ReferenceKind, Reflection
 from inspo.objectives import Objective, RewardObjective
 from inspo.settings import RunConfig, load_settings
+from inspo.training.checkpoints import StreamingCheckpointIO
 from inspo.training.guards import NonFiniteError
 from inspo.training.module import PreferenceModule
 from inspo.training.reference import make_reference, prepare_reference, reference_callbacks
@@ -121,6 +122,7 @@ def build_trainer(
         strategy=strategy,
         logger=logger,
         callbacks=callbacks,
+        plugins=[StreamingCheckpointIO()],
         default_root_dir=str(run_dir),
     )
 
