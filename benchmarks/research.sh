@@ -35,26 +35,8 @@ log() { echo "[research $(( ($(date +%s) - t0) / 60 )) min] $*"; }
 t0=$(date +%s)
 if [[ $JOBS -gt 1 ]]; then export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1; fi
 
-# Run the given commands (each one string, word-split), JOBS at a time, each started as soon as
-# a slot frees; name the ones that failed (their logs are in OUT) and fail at the end.
-parallel() {
-  local i failed=()
-  rm -f "$OUT"/.failed_*
-  i=0
-  for job in "$@"; do
-    while [[ $(jobs -rp | wc -l) -ge $JOBS ]]; do wait -n || true; done
-    # shellcheck disable=SC2086
-    { $job || touch "$OUT/.failed_$i"; } &
-    i=$((i + 1))
-  done
-  wait
-  i=0
-  for job in "$@"; do
-    [[ -e $OUT/.failed_$i ]] && failed+=("$job")
-    i=$((i + 1))
-  done
-  if [[ ${#failed[@]} -gt 0 ]]; then printf 'failed: %s\n' "${failed[@]}" >&2; return 1; fi
-}
+# shellcheck source=benchmarks/parallel.sh
+source benchmarks/parallel.sh
 
 train() {  # train LOG ARGS...: one inspo-train call, its output in OUT/LOG
   local out=$1

@@ -112,6 +112,9 @@ AUTO_DEVICE = "auto"
 
 # --------------------------------------------------------------------------- data rows
 ERROR = "_error"  # key of a row a source could not read; its value is the reason
+# The built-in task's tuning prompts (data.eval_split=tune): what a hyperparameter search is
+# scored on, disjoint from the test prompts (``eval``) and from training.
+TUNE_SPLIT = "tune"
 # An optional number per pair: how much more the chosen response is preferred (a reward model's
 # Bradley–Terry margin, as TRL's RewardTrainer reads it). Kept with the row and in its batch.
 MARGIN_COLUMN = "margin"

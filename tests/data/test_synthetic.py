@@ -11,7 +11,9 @@ from inspo.data.synthetic import (
     make_prompt,
     make_splits,
     prompt_letters,
+    prompt_pool,
 )
+from inspo.settings import SettingError
 
 SMALL = {"n_sft": 200, "n_train": 1000, "n_val": 200, "n_eval": 256}
 
@@ -81,6 +83,29 @@ def test_eval_prompts_disjoint_and_unique():
     assert not seen & set(eval_prompts)
     train_prompts = {r["prompt"] for split in ("sft", "train") for r in s[split]}
     assert not train_prompts & {r["prompt"] for r in s["val"]}
+
+
+def test_tune_prompts_disjoint_from_eval_and_training():
+    """The tuning prompts (the search's validation signal) share no prompt with the test
+    prompts, with any training row (sft, train) or with an iterative run's prompt pool, at the
+    sizes the research runs use."""
+    s = make_splits(SyntheticConfig(seed=0))
+    tune = [r["prompt"] for r in s["tune"]]
+    assert len(tune) == len(set(tune)) == 256 and set(s["tune"][0]) == {"prompt"}
+    assert not set(tune) & {r["prompt"] for r in s["eval"]}
+    assert not set(tune) & {r["prompt"] for split in ("sft", "train") for r in s[split]}
+    assert not set(tune) & {r["prompt"] for r in prompt_pool(seed=0)}
+
+
+def test_tune_split_leaves_the_other_splits_unchanged():
+    """Its size changes no other split: the tuning prompts are not drawn from the generator."""
+    a = make_splits(SyntheticConfig(seed=2, n_tune=8, **SMALL))
+    b = make_splits(SyntheticConfig(seed=2, n_tune=512, **SMALL))
+    assert len(a["tune"]) == 8 and len(b["tune"]) == 512 and b["tune"][:8] == a["tune"]
+    a.pop("tune"), b.pop("tune")
+    assert a == b
+    with pytest.raises(SettingError, match=r"n_tune: must lie in \[1, 512\], got 513"):
+        SyntheticConfig(n_tune=513, **SMALL)
 
 
 def _agreement(rows):

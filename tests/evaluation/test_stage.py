@@ -320,3 +320,32 @@ def test_eval_stage_of_a_training_run_and_cli(tmp_path):
                   "--no-progress", "--out", str(tmp_path / "cli")])  # fmt: skip
     assert again["eval/win_rate"] == m["eval/win_rate"]
     assert again["eval/kl"] == pytest.approx(m["eval/kl"], abs=1e-4)
+
+
+def test_eval_prompts_of_the_tuning_split_and_a_missing_split(tmp_path, tokenizer):
+    """data.eval_split=tune scores the tuning prompts (none of them a test prompt); a split the
+    data lack is an error, never a silent fallback to other prompts, and a training run that
+    would be scored on it fails before it trains, not after."""
+    from conftest import FAST
+    from inspo.config import compose_config
+    from inspo.data.report import DataError
+    from inspo.data.sources import source_of
+    from inspo.evaluation.stage import eval_prompts
+    from inspo.settings import load_settings
+    from inspo.training.run import run
+
+    def prompts(*overrides):
+        data = load_settings(compose_config([*sizes, *overrides], tmp_path)).data
+        return eval_prompts(source_of(data), data, tokenizer)
+
+    sizes = ["+data.source.n_sft=8", "+data.source.n_train=8", "+data.source.n_val=8",
+             "+data.source.n_eval=16", "+data.source.n_tune=12"]  # fmt: skip
+    test, tune = prompts(), prompts("data.eval_split=tune")
+    assert (len(test), len(tune)) == (16, 12) and not set(test) & set(tune)
+    with pytest.raises(DataError, match=r"'tuning'.*no such split"):
+        prompts("data.eval_split=tuning")
+    cfg = compose_config([*FAST, "eval.generate=true", "data.eval_split=tuning"], tmp_path / "r")
+    with pytest.raises(DataError, match=r"'tuning'.*no such split"):
+        run(cfg)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r" / "data_report.json").exists()  # before the trainer was built

@@ -17,6 +17,7 @@ from inspo.online import run as online_run
 from inspo.online.builder import RoundBuilder
 from inspo.online.judges import JudgeError
 from inspo.online.rounds import RoundError
+from inspo.online.store import RoundStore
 from inspo.training.module import PreferenceModule
 from inspo.training.run import run as train_run
 
@@ -119,10 +120,23 @@ def test_a_run_cut_mid_round_resumes_to_identical_metrics_and_a_finished_one_kee
     the finished run (a requeue) trains nothing and keeps its summary, evaluation included."""
     common = ["iterate.rounds=3", "checkpoint.every_n_train_steps=1", "trainer.max_steps=6"]
     built = []  # the run folder, then the rounds each run built
-    real = RoundBuilder.build
-    monkeypatch.setattr(
-        RoundBuilder, "build", lambda self, i, *a, **k: built.append(i) or real(self, i, *a, **k)
-    )
+    rounds = {}  # (run, "built" | "loaded", index): the round's training pairs
+    real, load = RoundBuilder.build, RoundStore.load
+
+    def build(self, i, *a, **k):
+        built.append(i)
+        r = real(self, i, *a, **k)
+        run_name = next(x for x in reversed(built) if isinstance(x, str))
+        rounds[(run_name, "built", i)] = r.pairs
+        return r
+
+    def reload(self, i, *a, **k):
+        r = load(self, i, *a, **k)
+        rounds[(self.out_dir.name, "loaded", i)] = r.pairs
+        return r
+
+    monkeypatch.setattr(RoundBuilder, "build", build)
+    monkeypatch.setattr(RoundStore, "load", reload)
 
     def train(run_dir, *overrides):
         built.append(run_dir.name)
@@ -133,6 +147,14 @@ def test_a_run_cut_mid_round_resumes_to_identical_metrics_and_a_finished_one_kee
 
     full, resumed = full_and_resumed(train, tmp_path, *common)
     assert built == ["full", 0, 1, 2, "cut", 0, 1, "cut", 2]  # round 1 reloaded, not rebuilt
+    # The reloaded round trains on what the built one did: the same sampled ids and token rows,
+    # and the reference scores taken when it was built, not recomputed (a recomputation lays
+    # the rows out in other batches, which can move the last bits of a score).
+    trained, reloaded = rounds[("full", "built", 1)], rounds[("cut", "loaded", 1)]
+    assert all(p.reference is not None for p in trained)
+    assert [(p.sampled, p.tokens, p.reference) for p in reloaded] == [
+        (p.sampled, p.tokens, p.reference) for p in trained
+    ]
     for r in ("000", "001", "002"):
         for name in ("pairs.jsonl", "tokens.jsonl", "samples.jsonl"):
             a, b = (tmp_path / run / "rounds" / r / name for run in ("full", "cut"))
@@ -354,3 +376,15 @@ def test_no_shared_reference_scores_where_the_reference_would_score_otherwise(
     )
     online_run.iterate(cfg)
     assert seen == [False]
+
+
+def test_the_summary_holds_the_last_rounds_evaluation(tmp_path):
+    """The run's final metrics (summary.json, and the value a sweeper optimises) hold the last
+    round's evaluation, also when a validation after the last step cleared the logged ones."""
+    # No validation during training (every 50 steps): the run validates once after it.
+    summary = iterate(tmp_path, "iterate.eval_every=0", "iterate.steps_per_round=1",
+                      "trainer.val_check_interval=50")  # fmt: skip
+    last = summary["rounds"][-1]
+    evaluation = {k for k in last if k.startswith("eval/")}
+    assert "eval/win_rate" in evaluation and "eval/win_rate" not in summary["rounds"][0]
+    assert {k: summary["metrics"].get(k) for k in evaluation} == {k: last[k] for k in evaluation}

@@ -153,13 +153,35 @@ def test_sync_updates_the_reference_exactly_every_k_steps(tmp_path):
 
 def test_a_sync_never_follows_the_last_step(tmp_path):
     """``reference=sync`` with max_steps a multiple of sync_every: the validation after the
-    last step compares the policy with the reference that step trained with, not with itself
-    (which made every margin 0 and every accuracy 0)."""
+    last step compares the policy with the reference that step trained with, not with itself.
+    With the hard update (α = 1, what iterate.reference=previous uses) a sync after the last
+    step made every margin exactly 0 and every accuracy 0."""
     summary = run(compose_config([*FAST, "reference=sync", "reference.sync_every=2",
-                                  "trainer.max_steps=4", "optim.lr=1e-3"], tmp_path))  # fmt: skip
+                                  "reference.sync_alpha=1.0", "trainer.max_steps=4",
+                                  "optim.lr=1e-3"], tmp_path))  # fmt: skip
     m = summary["metrics"]
     assert m["val/rewards/margins"] != 0 and m["val/logps/chosen"] != m["val/rewards/chosen"]
     assert abs(m["val/rewards/margins"]) > 1e-4
+    assert m["val/rewards/accuracies"] > 0
+
+
+def test_a_soft_sync_leaves_the_reference_the_last_step_trained_with(tmp_path):
+    """every=2, α=0.25, 4 steps: the update owed after step 4 is never made (no step follows),
+    so what validates after training is the reference step 4 trained with, not one moved
+    towards the final policy."""
+    dm = datamodule(batch_size=2)
+    policy = tiny(0)
+    module = make_module(policy, frozen_copy(policy), reference_in_checkpoint=True,
+                         optim=OptimConfig(lr=1e-2, warmup_steps=0))  # fmt: skip
+    sync, rec = R.ReferenceSync(every=2, alpha=0.25), Recorder()
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[sync, rec],
+                        default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.fit(module, train_dataloaders=dm.train_dataloader())
+    assert trainer.global_step == 4 and sync.state_dict() == {"last_synced": 2}
+    for now, trained in zip(module.reference.parameters(), rec.reference[4], strict=True):
+        assert torch.equal(now, trained)
 
 
 def settings(kind):

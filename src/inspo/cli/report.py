@@ -1,7 +1,9 @@
-"""inspo-report: the invariance report of a sweep (inspo.evaluation.sweep_report).
+"""inspo-report: the invariance report of a sweep (inspo.evaluation.sweep_report), or the tuned
+head-to-head of two methods (inspo.evaluation.head_to_head).
 
 inspo-report logs/train/multiruns/2026-11-22_12-00-00
 inspo-report SWEEP_DIR --group-by standard_weight --wandb
+inspo-report logs/fair/main --head-to-head
 """
 
 from __future__ import annotations
@@ -28,7 +30,22 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--divergence-prompts", type=int, default=64)
     parser.add_argument("--wandb", action="store_true", help="log tables and plots to wandb")
     parser.add_argument("--wandb-project", default="inspo")
+    parser.add_argument(
+        "--head-to-head",
+        action="store_true",
+        help="SWEEP_DIR holds two methods' tuning trials (scored on the tuning prompts) and "
+        "their test runs (tuned/, untuned/): write head_to_head.md and .json instead",
+    )
     args = parser.parse_args(argv)
+    if args.head_to_head:
+        from inspo.evaluation.head_to_head import write
+
+        try:
+            report, md = write(args.sweep_dir, args.out)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from e
+        print(md)
+        return report
     try:
         report, md = write_report(
             args.sweep_dir,

@@ -45,7 +45,11 @@ Splits (``make_splits``)
   ``u(y) = gold(x, y) + length_bias * |y|`` (``length_bias > 0`` is a verbosity bias), then
   the label is flipped with probability ``label_noise``. With the defaults about 90% of the
   labels agree with the gold reward.
-- ``eval``: prompts only, for generation.
+- ``eval``: prompts only, for generation: the test prompts.
+- ``tune``: prompts only, the first ``n_tune`` of the val pool: the validation signal a
+  hyperparameter search optimises (``data.eval_split=tune``), so that the test prompts judge
+  only the configurations it picked. No training row uses them; the val pairs (never trained
+  on either) draw their prompts from the same pool.
 
 Prompts are ordered letter triples (18 consonants: 4896 prompts). They are shuffled with the
 seed and partitioned: the first ``n_eval`` are the eval prompts, the next ``VAL_POOL`` are the
@@ -61,6 +65,8 @@ import math
 import random
 import re
 from dataclasses import dataclass
+
+from inspo.names import TUNE_SPLIT
 
 CONSONANTS = "bcdfghjklmnprstvwz"
 VOWELS = "aeiou"
@@ -87,9 +93,15 @@ class SyntheticConfig:
     n_train: int = 8000  # preference pairs for DPO (250 steps x 32)
     n_val: int = 512  # held-out preference pairs (preference accuracy)
     n_eval: int = 256  # held-out eval prompts for generation (>= 256 for the demo)
+    n_tune: int = 256  # tuning prompts, from the val pool (at most VAL_POOL)
     bt_scale: float = 10.0  # Bradley–Terry scale of the labeller
     label_noise: float = 0.0  # extra probability of flipping a label (on top of BT sampling)
     length_bias: float = 0.0  # labeller's bonus per byte of length (verbosity bias; 0 = none)
+
+    def __post_init__(self) -> None:
+        from inspo.settings import within
+
+        within("n_tune", self.n_tune, 1, VAL_POOL)  # the tuning prompts come from the val pool
 
 
 def make_prompt(letters: tuple[str, ...] | list[str] | str) -> str:
@@ -193,7 +205,7 @@ def prompt_pool(seed: int = 0, n_eval: int = 256) -> list[dict[str, str]]:
 
 
 def make_splits(cfg: SyntheticConfig) -> dict[str, list[dict]]:
-    """The sft / train / val / eval splits of the task, deterministic from ``cfg.seed``."""
+    """The sft / train / val / eval / tune splits of the task, deterministic from ``cfg.seed``."""
     rng = random.Random(cfg.seed)
     eval_triples, val_pool, train_pool = _partition(rng, cfg.n_eval)
 
@@ -221,4 +233,6 @@ def make_splits(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     train = pairs(train_pool, cfg.n_train)
     val = pairs(val_pool, cfg.n_val)
     evals = [{"prompt": make_prompt(t)} for t in eval_triples]
-    return {"sft": sft, "train": train, "val": val, "eval": evals}
+    # Drawn without the generator, so the other splits are what they were without it.
+    tune = [{"prompt": make_prompt(t)} for t in val_pool[: cfg.n_tune]]
+    return {"sft": sft, "train": train, "val": val, "eval": evals, TUNE_SPLIT: tune}

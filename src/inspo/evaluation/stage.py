@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -286,17 +286,34 @@ def log_wandb(run: Any, metrics: dict[str, float], rows: list[dict], n_table: in
 
 
 # --------------------------------------------------------------------------- sources
+def eval_split(raw: Mapping[str, Any], data: DataConfig) -> str:
+    """The split of ``raw`` (the data's ``{split: rows}``) the evaluation samples the prompts
+    of: ``data.eval_split``, or the val split when it is null; a DataError when the data lack
+    it."""
+    from inspo.data.report import DataError
+
+    split = data.eval_split or data.val_split
+    if split not in raw:
+        raise DataError(
+            f"data.eval_split={split!r}: the data have no such split (they have "
+            f"{', '.join(map(repr, raw))}); name one of them, or null for the val split"
+        )
+    return split
+
+
 def eval_prompts(
     source: Callable[[], dict[str, Sequence[Any]]],
     data: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
 ) -> list[str]:
-    """The held-out eval prompts of ``source``'s rows (``data.eval_split``, else the val
-    split's prompts), each once, in order."""
+    """The held-out eval prompts of ``source``'s rows, each once, in order: those of
+    ``data.eval_split`` (on the built-in task ``eval``, the test prompts, or ``tune``, the
+    tuning prompts), or, when it is null, of the val split. A named split the data lack is an
+    error, not a silent fallback: a tuning run must never be scored on the test prompts."""
     from inspo.data.rows import to_text
 
     raw = source()
-    split = data.eval_split if data.eval_split in raw else data.val_split
+    split = eval_split(raw, data)
     seen: dict[str, None] = {}
     for row in raw[split]:
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and "chosen" not in row:

@@ -110,7 +110,8 @@ PLOTS = (
 
 # --------------------------------------------------------------------------- reading
 def load_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every run below ``sweep_dir``: ``{dir, name, choices, metrics, config}``, sorted by path."""
+    """Every run below ``sweep_dir``: ``{dir, name, status, choices, rounds, metrics, config}``,
+    sorted by path."""
     from omegaconf import OmegaConf
 
     runs = []
@@ -122,6 +123,7 @@ def load_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
             {
                 "dir": d,
                 "name": str(d.relative_to(sweep_dir)),
+                "status": s.get("status"),
                 "choices": s.get("choices", {}),
                 "rounds": s.get("rounds", []),  # iterative runs: metrics after each round
                 "metrics": s.get("metrics", {}),

@@ -134,6 +134,18 @@ class Iterate(Extension):
         # Before the checkpoint callbacks: a checkpoint taken at a round's end holds that round.
         trainer.callbacks.insert(0, RoundEnd(self.rounds))
 
+    def final_metrics(self, settings: RunConfig, trainer: L.Trainer, train: dict | None) -> dict:
+        """The run's final metrics with the last round's own (its samples' and its evaluation's)
+        as the round recorded them: a validation after the last step clears the logged copies
+        (and those are float32 roundings), and the evaluation is what a sweeper optimises."""
+        metrics = super().final_metrics(settings, trainer, train)
+        if self.rounds is not None and self.rounds.history:
+            last = max(self.rounds.history, key=lambda h: h["round"])
+            metrics.update(
+                {k: v for k, v in last.items() if k != "round" and not k.startswith("time/")}
+            )
+        return metrics
+
     def finish(self, result: dict[str, Any]) -> None:
         it = self.settings.iterate
         result["rounds"] = self.rounds.history if self.rounds is not None else []

@@ -167,6 +167,8 @@ def run_choices(settings: RunConfig) -> dict[str, Any]:
         "sync_every": ref.sync_every if ref.kind is ReferenceKind.sync else None,
         "sync_alpha": ref.sync_alpha if ref.kind is ReferenceKind.sync else None,
         "seed": settings.seed,
+        # the prompts the evaluation scored: tune (a search's trials) or the test prompts
+        "eval_split": settings.data.eval_split,
         "model": model_label(settings.model),
         "max_steps": settings.trainer.max_steps,
         "lr": settings.optim.lr,
@@ -296,6 +298,10 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
     tokenizer = model_tokenizer(model, settings.paths.cache)  # a GGUF file converts here, once
     datamodule = extension.datamodule(settings, tokenizer, objective)
     datamodule.setup("fit")  # bad data fails before the trainer and the models exist
+    if settings.eval.generate and settings.eval.n_prompts > 0:
+        from inspo.evaluation.stage import eval_split
+
+        eval_split(datamodule.raw, settings.data)  # not after training: the split it scores
     trainer = build_trainer(settings, cfg.logger, cfg.strategy, run_dir)
     if trainer.is_global_zero:
         print(datamodule.report)
