@@ -144,7 +144,7 @@ def test_train_parts_are_disjoint_cover_the_train_rows_and_share_the_held_out_ro
     lines = [int(i.split(":")[1]) for i in ids["a"]]
     assert lines == sorted(lines)  # file order kept
     assert a["val"] == b["val"] == whole["val"]
-    with pytest.raises(SettingError, match="data.source.train_part"):
+    with pytest.raises(SettingError, match=r"data\.source\.train_part"):
         preference_data(str(path), train_parts=2, train_part=2)
 
 
