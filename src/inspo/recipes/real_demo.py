@@ -296,14 +296,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['eval']['temperature']}):",
         "",
         "| policy | win rate vs start (95% CI) | LC win rate | RM B score | KL to start (± se) "
-        "| mean length (bytes) | pref. acc. plain | train min |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mean length (bytes) | train min |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in report["table"].items():
         if name == "start":
             lines.append(
                 f"| {LABELS[name]} | — | — | {f(row['score'])} | — | {f(row['mean_length'], 1)} "
-                "| — | — |"
+                "| — |"
             )
             continue
         ci = row["win_rate_ci95"]
@@ -311,7 +311,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {LABELS[name]} | {row['win_rate_vs_start']:.3f} ({ci[0]:.2f}–{ci[1]:.2f}) | "
             f"{f(row['lc_win_rate_vs_start'])} | {f(row['score'])} | "
             f"{f(row['kl_to_start'])} ± {f(row['kl_se'])} | {f(row['mean_length'], 1)} | "
-            f"{f(row['pref_accuracy_plain'])} | {row['train_seconds'] / 60:.1f} |"
+            f"{row['train_seconds'] / 60:.1f} |"
         )
     for i, ex in enumerate(report["examples"], 1):
         lines += ["", f"Prompt {i}: {quote(ex['prompt'])}", ""]
