@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from conftest import FAST
-from inspo.recipes.demo import run_demo
+from inspo.recipes.demo import format_timings, run_demo
 from inspo.settings import EvalConfig
 
 
@@ -28,3 +28,17 @@ def test_demo_compares_every_stage_with_the_same_sft_samples(tmp_path):
     assert table["dpo"]["pref_accuracy_reflective"] is None
     assert json.loads((tmp_path / "demo.json").read_text())["table"] == table
     assert (tmp_path / "demo.png").exists()
+    # The stage-by-stage profile: every stage's wall and CPU seconds, within the total.
+    cpu = report["stage_cpu_seconds"]
+    assert list(cpu) == list(report["stage_seconds"]) == ["sft", "dpo", "inspo"]
+    assert all(c > 0 for c in cpu.values())
+    assert sum(report["stage_seconds"].values()) + report["seconds_eval"] <= report["seconds_total"]
+    assert sum(cpu.values()) + report["cpu_seconds_eval"] <= report["cpu_seconds_total"] + 1e-6
+    rows = format_timings(report).splitlines()[2:]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == [
+        "sft",
+        "dpo",
+        "inspo",
+        "evaluation",
+        "total",
+    ]

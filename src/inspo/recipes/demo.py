@@ -60,14 +60,15 @@ DEMO = (
 
 
 def train_stage(name: str, overrides: list[str], out: Path, app: str = "train") -> dict[str, Any]:
-    """One run into ``out/name``: its summary, with the seconds it took."""
+    """One run into ``out/name``: its summary, with the wall and CPU seconds it took."""
     from inspo.online.run import iterate
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     print(f"\n=== stage {name}: {' '.join(overrides)}", flush=True)
     fn = iterate if app == "iterate" else run
     summary = fn(compose_config(overrides, out / name, name=app))
     summary["seconds"] = time.perf_counter() - t0
+    summary["cpu_seconds"] = time.process_time() - c0
     return summary
 
 
@@ -81,7 +82,7 @@ def run_stages(
     """SFT, then every stage from the SFT policy, then every stage's policy evaluated against
     the SFT policy on the same held-out prompts: (report, the runs' summaries)."""
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     common = ["logger=csv", *overrides]
     summaries = {"sft": train_stage("sft", ["experiment=sft", *common], out)}
     start = f"model.name_or_path={(out / 'sft' / 'policy').resolve()}"
@@ -89,15 +90,18 @@ def run_stages(
         summaries[st.name] = train_stage(st.name, [*st.overrides, start, *common], out, st.app)
     data = load_settings(compose_config(["experiment=demo", *common], out / "eval")).data
     prompts = eval_prompts(source_of(data), data, load_tokenizer(None))[: ecfg.n_prompts]
-    t_eval = time.perf_counter()
+    t_eval, c_eval = time.perf_counter(), time.process_time()
     names = tuple(st.name for st in stages)
     table, examples = evaluate_policies(out, prompts, ecfg, summaries, names, labels)
     report = {
         "table": table,
         "n_eval_prompts": len(prompts),
         "seconds_total": time.perf_counter() - t0,
+        "cpu_seconds_total": time.process_time() - c0,
         "seconds_eval": time.perf_counter() - t_eval,
+        "cpu_seconds_eval": time.process_time() - c_eval,
         "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
+        "stage_cpu_seconds": {k: v["cpu_seconds"] for k, v in summaries.items()},
         "overrides": overrides,
         "examples": examples,
     }
@@ -153,6 +157,7 @@ def run_demo(out: Path, overrides: list[str], ecfg: EvalConfig) -> dict[str, Any
     write_json(out / "demo.json", report)
     plot(report["table"], out / "demo.png")
     print("\n" + format_table(report["table"]))
+    print("\n" + format_timings(report))
     minutes = report["seconds_total"] / 60
     print(f"\n{report['n_eval_prompts']} held-out prompts; total {minutes:.1f} min; wrote {out}")
     return report
@@ -172,6 +177,23 @@ def format_table(table: dict[str, Any], labels: dict[str, str] = LABELS) -> str:
             f"{f(row['gold_reward'])} | {f(row['mean_length'])} | "
             f"{f(row.get('pref_accuracy_plain'))} | {f(row.get('pref_accuracy_reflective'))} |"
         )
+    return "\n".join(lines)
+
+
+def format_timings(report: dict[str, Any]) -> str:
+    """Where the time went, stage by stage: wall seconds, CPU seconds (every thread of this
+    process) and their ratio. A machine that is slower at equal CPU % did more work per step
+    (another kernel, another precision); one with a lower CPU % waited (load, memory, I/O)."""
+    rows = [
+        *(
+            (name, report["stage_seconds"][name], report["stage_cpu_seconds"][name])
+            for name in report["stage_seconds"]
+        ),
+        ("evaluation", report["seconds_eval"], report["cpu_seconds_eval"]),
+        ("total", report["seconds_total"], report["cpu_seconds_total"]),
+    ]
+    lines = ["| stage | wall s | CPU s | CPU % |", "|---|---|---|---|"]
+    lines += [f"| {n} | {w:.1f} | {c:.1f} | {100 * c / max(w, 1e-9):.0f} |" for n, w, c in rows]
     return "\n".join(lines)
 
 

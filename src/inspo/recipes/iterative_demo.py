@@ -18,7 +18,7 @@ from typing import Any
 from inspo.evaluation.sweep_report import label_rounds
 from inspo.jsonio import write_json
 from inspo.names import EVAL_WIN_RATE
-from inspo.recipes.demo import LABELS, Stage, format_table, run_stages
+from inspo.recipes.demo import LABELS, Stage, format_table, format_timings, run_stages
 from inspo.settings import EvalConfig
 
 NAMES = {**LABELS, "iterative_dpo": "iterative DPO", "iterative_inspo": "iterative InSPO-DPO"}
@@ -48,6 +48,7 @@ def run_iterative_demo(out: Path, overrides: list[str], ecfg: EvalConfig) -> dic
     write_json(out / "iterative_demo.json", report)
     plot_rounds(report["table"], curves, out / "iterative_demo.png")
     print("\n" + format_table(report["table"], NAMES))
+    print("\n" + format_timings(report))
     minutes = report["seconds_total"] / 60
     print(f"\n{report['n_eval_prompts']} held-out prompts; total {minutes:.1f} min; wrote {out}")
     return report
