@@ -55,7 +55,7 @@ from inspo.names import (
     REWARD_ACCURACY,
     VAL,
 )
-from inspo.recipes.demo import Stage, train_stage
+from inspo.recipes.demo import Stage, format_timings, train_stage
 from inspo.settings import EvalConfig, RunConfig, load_saved, load_settings
 
 REWARD_MODELS = {
@@ -116,25 +116,21 @@ def run_real_demo(
     file, sizes) and ``eval_settings`` over the experiment's ``eval.*``; returns what it writes
     to real_demo.json."""
     out.mkdir(parents=True, exist_ok=True)
-    t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()
+    t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()
     common = ["logger=csv", "ckpt_path=last", *overrides]
     summaries: dict[str, dict[str, Any]] = {}
-    cpu: dict[str, float] = {}
     for st in stages(out):
-        c0 = time.process_time()
         summaries[st.name] = train_stage(
             st.name, [*st.overrides, *for_app(common, st.app)], out, st.app
         )
-        cpu[st.name] = time.process_time() - c0
         # The checkpoint resumes an unfinished stage only; a finished one keeps its summary.
         shutil.rmtree(out / st.name / "checkpoints", ignore_errors=True)
     policy_cfg = compose_config(["experiment=real_demo", *for_app(common, "train")], out / "eval")
     settings = load_settings(policy_cfg)
     ecfg = replace(settings.eval, progress=False, **(eval_settings or {}))
-    c0, t_eval = time.process_time(), time.perf_counter()
+    t_eval, c_eval = time.perf_counter(), time.process_time()
     prompts, dropped = held_out_prompts(out, settings, ecfg.n_prompts)
     table, examples = evaluate_policies(out, settings, prompts, ecfg, summaries)
-    cpu["eval"] = time.process_time() - c0
     report = {
         "table": table,
         "reward_models": {n: reward_model_row(out / n, summaries[n]) for n in REWARD_MODELS},
@@ -142,10 +138,11 @@ def run_real_demo(
         "eval_prompts_also_in_training": dropped,
         "eval": {k: getattr(ecfg, k) for k in ("max_new_tokens", "temperature", "seed")},
         "seconds_total": time.perf_counter() - t0,
-        "cpu_seconds_total": time.process_time() - cpu0,
+        "cpu_seconds_total": time.process_time() - c0,
         "seconds_eval": time.perf_counter() - t_eval,
+        "cpu_seconds_eval": time.process_time() - c_eval,
         "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
-        "stage_cpu_seconds": cpu,
+        "stage_cpu_seconds": {k: v["cpu_seconds"] for k, v in summaries.items()},
         "machine": machine(),
         "load_average": {"start": list(load0), "end": list(os.getloadavg())},
         "overrides": list(overrides),
@@ -313,6 +310,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{f(row['kl_to_start'])} ± {f(row['kl_se'])} | {f(row['mean_length'], 1)} | "
             f"{row['train_seconds'] / 60:.1f} |"
         )
+    lines += ["", "Where the time went:", "", format_timings(report)]
     for i, ex in enumerate(report["examples"], 1):
         lines += ["", f"Prompt {i}: {quote(ex['prompt'])}", ""]
         lines += [f"- {LABELS[k]}: {quote(ex[k])}" for k in ("start", *POLICIES) if k in ex]
