@@ -22,6 +22,7 @@ from inspo.recipes.real_demo import (
     stages,
     train_prompts,
 )
+from inspo.training.reward import SAVED_AS
 
 TINY = [
     "model=tiny",
@@ -110,7 +111,7 @@ def test_the_recipe_trains_against_one_reward_model_and_judges_with_the_other(tm
     for name in REWARD_MODELS:
         rm = report["reward_models"][name]
         assert 0 <= rm["held_out_accuracy"] <= 1 and rm["n_held_out"] > 0
-        assert (out / name / "reward_model" / "config.json").exists()
+        assert (out / name / SAVED_AS / "config.json").exists()
         assert not (out / name / "checkpoints").exists()
     assert [e["prompt"] for e in report["examples"]] == prompts[:3]
     assert all(set(e) == {"prompt", "start", *POLICIES} for e in report["examples"])
@@ -151,7 +152,7 @@ def test_the_recipe_on_smollm2_and_hh_rlhf(tmp_path):
     text = "".join(r["reference"] + r["policy"] for r in samples)
     assert sum(c.isascii() and (c.isalpha() or c == " ") for c in text) > 0.7 * len(text)
     for name in REWARD_MODELS:
-        config = json.loads((out / name / "reward_model" / "config.json").read_text())
+        config = json.loads((out / name / SAVED_AS / "config.json").read_text())
         assert config["architectures"] == ["LlamaForSequenceClassification"]
     assert list(report["table"]) == ["start", *POLICIES]
     assert report["machine"]["cores"] >= 1 and report["cpu_seconds_total"] > 0

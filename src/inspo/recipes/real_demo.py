@@ -57,6 +57,7 @@ from inspo.names import (
 )
 from inspo.recipes.demo import Stage, format_timings, train_stage
 from inspo.settings import EvalConfig, RunConfig, load_saved, load_settings
+from inspo.training.reward import SAVED_AS
 
 REWARD_MODELS = {
     "rm_a": "reward model A (the loop's judge)",
@@ -70,8 +71,6 @@ LABELS = {
     "iterative_inspo": "iterative InSPO-DPO",
 }
 POLICIES = ("dpo", "inspo", "iterative_dpo", "iterative_inspo")
-#: Where a reward model run saves its model (inspo.training.reward.SAVED_AS).
-SAVED_RM = "reward_model"
 N_EXAMPLES = 3
 #: Groups only inspo-iterate composes: overrides of them reach the iterative stages alone.
 ITERATE_ONLY = ("iterate", "generation", "judge", "pairing")
@@ -101,12 +100,12 @@ def for_app(overrides: Sequence[str], app: str) -> list[str]:
 
 def judge_path(out: Path) -> Path:
     """Reward model A, the loop's judge."""
-    return (out / "rm_a" / SAVED_RM).resolve()
+    return (out / "rm_a" / SAVED_AS).resolve()
 
 
 def scorer_path(out: Path) -> Path:
     """Reward model B, the evaluation's judge."""
-    return (out / "rm_b" / SAVED_RM).resolve()
+    return (out / "rm_b" / SAVED_AS).resolve()
 
 
 def run_real_demo(
