@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from inspo.data.templates import Template
 from inspo.hashing import fingerprint
+from inspo.names import View
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -100,7 +101,7 @@ class Encoder:
         sides = (("chosen", y_w + ends[0], y_l), ("rejected", y_l + ends[1], y_w))
         for view in views:
             for side, y, alt in sides:
-                if view == "plain":
+                if view == View.plain:
                     ctx, resp, cut = self._plain(x, y)
                 elif self.template.chat:
                     ctx, resp, cut = self._reflective_chat(msgs, alt, y)
