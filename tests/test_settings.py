@@ -104,6 +104,8 @@ def settings_error(*overrides: str, tmp_path: Path, name: str = "train") -> str:
         (["optim.betas=[0.9,1.0]"], "optim.betas: must lie in [0.0, 1.0), got 1.0"),
         (["trainer.max_steps=-2"], "trainer.max_steps: must be at least 0, or -1, got -2"),
         (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches: must be"),
+        (["trainer.limit_val_batches=-1"], "trainer.limit_val_batches: must be at least 0"),
+        (["trainer.limit_val_batches=1.5"], "trainer.limit_val_batches: a fraction is at most"),
         (["checkpoint.every_n_train_steps=0"], "checkpoint.every_n_train_steps: must be at"),
         (["data.max_length=63", "data.max_prompt_length=64"], "data.max_length: must be at least"),
         (["data.max_tokens_per_batch=0"], "data.max_tokens_per_batch: must be at least 1"),

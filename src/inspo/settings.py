@@ -164,6 +164,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     num_sanity_val_steps: int = 0
+    limit_val_batches: Any = 1.0  # a float is a fraction of the val split; an int counts batches
     enable_progress_bar: bool = True
     enable_model_summary: bool = False
     deterministic: Any = False
@@ -177,6 +178,12 @@ class TrainerConfig:
         at_least("accumulate_grad_batches", self.accumulate_grad_batches, 1)
         at_least("check_val_every_n_epoch", self.check_val_every_n_epoch, 1)
         positive("val_check_interval", self.val_check_interval)
+        at_least("limit_val_batches", self.limit_val_batches, 0)
+        if isinstance(self.limit_val_batches, float) and self.limit_val_batches > 1:
+            raise SettingError(
+                "limit_val_batches",
+                f"a fraction is at most 1.0 (an int counts batches), got {self.limit_val_batches}",
+            )
 
 
 @dataclass

@@ -126,6 +126,28 @@ def test_split_mapping_held_out_fraction_and_max_samples(tmp_path, tokenizer):
     assert dm.report.split("train").rows_used == 5 and len(dm.datasets["val"]) == 5
 
 
+def test_train_parts_are_disjoint_cover_the_train_rows_and_share_the_held_out_rows(tmp_path):
+    """Two runs on parts 0 and 1 of 2 train on no common row, between them on every row the
+    hold-out left, and validate on the same held-out rows; a part that does not exist is a
+    setting error naming the key."""
+    from inspo.settings import SettingError
+
+    path = write_jsonl(tmp_path / "d.jsonl", GOOD * 5)  # 30 rows
+    whole = preference_data(str(path), val_fraction=0.2, seed=3)
+    a, b = (
+        preference_data(str(path), val_fraction=0.2, seed=3, train_parts=2, train_part=k)
+        for k in (0, 1)
+    )
+    ids = {name: [r["row_id"] for r in d["train"]] for name, d in (("a", a), ("b", b))}
+    assert len(ids["a"]) == len(ids["b"]) == 12 and not set(ids["a"]) & set(ids["b"])
+    assert sorted(ids["a"] + ids["b"]) == sorted(r["row_id"] for r in whole["train"])
+    lines = [int(i.split(":")[1]) for i in ids["a"]]
+    assert lines == sorted(lines)  # file order kept
+    assert a["val"] == b["val"] == whole["val"]
+    with pytest.raises(SettingError, match=r"data\.source\.train_part"):
+        preference_data(str(path), train_parts=2, train_part=2)
+
+
 def test_unreachable_hub_says_pass_a_local_path(monkeypatch):
     def offline(*a, **k):
         raise ConnectionError("Couldn't reach 'org/name' on the Hub (LocalEntryNotFoundError)")

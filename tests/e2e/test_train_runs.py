@@ -133,6 +133,16 @@ def test_summary_keeps_train_metrics_and_validates_once_at_the_end(tmp_path):
     assert math.isfinite(summary["metrics"]["train/loss"])
 
 
+def test_limit_val_batches_bounds_the_validation(tmp_path):
+    """trainer.limit_val_batches=0: no validation at all (not even the final one); 1: one batch
+    of the val split."""
+    summary = train(tmp_path, "trainer.max_steps=2", "trainer.limit_val_batches=0")
+    assert not [k for k in summary["metrics"] if k.startswith("val/")]
+    assert math.isfinite(summary["metrics"]["train/loss"])
+    summary = train(tmp_path / "b", "trainer.max_steps=2", "trainer.limit_val_batches=1")
+    assert "val/rewards/accuracies" in summary["metrics"]
+
+
 def test_reference_free_objective_needs_no_reference_flag(tmp_path):
     """reference=auto is the default: naming a reference-free objective means no reference."""
     summary = train(tmp_path, "objective=simpo", "trainer.max_steps=1")

@@ -225,6 +225,17 @@ def _hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict],
     ]
 
 
+def _part(rows: list[dict], parts: int, part: int, seed: int) -> list[dict]:
+    """Part ``part`` of ``rows`` cut into ``parts`` seeded parts of (nearly) equal size, in
+    file order."""
+    import random
+
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    kept = set(idx[part::parts])
+    return [r for i, r in enumerate(rows) if i in kept]
+
+
 def preference_data(
     path: str | Mapping[str, str],
     splits: Mapping[str, str] | None = None,
@@ -238,6 +249,8 @@ def preference_data(
     config_name: str | None = None,
     revision: str | None = None,
     swap_held_out: bool = False,
+    train_parts: int = 1,
+    train_part: int = 0,
 ) -> dict[str, list[dict]]:
     """Preference rows from a local file/folder or a Hub dataset, as ``{split: rows}``.
 
@@ -252,7 +265,17 @@ def preference_data(
             split out as ``val_split``, drawn with ``seed``. ``swap_held_out``: train on the
             held-out rows and validate on the rest (a second model, e.g. a second reward model,
             on the other part of the same rows).
+        train_parts, train_part: cut the train split (what is left of it after the hold-out)
+            into ``train_parts`` seeded parts of equal size and keep part ``train_part``:
+            models trained on different parts share no row, and all validate on the same
+            held-out rows (two reward models, one to train against and one to judge with).
     """
+    if train_parts < 1:
+        raise SettingError("data.source.train_parts", f"must be at least 1, got {train_parts}")
+    if not 0 <= train_part < train_parts:
+        raise SettingError(
+            "data.source.train_part", f"must lie in [0, {train_parts - 1}], got {train_part}"
+        )
     raw = load_raw(path, config_name, revision)
     if splits:
         absent = [s for s in splits.values() if s not in raw]
@@ -279,5 +302,16 @@ def preference_data(
             val_split,
             val_fraction,
             seed,
+        )
+    if train_parts > 1 and train_split in out:
+        n = len(out[train_split])
+        out[train_split] = _part(out[train_split], train_parts, train_part, seed)
+        log.info(
+            "kept part %d of %d of the %s rows: %d of %d",
+            train_part,
+            train_parts,
+            train_split,
+            len(out[train_split]),
+            n,
         )
     return out
