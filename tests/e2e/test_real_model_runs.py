@@ -5,35 +5,20 @@ config as a user runs it; the trained policy is an ordinary checkpoint."""
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import SHARED_DATA, needs_real_model
+from conftest import HH, needs_real_model, short_dialogues
 from inspo.config import compose_config
 from inspo.training.run import run
 
-HH = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 pytestmark = [
     needs_real_model,
     pytest.mark.skipif(not HH.exists(), reason=f"shared data file absent: {HH}"),
 ]
-
-
-def short_dialogues(path, n: int = 4, max_bytes: int = 160) -> None:
-    """The first ``n`` one-turn HH-RLHF rows with short answers, written to ``path`` as they
-    are in the file (a real-model step costs about a second per hundred tokens here)."""
-    with gzip.open(HH, "rt", encoding="utf-8") as f, open(path, "w") as out:
-        for line in f:
-            row = json.loads(line)
-            if row["chosen"].count("Human:") == 1 and max(map(len, row.values())) < max_bytes:
-                out.write(line)
-                n -= 1
-            if n == 0:
-                return
 
 
 @pytest.mark.parametrize(

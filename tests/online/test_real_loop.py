@@ -10,12 +10,11 @@ tokens, and ``val/contain_eos_token`` counts exactly the samples that ended.
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
 
-from conftest import SHARED_DATA, needs_real_model
+from conftest import HH, needs_real_model, short_dialogues
 from inspo.config import compose_config
 from inspo.data.rows import to_text
 from inspo.data.sources import preference_data
@@ -23,25 +22,12 @@ from inspo.models.load import load_tokenizer
 from inspo.names import EOS_RATE
 from inspo.online.run import iterate
 
-HH = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MAX_NEW = 24
 pytestmark = [
     needs_real_model,
     pytest.mark.skipif(not HH.exists(), reason=f"shared data file absent: {HH}"),
     pytest.mark.slow,  # ≈1 minute on 2 idle cores: a real model samples, is judged and trains
 ]
-
-
-def short_dialogues(path, n: int, max_bytes: int = 160) -> None:
-    """The first ``n`` one-turn HH-RLHF rows with short texts, as they are in the file."""
-    with gzip.open(HH, "rt", encoding="utf-8") as f, open(path, "w") as out:
-        for line in f:
-            row = json.loads(line)
-            if row["chosen"].count("Human:") == 1 and max(map(len, row.values())) < max_bytes:
-                out.write(line)
-                n -= 1
-            if n == 0:
-                return
 
 
 def lines(path):

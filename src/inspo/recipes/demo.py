@@ -63,13 +63,34 @@ def train_stage(name: str, overrides: list[str], out: Path, app: str = "train") 
     """One run into ``out/name``: its summary, with the wall and CPU seconds it took."""
     from inspo.online.run import iterate
 
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = clocks()
     print(f"\n=== stage {name}: {' '.join(overrides)}", flush=True)
     fn = iterate if app == "iterate" else run
     summary = fn(compose_config(overrides, out / name, name=app))
     summary["seconds"] = time.perf_counter() - t0
     summary["cpu_seconds"] = time.process_time() - c0
     return summary
+
+
+def clocks() -> tuple[float, float]:
+    """Wall and CPU seconds (every thread of this process) now."""
+    return time.perf_counter(), time.process_time()
+
+
+def timings(
+    start: tuple[float, float], at_eval: tuple[float, float], summaries: dict[str, Any]
+) -> dict[str, Any]:
+    """A recipe report's wall and CPU seconds: in all since ``start``, of the evaluation since
+    ``at_eval`` (both :func:`clocks`), and of every training stage (its summary's)."""
+    now = clocks()
+    return {
+        "seconds_total": now[0] - start[0],
+        "cpu_seconds_total": now[1] - start[1],
+        "seconds_eval": now[0] - at_eval[0],
+        "cpu_seconds_eval": now[1] - at_eval[1],
+        "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
+        "stage_cpu_seconds": {k: v["cpu_seconds"] for k, v in summaries.items()},
+    }
 
 
 def run_stages(
@@ -82,7 +103,7 @@ def run_stages(
     """SFT, then every stage from the SFT policy, then every stage's policy evaluated against
     the SFT policy on the same held-out prompts: (report, the runs' summaries)."""
     out.mkdir(parents=True, exist_ok=True)
-    t0, c0 = time.perf_counter(), time.process_time()
+    began = clocks()
     common = ["logger=csv", *overrides]
     summaries = {"sft": train_stage("sft", ["experiment=sft", *common], out)}
     start = f"model.name_or_path={(out / 'sft' / 'policy').resolve()}"
@@ -90,18 +111,13 @@ def run_stages(
         summaries[st.name] = train_stage(st.name, [*st.overrides, start, *common], out, st.app)
     data = load_settings(compose_config(["experiment=demo", *common], out / "eval")).data
     prompts = eval_prompts(source_of(data), data, load_tokenizer(None))[: ecfg.n_prompts]
-    t_eval, c_eval = time.perf_counter(), time.process_time()
+    at_eval = clocks()
     names = tuple(st.name for st in stages)
     table, examples = evaluate_policies(out, prompts, ecfg, summaries, names, labels)
     report = {
         "table": table,
         "n_eval_prompts": len(prompts),
-        "seconds_total": time.perf_counter() - t0,
-        "cpu_seconds_total": time.process_time() - c0,
-        "seconds_eval": time.perf_counter() - t_eval,
-        "cpu_seconds_eval": time.process_time() - c_eval,
-        "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
-        "stage_cpu_seconds": {k: v["cpu_seconds"] for k, v in summaries.items()},
+        **timings(began, at_eval, summaries),
         "overrides": overrides,
         "examples": examples,
     }

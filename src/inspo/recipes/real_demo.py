@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -55,7 +54,7 @@ from inspo.names import (
     REWARD_ACCURACY,
     VAL,
 )
-from inspo.recipes.demo import Stage, format_timings, train_stage
+from inspo.recipes.demo import Stage, clocks, format_timings, timings, train_stage
 from inspo.settings import EvalConfig, RunConfig, load_saved, load_settings
 from inspo.training.reward import SAVED_AS
 
@@ -115,7 +114,7 @@ def run_real_demo(
     file, sizes) and ``eval_settings`` over the experiment's ``eval.*``; returns what it writes
     to real_demo.json."""
     out.mkdir(parents=True, exist_ok=True)
-    t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()
+    start, load0 = clocks(), os.getloadavg()
     common = ["logger=csv", "ckpt_path=last", *overrides]
     summaries: dict[str, dict[str, Any]] = {}
     for st in stages(out):
@@ -127,7 +126,7 @@ def run_real_demo(
     policy_cfg = compose_config(["experiment=real_demo", *for_app(common, "train")], out / "eval")
     settings = load_settings(policy_cfg)
     ecfg = replace(settings.eval, progress=False, **(eval_settings or {}))
-    t_eval, c_eval = time.perf_counter(), time.process_time()
+    at_eval = clocks()
     prompts, dropped = held_out_prompts(out, settings, ecfg.n_prompts)
     table, examples = evaluate_policies(out, settings, prompts, ecfg, summaries)
     report = {
@@ -136,12 +135,7 @@ def run_real_demo(
         "n_eval_prompts": len(prompts),
         "eval_prompts_also_in_training": dropped,
         "eval": {k: getattr(ecfg, k) for k in ("max_new_tokens", "temperature", "seed")},
-        "seconds_total": time.perf_counter() - t0,
-        "cpu_seconds_total": time.process_time() - c0,
-        "seconds_eval": time.perf_counter() - t_eval,
-        "cpu_seconds_eval": time.process_time() - c_eval,
-        "stage_seconds": {k: v["seconds"] for k, v in summaries.items()},
-        "stage_cpu_seconds": {k: v["cpu_seconds"] for k, v in summaries.items()},
+        **timings(start, at_eval, summaries),
         "machine": machine(),
         "load_average": {"start": list(load0), "end": list(os.getloadavg())},
         "overrides": list(overrides),
