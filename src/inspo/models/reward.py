@@ -32,9 +32,9 @@ from inspo.models.load import (
     tiny_llama,
     turn_off_dropout,
 )
-from inspo.models.packed_attention import PACK_KWARG, PackingUnsupported, empty_mask
-from inspo.models.packing import pack_view, shared_contexts
-from inspo.models.scoring import Scoring, TokenCount, _refuse, forward, packed
+from inspo.models.packed_attention import PackingUnsupported
+from inspo.models.packing import shared_contexts
+from inspo.models.scoring import Scoring, TokenCount, _refuse, forward, packed, packed_forward
 from inspo.settings import ModelConfig, SettingError
 
 
@@ -110,7 +110,7 @@ def score_rewards(
     decoder, head = parts
     if packed(model, how):
         try:
-            return _packed_rewards(model, decoder, head, view, last, how.packing_kernel)
+            return _packed_rewards(model, decoder, head, view, last, how)
         except PackingUnsupported as e:  # found during the forward: scored padded from now on
             _refuse(model, str(e))
     hidden = forward(decoder, view, output="last_hidden_state")[rows, last]
@@ -123,23 +123,10 @@ def _packed_rewards(
     head: torch.nn.Linear,
     view: dict[str, Tensor],
     last: Tensor,
-    kernel: str,
+    how: Scoring,
 ) -> tuple[Tensor, TokenCount]:
     ids = view["input_ids"]
-    pack = pack_view(view, shared_contexts(view))
-    pack.blocks.kernel = kernel
-    out = decoder(
-        input_ids=pack.input_ids,
-        position_ids=pack.position_ids,
-        attention_mask=empty_mask(ids.device),
-        use_cache=False,
-        **{PACK_KWARG: pack.blocks},
-    )
-    layers = model.config.get_text_config().num_hidden_layers
-    if pack.blocks.calls != layers:
-        raise PackingUnsupported(
-            f"{pack.blocks.calls} of {layers} attention layers took the packed layout"
-        )
+    out, pack = packed_forward(model, decoder, view, shared_contexts(view), how)
     rows = torch.arange(ids.shape[0], device=ids.device)
     hidden = out.last_hidden_state[0][pack.index[rows, last]]
     real = torch.tensor(pack.tokens, device=ids.device)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ from inspo.models.packed_attention import (
     enable_packing,
     packing_blocker,
 )
-from inspo.models.packing import pack_view, scored_positions, shared_contexts, unpack
+from inspo.models.packing import Pack, pack_view, scored_positions, shared_contexts, unpack
 from inspo.models.varlen_attention import check_kernel
 
 log = logging.getLogger(__name__)
@@ -475,6 +475,34 @@ def _warn_once(model: torch.nn.Module, reason: str) -> None:
         log.warning("data.packing: %s cannot run packed rows (%s); scoring padded", *key)
 
 
+def packed_forward(
+    model: torch.nn.Module,
+    run: torch.nn.Module,
+    view: dict[str, Tensor],
+    contexts: Any,
+    how: Scoring,
+) -> tuple[Any, Pack]:
+    """``run`` (``model`` or its decoder) on the view's rows packed into one sequence, each of
+    ``contexts`` (:func:`shared_contexts`, or None) once, attention by ``how.packing_kernel``:
+    its output and the pack. Raises :class:`PackingUnsupported` when an attention layer of
+    ``model`` did not take the packed layout."""
+    pack = pack_view(view, contexts)
+    pack.blocks.kernel = how.packing_kernel
+    out = run(
+        input_ids=pack.input_ids,
+        position_ids=pack.position_ids,
+        attention_mask=empty_mask(view["input_ids"].device),
+        use_cache=False,
+        **{PACK_KWARG: pack.blocks},
+    )
+    layers = model.config.get_text_config().num_hidden_layers
+    if pack.blocks.calls != layers:
+        raise PackingUnsupported(
+            f"{pack.blocks.calls} of {layers} attention layers took the packed layout"
+        )
+    return out, pack
+
+
 def packed_logps(
     model: torch.nn.Module,
     parts: tuple[torch.nn.Module, Tensor] | None,
@@ -490,20 +518,8 @@ def packed_logps(
     layer did not take the packed layout (the caller then scores the padded view).
     """
     ids, scored = view["input_ids"], view["loss_mask"]
-    pack = pack_view(view, shared_contexts(view) if how.share_prompt else None)
-    pack.blocks.kernel = how.packing_kernel
-    out = (model if parts is None else parts[0])(
-        input_ids=pack.input_ids,
-        position_ids=pack.position_ids,
-        attention_mask=empty_mask(ids.device),
-        use_cache=False,
-        **{PACK_KWARG: pack.blocks},
-    )
-    layers = model.config.get_text_config().num_hidden_layers
-    if pack.blocks.calls != layers:
-        raise PackingUnsupported(
-            f"{pack.blocks.calls} of {layers} attention layers took the packed layout"
-        )
+    contexts = shared_contexts(view) if how.share_prompt else None
+    out, pack = packed_forward(model, model if parts is None else parts[0], view, contexts, how)
     real = torch.tensor(pack.tokens, device=ids.device)
     tokens = TokenCount(real, real)
     if parts is None:
