@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -342,6 +343,23 @@ class Clock:
 
 
 # --------------------------------------------------------------------------- inspo
+def cpu_trainer(workdir: str, callbacks: list, **limits) -> L.Trainer:
+    """The timed runs' Trainer: one CPU process, clipped gradients, nothing but the CSV log."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(workdir),
+        log_every_n_steps=10,
+        gradient_clip_val=1.0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **limits,
+    )
+
+
 class StepClock(L.Callback):
     def __init__(self) -> None:
         self.clock = Clock()
@@ -417,20 +435,7 @@ def run_inspo(size: Size, options: dict, profile: bool = False, *, workdir: str)
             module, module.reference, dm, workdir, model_id="bench", batch_size=size.batch
         )
 
-    def trainer(callbacks: list, **limits) -> L.Trainer:
-        return L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            logger=CSVLogger(workdir),
-            log_every_n_steps=10,
-            gradient_clip_val=1.0,
-            num_sanity_val_steps=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-            **limits,
-        )
+    trainer = partial(cpu_trainer, workdir)
 
     clock = StepClock()
     profiler = PhaseProfiler(module, size) if profile else None

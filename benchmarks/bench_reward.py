@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,7 +32,6 @@ import lightning as L
 import torch
 import trl
 from datasets import Dataset
-from lightning.pytorch.loggers import CSVLogger
 
 import bench_dpo as harness
 from inspo.data.datamodule import PreferenceDataModule
@@ -110,20 +110,7 @@ def run_inspo(size: harness.Size, options: dict, *, workdir: str) -> dict:
     dm = PreferenceDataModule(lambda: {"train": data}, tok, settings, seed=SEED)
     dm.setup("fit")
 
-    def trainer(callbacks: list, **limits) -> L.Trainer:
-        return L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            logger=CSVLogger(workdir),
-            log_every_n_steps=10,
-            gradient_clip_val=1.0,
-            num_sanity_val_steps=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-            **limits,
-        )
+    trainer = partial(harness.cpu_trainer, workdir)
 
     clock = StepClock()
     if size.source == "hh":  # warm up, then time one epoch over every sampled pair
