@@ -28,6 +28,18 @@ def finite_everywhere(tensors: list[Tensor], strategy: object, device: torch.dev
     return float(strategy.reduce(bad, reduce_op="sum")) == 0
 
 
+def check_gradients(module: torch.nn.Module, lightning: object, objective: object) -> None:
+    """Raise :class:`NonFiniteError` on every process when a gradient of ``module`` is not
+    finite (the loss was: it is checked before backward), before the update applies it;
+    ``lightning`` is the LightningModule training it."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not finite_everywhere(grads, lightning.trainer.strategy, lightning.device):
+        raise NonFiniteError(
+            f"non-finite gradient at step {lightning.global_step} (objective {objective!r}) "
+            "with a finite loss; the weights were not updated"
+        )
+
+
 def describe_non_finite(
     out: ObjectiveOutput, policy: ViewScores, reference: ViewScores | None
 ) -> str:

@@ -36,7 +36,12 @@ from inspo.names import PLAIN, REFLECTIVE, TRAIN, VAL, VAL_PLAIN, Reflection
 from inspo.objectives import Objective, ObjectiveOutput, PairScores
 from inspo.settings import OptimConfig, ReflectionConfig, as_dict
 from inspo.training.distill import distill_kl
-from inspo.training.guards import NonFiniteError, describe_non_finite, finite_everywhere
+from inspo.training.guards import (
+    NonFiniteError,
+    check_gradients,
+    describe_non_finite,
+    finite_everywhere,
+)
 from inspo.training.metrics import PROGRESS, pair_metrics, token_metrics
 from inspo.training.optim import build_optimizer
 from inspo.training.reference import reference_model
@@ -254,12 +259,7 @@ class PreferenceModule(L.LightningModule):
             self.log(f"{stage}/{name}", value, prog_bar=shown, sync_dist=not on_step, **kw)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        if not finite_everywhere(grads, self.trainer.strategy, self.device):
-            raise NonFiniteError(
-                f"non-finite gradient at step {self.global_step} (objective {self.objective!r}) "
-                "with a finite loss; the weights were not updated"
-            )
+        check_gradients(self.policy, self, self.objective)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from inspo.names import (
 )
 from inspo.objectives import RewardObjective
 from inspo.settings import OptimConfig, RunConfig, as_dict
-from inspo.training.guards import NonFiniteError, finite_everywhere
+from inspo.training.guards import NonFiniteError, check_gradients, finite_everywhere
 from inspo.training.metrics import token_metrics
 from inspo.training.module import DEFAULT_SCORING
 from inspo.training.optim import build_optimizer
@@ -147,12 +147,7 @@ class RewardModule(L.LightningModule):
         self._val = []
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.reward_model.parameters() if p.grad is not None]
-        if not finite_everywhere(grads, self.trainer.strategy, self.device):
-            raise NonFiniteError(
-                f"non-finite gradient at step {self.global_step} (objective {self.objective!r}) "
-                "with a finite loss; the weights were not updated"
-            )
+        check_gradients(self.reward_model, self, self.objective)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.reward_model.parameters() if p.requires_grad]
