@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from inspo.models import sampling
 from inspo.models.load import tiny_llama
 from inspo.models.sampling import SamplingConfig, prompt_ids, sample, sample_ids
 
@@ -164,9 +165,34 @@ def test_stops_at_eos_and_prefills_each_prompt_once():
     assert all(s.finished and s.ids.count(EOS) == 1 and s.ids[-1] == EOS for s in samples)
     longest = max(len(s.ids) for s in samples)
     assert longest < cfg.max_new_tokens and len({len(s.ids) for s in samples}) > 1
-    # One prefill of the 2 prompts (not 16 rows), then one 16-row step per further token,
-    # and none after the last row finished.
-    assert calls == [torch.Size([2, 3])] + [torch.Size([16, 1])] * (longest - 1)
+    # One prefill of the 2 prompts (not 16 rows), then one step per further token, and none
+    # after the last row finished. Finished rows leave the batch once they are an eighth of
+    # it: the step after token k runs the rows still going and fewer than a seventh more.
+    assert calls[0] == torch.Size([2, 3]) and len(calls) == longest
+    rows = [c[0] for c in calls[1:]]
+    assert all(c[1] == 1 for c in calls[1:]) and rows == sorted(rows, reverse=True)
+    for k, r in enumerate(rows, start=1):
+        going = sum(len(s.ids) > k for s in samples)
+        assert going <= r < going * 8 / 7 + 1, (k, r, going)
+    assert rows[-1] < 16  # rows did leave
+
+
+def test_finished_rows_leave_the_batch_without_changing_any_sample(monkeypatch):
+    """The same samples (ids, ends, log-probs) as decoding every row to the end."""
+    model = six_token_llama(1)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] = model.lm_head.weight[EOS].abs()
+    prompts = [[BOS, 3, 4], [BOS, 5], [BOS, 4, 4, 3]]
+    cfg = SamplingConfig(max_new_tokens=30, seed=5)
+    draw = lambda: flat(sample_ids(model, prompts, cfg, n=6, eos_token_ids=[EOS],
+                                   pad_token_id=PAD, batch_size=18))  # fmt: skip
+    leaving = draw()
+    assert len({len(s.ids) for s in leaving}) > 3
+    monkeypatch.setattr(sampling, "LEAVE_AT", 2.0)  # no row ever leaves
+    for s, kept in zip(leaving, draw(), strict=True):
+        assert (s.ids, s.finished) == (kept.ids, kept.finished)
+        assert s.logp == pytest.approx(kept.logp, abs=1e-5)
+        assert s.sampler_logp == pytest.approx(kept.sampler_logp, abs=1e-5)
 
 
 # --------------------------------------------------------------------------- (d)

@@ -158,18 +158,18 @@ class Counting(torch.nn.Module):
 
 
 def test_the_reference_scores_a_rounds_samples_in_batches(tokenizer, small_model):
-    """2 prompts × 4 samples with batch_size 3: 3 forwards of at most 3 rows, each sample's
-    score the one it has alone."""
+    """2 prompts × 4 samples with batch_size 4: a prompt's samples scored two at a time, two
+    such pairs (4 rows) per forward, each sample's score the one it has alone."""
     reference = Counting(frozen_copy(small_model))
     module = PreferenceModule(small_model, DPO(), None)
     module.reference_model = lambda: contextlib.nullcontext(reference)
-    b = builder(tokenizer, backend=Fixed(batch_size=3))
+    b = builder(tokenizer, backend=Fixed(batch_size=4))
     prompts = [prompt(tokenizer, {"prompt": t}).ids for t in ("Word with b: ", "Hi")]
     groups = [[sample(tokenizer, tokenizer(s, add_special_tokens=False)["input_ids"], f)
                for s, f in (("ba", True), ("bab", False), ("b", True), ("abba", True))]
               for _ in prompts]  # fmt: skip
     got = b.reference_logps(module, prompts, groups)
-    assert reference.rows == [3, 3, 2]
+    assert reference.rows == [4, 4]
     texts = [tokenizer.decode(p[1:]) for p in prompts]
     flat = [s.ids for g in groups for s in g]
     alone = sample_logps(reference.model, tokenizer, [t for t in texts for _ in range(4)], flat,

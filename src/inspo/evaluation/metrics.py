@@ -164,6 +164,43 @@ def response_logps(
 ONE_BY_ONE = Scoring(share_prompt=False)
 
 
+def grouped_response_logps(
+    model: torch.nn.Module,
+    contexts: Sequence[Sequence[int]],
+    groups: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+    how: Scoring,
+    batch_size: int = 64,
+) -> list[list[float]]:
+    """:func:`response_logps` of every response of ``groups[i]`` after ``contexts[i]``, per
+    group, with the responses of one context scored two at a time as pairs that share it: the
+    context runs once per two responses (packed or through the KV cache, as ``how`` scores
+    pairs), not once per response. A group's odd response is scored on its own."""
+    pairs = [(i, j) for i, g in enumerate(groups) for j in range(0, len(g) - 1, 2)]
+    out = [[math.nan] * len(g) for g in groups]
+    per_batch = max(1, batch_size // 2)
+    device = next(model.parameters()).device
+    for start in range(0, len(pairs), per_batch):
+        chunk = pairs[start : start + per_batch]
+        rows = [list(contexts[i]) + list(groups[i][j + k]) for k in (0, 1) for i, j in chunk]
+        starts = [len(contexts[i]) for _ in (0, 1) for i, _ in chunk]
+        ids, att = pad_rows(rows, pad_id)
+        cols = torch.arange(ids.shape[1])
+        scored = ((cols >= torch.tensor(starts)[:, None]) & att.bool()).long()
+        view = {"input_ids": ids, "attention_mask": att, "loss_mask": scored}
+        sums = score_sequences(model, {k: v.to(device) for k, v in view.items()}, how).sums
+        sums = sums.float().cpu().tolist()
+        for n, (i, j) in enumerate(chunk):
+            out[i][j], out[i][j + 1] = sums[n], sums[n + len(chunk)]
+    odd = [(i, len(g) - 1) for i, g in enumerate(groups) if len(g) % 2]
+    if odd:
+        ctx = [contexts[i] for i, _ in odd]
+        lone = response_logps(model, ctx, [groups[i][j] for i, j in odd], pad_id, batch_size)
+        for (i, j), v in zip(odd, lone.tolist(), strict=True):
+            out[i][j] = v
+    return out
+
+
 def monte_carlo_kl(
     policy: PreTrainedModel,
     reference: PreTrainedModel,

@@ -145,6 +145,11 @@ def sample_ids(
     return out
 
 
+#: The share of a batch's rows that must have finished before they leave it: leaving copies
+#: the KV cache of the rows that stay, about one decoding step's cache traffic.
+LEAVE_AT = 1 / 8
+
+
 def _sample_batch(
     model: PreTrainedModel,
     rows: list[list[int]],
@@ -155,37 +160,50 @@ def _sample_batch(
     pad: int,
     all_done: Callable[[bool], bool] | None = None,
 ) -> list[list[Sample]]:
-    """Decode ``n`` samples of each row of one batch, step by step on one KV cache."""
+    """Decode ``n`` samples of each row of one batch, step by step on one KV cache.
+
+    Rows that finished leave the batch (their cache rows too) once they are ``LEAVE_AT`` of it:
+    a response that ended early costs no further forwards. The noise is indexed by the
+    sample, not by its place in the batch, so the samples do not depend on when rows leave.
+    """
     cache, logits, att, pos = _prefill(model, rows, n, pad)
     device, n_rows = logits.device, logits.shape[0]
     noise = None if config.greedy else _noise(config, indices, n).to(device)
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
-    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    finished, length = torch.zeros_like(done), torch.zeros(n_rows, dtype=torch.long, device=device)
+    live = torch.arange(n_rows, device=device)  # the sample each row of the batch decodes
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    length = torch.zeros(n_rows, dtype=torch.long, device=device)
     logp = torch.zeros(n_rows, dtype=torch.float64, device=device)
     qlogp = torch.zeros_like(logp)
-    steps = []
+    tokens = torch.full((n_rows, config.max_new_tokens), pad, dtype=torch.long, device=device)
+    done = torch.zeros(n_rows, dtype=torch.bool, device=device)  # per batch row
     for t in range(config.max_new_tokens):
-        token, lp, qp = _choose(logits, config, None if noise is None else noise[:, t])
-        live = ~done
+        token, lp, qp = _choose(logits, config, None if noise is None else noise[live, t])
+        going = ~done
         token = token.masked_fill(done, pad)
-        logp += torch.where(live, lp, 0.0)
-        qlogp += torch.where(live, qp, 0.0)
-        length += live.long()
-        finished |= live & torch.isin(token, eos_ids)
-        done |= finished
-        steps.append(token)
+        tokens[live, t] = token
+        logp[live] += torch.where(going, lp, 0.0)
+        qlogp[live] += torch.where(going, qp, 0.0)
+        length[live] += going.long()
+        ended = going & torch.isin(token, eos_ids)
+        finished[live] |= ended
+        done |= ended
         stop = bool(done.all())
         if t + 1 == config.max_new_tokens or (all_done(stop) if all_done else stop):
             break
-        # Finished rows keep decoding pad tokens (ignored) so the batch stays rectangular.
-        att = torch.cat([att, att.new_ones(n_rows, 1)], dim=-1)
+        if int(done.sum()) >= LEAVE_AT * len(done) and not stop:
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            live, token, att, pos, done = live[keep], token[keep], att[keep], pos[keep], done[keep]
+        # A sharded policy may go on after this process's rows all ended: they keep decoding
+        # pad tokens (ignored) so every process runs the same forwards.
+        att = torch.cat([att, att.new_ones(len(live), 1)], dim=-1)
         pos = pos + 1
         logits = _next_logits(model, token[:, None], att, pos, cache)
     columns = (length.tolist(), finished.tolist(), logp.tolist(), qlogp.tolist())
-    tokens = torch.stack(steps, dim=1).tolist()
+    ids = tokens.tolist()
     flat = [
-        Sample(tokens[r][:k], "", bool(f), float(a), float(b))
+        Sample(ids[r][:k], "", bool(f), float(a), float(b))
         for r, (k, f, a, b) in enumerate(zip(*columns, strict=True))
     ]
     return [flat[i * n : (i + 1) * n] for i in range(len(rows))]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from inspo.data.encode import Encoder
-from inspo.evaluation.metrics import response_logps
+from inspo.evaluation.metrics import grouped_response_logps
 from inspo.models.sampling import Sample
 from inspo.names import EOS_RATE, PLAIN, SAMPLE_ENTROPY, SAMPLE_KL, SCORES, SCORES_MARGIN
 from inspo.online import processes
@@ -292,20 +292,19 @@ class RoundBuilder:
         self, module: Any, prompts: list[tuple[int, ...]], groups: list[list[Sample]]
     ) -> list[list[float]]:
         """log π_ref of each sample's tokens after its prompt, per prompt (NaN without a
-        reference), ``backend.batch_size`` rows per forward: the KL term of the round's
+        reference), ``backend.batch_size`` rows per forward, a prompt's samples two at a time
+        over one pass of the prompt, as training scores pairs: the KL term of the round's
         metrics, and with ``share_reference`` the plain view's reference score in training
         (which scores exactly these tokens)."""
         if not module.objective.requires_reference or not groups:
             return [[float("nan")] * len(g) for g in groups]
-        contexts = [p for p, g in zip(prompts, groups, strict=True) for _ in g]
-        responses = [s.ids for g in groups for s in g]
+        responses = [[s.ids for s in g] for g in groups]
         pad = self.backend.tokenizer.pad_token_id
         pad = pad if pad is not None else self.encoder.eos[0] if self.encoder.eos else 0
         with module.reference_model() as reference:
-            flat = iter(
-                response_logps(reference, contexts, responses, pad, self.backend.batch_size)
+            return grouped_response_logps(
+                reference, prompts, responses, pad, module.scoring, self.backend.batch_size
             )
-        return [[float(next(flat)) for _ in g] for g in groups]
 
 
 #: Tags the pairing draws' seeds apart from the sampling noise's.
