@@ -20,7 +20,7 @@ def test_grouped_scores_equal_each_samples_own_score(tokenizer, packing):
     model = tiny_llama(tokenizer=tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=3)
     if packing:
         assert prepare_packing(model)
-    contexts = [[tokenizer.bos_token_id] + ids(tokenizer, t) for t in ("Word with b: ", "Hi", "x")]
+    contexts = [[tokenizer.bos_token_id, *ids(tokenizer, t)] for t in ("Word with b: ", "Hi", "x")]
     groups = [
         [ids(tokenizer, t) for t in ("ba", "babble", "b")],  # odd: one scored on its own
         [ids(tokenizer, t) for t in ("a long answer", "no")],
@@ -43,10 +43,11 @@ def test_a_prompt_runs_once_per_two_samples(tokenizer):
     model.model.register_forward_pre_hook(
         lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True
     )
-    contexts = [[tokenizer.bos_token_id] + ids(tokenizer, t) for t in ("A prompt: ", "B")]
+    contexts = [[tokenizer.bos_token_id, *ids(tokenizer, t)] for t in ("A prompt: ", "B")]
     groups = [[ids(tokenizer, t) for t in ("one", "three", "xy", "z")],
               [ids(tokenizer, t) for t in ("yes", "no")]]  # fmt: skip
     with torch.no_grad():
         grouped_response_logps(model, contexts, groups, 0, Scoring(packing=True), 64)
-    tokens = sum(len(c) * len(g) // 2 + sum(map(len, g)) for c, g in zip(contexts, groups))
+    pairs = zip(contexts, groups, strict=True)
+    tokens = sum(len(c) * len(g) // 2 + sum(map(len, g)) for c, g in pairs)
     assert seen == [torch.Size([1, tokens])]

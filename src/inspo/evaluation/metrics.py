@@ -175,7 +175,8 @@ def grouped_response_logps(
     """:func:`response_logps` of every response of ``groups[i]`` after ``contexts[i]``, per
     group, with the responses of one context scored two at a time as pairs that share it: the
     context runs once per two responses (packed or through the KV cache, as ``how`` scores
-    pairs), not once per response. A group's odd response is scored on its own."""
+    pairs), not once per response; ``batch_size`` rows per forward (at least one pair). A
+    group's odd response is scored on its own."""
     pairs = [(i, j) for i, g in enumerate(groups) for j in range(0, len(g) - 1, 2)]
     out = [[math.nan] * len(g) for g in groups]
     per_batch = max(1, batch_size // 2)
