@@ -256,3 +256,28 @@ def test_a_one_trial_search_still_knows_what_it_searched(tmp_path):
     assert report["tuning"]["methods"]["dpo/off"]["searched"] == ["beta"]
     assert report["settings"]["tuned"]["best"] == {"dpo/off": True, "dpo/inspo": True}
     assert report["settings"]["untuned"]["best"] == {"dpo/off": False, "dpo/inspo": False}
+
+
+def test_failed_runs_count_with_or_without_a_summary(head):
+    """A trial whose process died before writing summary.json counts against its search's
+    budget, with what its overrides set; a failed test run is named where its seed is left out
+    of the pairing, not dropped."""
+    trial = head / "tune" / "dpo" / "3"
+    (trial / ".hydra").mkdir(parents=True)
+    (trial / ".hydra" / "overrides.yaml").write_text("- objective.beta=0.25\n- optim.lr=0.0003\n")
+    failed = head / "tuned" / "dpo" / "seed1"
+    summary = json.loads((failed / "summary.json").read_text())
+    summary.update(status="failed", error="round 4 found 226 of its 1600 pairs in 32776 prompts")
+    (failed / "summary.json").write_text(json.dumps(summary))
+    report = build(head)
+    dpo = report["tuning"]["methods"]["dpo/off"]
+    assert (dpo["n_trials"], dpo["n_failed"]) == (4, 1) and not report["tuning"]["equal_trials"]
+    assert dpo["trials"][3]["config"] == {"beta": 0.25, "lr": 0.0003}
+    assert "no summary.json" in dpo["trials"][3]["error"]
+    tuned = report["settings"]["tuned"]["comparison"]
+    assert tuned["seeds"] == [0, 2]
+    why = "seed 1: the baseline's run failed (round 4 found 226"
+    assert any(why in x for x in tuned["left_out"])
+    cli([str(head), "--head-to-head"])
+    md = (head / "head_to_head.md").read_text()
+    assert "| 3 | failed: no summary.json" in md and "the baseline's run failed" in md

@@ -292,9 +292,14 @@ def test_a_failing_judge_names_itself_and_the_round_and_leaves_no_round(tmp_path
     assert not (tmp_path / "rounds").exists() or not any((tmp_path / "rounds").iterdir())
 
 
-def test_a_round_that_cannot_fill_says_why(tmp_path):
+def test_a_round_that_cannot_fill_says_why_and_records_a_failed_run(tmp_path):
+    """Nothing but ties (a collapsed policy's samples): the run fails as a diverged one does,
+    with a summary a sweep and its report count as a failed run."""
     with pytest.raises(RoundError, match=r"round 0 found 0 of its 8 pairs.*'tie'"):
         iterate(tmp_path, "judge.function=fake_judges.constant", "iterate.max_prompts_factor=2")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "found 0 of its 8 pairs" in summary["error"]
+    assert not (tmp_path / "policy").exists()
 
 
 def test_config_errors_before_any_model(tmp_path):

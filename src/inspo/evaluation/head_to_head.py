@@ -29,6 +29,11 @@ The bootstrap needs per-prompt scores (each run's ``eval/samples.json``): the wi
 against the SFT start, the gold score, the length and the *direct* win rate (the method's
 sample against the baseline's on the same prompt, ties ½). The LC win rate, KL, validity and
 preference accuracy come from ``summary.json`` and get the t-interval only.
+
+A run that failed (diverged, or its policy collapsed) counts: a failed trial against its
+search's budget, a failed test run by name where its seed is left out of the pairing. A run
+folder that holds no ``summary.json`` at all (a process killed, or a failure older code did
+not record) counts as failed too; it takes its method from the runs beside it.
 """
 
 from __future__ import annotations
@@ -193,6 +198,52 @@ def configuration(run: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return {k: run["choices"].get(k) for k in keys}
 
 
+def failed_run(run: dict[str, Any]) -> bool:
+    return run["status"] != "finished"
+
+
+def why(run: dict[str, Any]) -> str:
+    """A failed run's error, its first line, shortened."""
+    error = (run.get("error") or "no error recorded").splitlines()[0]
+    return error if len(error) <= 160 else error[:157] + "..."
+
+
+def unrecorded_runs(head_dir: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run folders (a ``.hydra`` folder) under ``head_dir`` without a summary.json, as failed
+    runs: their method and fixed choices from the runs beside them (a search's trials, or a
+    setting's seeds, share their method), what their own overrides set (seed, the searched
+    values) on top; what the runs beside them vary and the overrides do not name is unknown
+    (None)."""
+    from omegaconf import OmegaConf
+
+    recorded = {r["dir"] for r in runs}
+    out = []
+    for hydra in sorted(Path(head_dir).rglob(".hydra")):
+        d = hydra.parent
+        if d in recorded or not (hydra / "overrides.yaml").exists():
+            continue
+        beside = [r for r in runs if r["dir"].parent == d.parent]
+        if not beside:
+            continue
+        # What the runs beside it vary, only as far as its own overrides say (unknown else).
+        varied = {k for k in TUNABLE if len({str(r["choices"].get(k)) for r in beside}) > 1}
+        choices = {k: None if k in varied else v for k, v in beside[0]["choices"].items()}
+        for item in OmegaConf.load(hydra / "overrides.yaml"):
+            key, _, value = str(item).lstrip("+~").partition("=")
+            name = CHOICE_OF.get(key, key.rsplit(".", 1)[-1])
+            if name in choices or key == "seed":
+                try:
+                    choices[name] = json.loads(value)
+                except ValueError:
+                    choices[name] = value
+        out.append({
+            "dir": d, "name": str(d.relative_to(head_dir)), "status": "failed",
+            "error": "no summary.json: the run stopped before recording how it ended",
+            "choices": choices, "rounds": [], "metrics": {}, "config": None,
+        })  # fmt: skip
+    return out
+
+
 def read_samples(run: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The final evaluation's samples: RUN/eval/samples.json, or an iterative run's last
     evaluated round's (RUN/rounds/NNN/eval/samples.json)."""
@@ -258,6 +309,7 @@ def tuning_summary(trials: list[dict[str, Any]], methods: Sequence[str]) -> dict
                     "trial": trial_number(r),
                     "name": r["name"],
                     "status": r["status"] if ok else "failed",
+                    "error": None if ok else why(r),
                     "value": value if ok else None,
                     # the evaluation's Wilson 95% interval of the win rate (prompt noise)
                     "low": r["metrics"].get(f"{EVAL_WIN_RATE}_low") if ok else None,
@@ -312,6 +364,10 @@ def pair_runs(
         a, b = by_seed["base"].get(seed, []), by_seed["other"].get(seed, [])
         if len(a) != 1 or len(b) != 1:
             left_out.append(f"seed {seed}: {len(a)} baseline and {len(b)} method runs")
+            continue
+        failed = [(who, r) for who, r in (("baseline", a[0]), ("method", b[0])) if failed_run(r)]
+        if failed:
+            left_out += [f"seed {seed}: the {who}'s run failed ({why(r)})" for who, r in failed]
             continue
         sa, sb = read_samples(a[0]), read_samples(b[0])
         if sa is None or sb is None:
@@ -412,10 +468,17 @@ def build(head_dir: str | Path) -> dict[str, Any]:
     runs = load_runs(head_dir)
     if not runs:
         raise FileNotFoundError(f"no summary.json under {head_dir}")
+    runs += unrecorded_runs(Path(head_dir), runs)
     trials = [r for r in runs if r["choices"].get("eval_split") == TUNE_SPLIT]
-    # Test runs are the others that were evaluated (not the SFT starts beside them).
+    # Test runs are the others that were evaluated (not the SFT starts beside them), and those
+    # of the same methods that failed.
     tests = [r for r in runs if r not in trials and EVAL_WIN_RATE in r["metrics"]]
     methods = sorted({method_of(r) for r in trials + tests})
+    tests += [
+        r
+        for r in runs
+        if r not in trials and r not in tests and failed_run(r) and method_of(r) in methods
+    ]
     if len(methods) != 2:
         raise ValueError(f"a head-to-head compares two methods; {head_dir} has {methods}")
     offs = [m for m in methods if m.endswith("/off")]
@@ -500,7 +563,8 @@ def tuning_lines(tuning: dict[str, Any]) -> list[str]:
             "|---" * (2 + len(s["varied"])) + "|",
         ]
         for t in s["trials"]:
-            cells = [str(t["trial"]), fmt(t["value"]), *(fmt(t["config"][k]) for k in s["varied"])]
+            value = fmt(t["value"]) if t["status"] != "failed" else f"failed: {t['error']}"
+            cells = [str(t["trial"]), value, *(fmt(t["config"][k]) for k in s["varied"])]
             lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 

@@ -124,6 +124,7 @@ def load_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "dir": d,
                 "name": str(d.relative_to(sweep_dir)),
                 "status": s.get("status"),
+                "error": s.get("error"),  # why a failed run failed
                 "choices": s.get("choices", {}),
                 "rounds": s.get("rounds", []),  # iterative runs: metrics after each round
                 "metrics": s.get("metrics", {}),

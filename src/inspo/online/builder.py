@@ -45,10 +45,16 @@ from inspo.online.records import (
     SampleRecord,
     TrainingPair,
 )
+from inspo.training.guards import RunFailure
 
 
 class RoundError(RuntimeError):
     """A round that cannot be built (a failing judge, too few pairs)."""
+
+
+class TooFewPairs(RoundError, RunFailure):
+    """The policy's samples no longer give pairs (almost every prompt a tie: a collapsed
+    policy): the run fails as a diverged one does, with its summary."""
 
 
 @dataclass
@@ -114,7 +120,7 @@ class RoundBuilder:
             self.backend.sync(module.policy)
         while len(pairs) < needed:
             if cursor - start > self.max_prompts_factor * needed:
-                raise RoundError(
+                raise TooFewPairs(
                     f"round {index} found {len(pairs) - len(carried)} of its "
                     f"{needed - len(carried)} pairs in {cursor - start} prompts; "
                     f"dropped: {dict(dropped)}"

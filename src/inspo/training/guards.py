@@ -13,7 +13,13 @@ from inspo.models.scoring import ViewScores
 from inspo.objectives import ObjectiveOutput
 
 
-class NonFiniteError(FloatingPointError):
+class RunFailure(RuntimeError):
+    """The method failed on its own terms (it diverged, or its policy collapsed): the run stops
+    and records it (summary.json ``status: failed`` with the error), a result to count, not a
+    crash to retry: rerunning the same settings fails the same way."""
+
+
+class NonFiniteError(RunFailure, FloatingPointError):
     """A non-finite loss or gradient: training stops at once, on every process."""
 
 

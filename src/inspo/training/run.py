@@ -40,7 +40,7 @@ from inspo.names import EOS_RATE, VAL, VAL_PLAIN, ReferenceKind, Reflection
 from inspo.objectives import Objective, RewardObjective
 from inspo.settings import ModelConfig, RunConfig, load_settings
 from inspo.training.checkpoints import StreamingCheckpointIO
-from inspo.training.guards import NonFiniteError
+from inspo.training.guards import RunFailure
 from inspo.training.module import PreferenceModule
 from inspo.training.reference import make_reference, prepare_reference, reference_callbacks
 from inspo.training.views import train_views
@@ -322,7 +322,7 @@ def run(cfg: DictConfig, extension: Extension | None = None) -> dict[str, Any]:
         ckpt = None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    except NonFiniteError as err:  # the last good checkpoint stays; no policy is written
+    except RunFailure as err:  # diverged or collapsed: the last good checkpoint stays, no policy
         if trainer.is_global_zero:
             metrics = extension.final_metrics(settings, trainer, None)
             write_json(run_dir / "summary.json", summary(settings, trainer, metrics, str(err)))
