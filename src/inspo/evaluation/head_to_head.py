@@ -238,7 +238,7 @@ def unrecorded_runs(head_dir: Path, runs: list[dict[str, Any]]) -> list[dict[str
                     choices[name] = value
         out.append({
             "dir": d, "name": str(d.relative_to(head_dir)), "status": "failed",
-            "error": "no summary.json: the run stopped before recording how it ended",
+            "error": "no summary.json: it stopped (or is still running) before recording an end",
             "choices": choices, "rounds": [], "metrics": {}, "config": None,
         })  # fmt: skip
     return out
