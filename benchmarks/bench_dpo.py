@@ -728,7 +728,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (see README)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results.jsonl")
+    ap.add_argument("--out", default="benchmarks/results.jsonl", help="appended to")
     ap.add_argument("--logp-vocab", type=int, default=128_256)
     ap.add_argument(
         "--no-logp-memory", action="store_true", help="skip the log-prob memory measurement"
@@ -764,7 +764,7 @@ def main() -> None:
             pool, spec = SMOLLM2_CONFIGS, args.smollm2_configs
         return [c for c in pool if spec == "all" or c[0] in spec.split(",")]
 
-    out = open(args.out, "w")  # noqa: SIM115
+    out = open(args.out, "a")  # noqa: SIM115  (appended: earlier runs' records stay)
 
     def emit(record: dict) -> None:
         line = json.dumps(record)

@@ -184,11 +184,11 @@ def main() -> None:
     ap.add_argument("--configs", default="all", help="comma-separated labels, or all")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results_reward.jsonl")
+    ap.add_argument("--out", default="benchmarks/results_reward.jsonl", help="appended to")
     args = ap.parse_args()
     harness.THREADS[0] = args.threads
     configs = [c for c in CONFIGS if args.configs == "all" or c[0] in args.configs.split(",")]
-    out = open(args.out, "w")  # noqa: SIM115
+    out = open(args.out, "a")  # noqa: SIM115  (appended: earlier runs' records stay)
 
     def emit(record: dict) -> None:
         line = json.dumps(record)
