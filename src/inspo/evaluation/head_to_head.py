@@ -198,6 +198,12 @@ def configuration(run: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return {k: run["choices"].get(k) for k in keys}
 
 
+def choice_key(override: str) -> str:
+    """The run choice an override sets: ``optim.lr`` -> ``lr`` (:data:`CHOICE_OF` where the
+    last part is not its name)."""
+    return CHOICE_OF.get(override, override.rsplit(".", 1)[-1])
+
+
 def failed_run(run: dict[str, Any]) -> bool:
     return run["status"] != "finished"
 
@@ -230,7 +236,7 @@ def unrecorded_runs(head_dir: Path, runs: list[dict[str, Any]]) -> list[dict[str
         choices = {k: None if k in varied else v for k, v in beside[0]["choices"].items()}
         for item in OmegaConf.load(hydra / "overrides.yaml"):
             key, _, value = str(item).lstrip("+~").partition("=")
-            name = CHOICE_OF.get(key, key.rsplit(".", 1)[-1])
+            name = choice_key(key)
             if name in choices or key == "seed":
                 try:
                     choices[name] = json.loads(value)
@@ -265,7 +271,7 @@ def sweeper_params(run: dict[str, Any]) -> dict[str, str]:
         return {}
     sweeper = OmegaConf.load(path).hydra.get("sweeper") or {}
     params = sweeper.get("params") or {}
-    return {CHOICE_OF.get(k, k.rsplit(".", 1)[-1]): str(v) for k, v in params.items()}
+    return {choice_key(k): str(v) for k, v in params.items()}
 
 
 def search_space(run: dict[str, Any]) -> dict[str, tuple[float, float, bool]]:

@@ -145,19 +145,37 @@ def response_logps(
 ) -> torch.Tensor:
     """Σ_t log π(y_t | c, y_<t) of each token sequence ``responses[i]`` after ``contexts[i]``
     (float32 [N]), ``batch_size`` rows per forward, scored as training scores sequences."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(contexts), batch_size):
-        ctx = contexts[start : start + batch_size]
-        ys = responses[start : start + batch_size]
-        rows = [list(c) + list(y) for c, y in zip(ctx, ys, strict=True)]
-        ids, att = pad_rows(rows, pad_id)
-        cols = torch.arange(ids.shape[1])
-        starts = torch.tensor([len(c) for c in ctx])[:, None]
-        view = {"input_ids": ids, "attention_mask": att, "loss_mask": (cols >= starts) & att.bool()}
-        sums = score_sequences(model, {k: v.to(device) for k, v in view.items()}, ONE_BY_ONE).sums
-        out.append(sums.float().cpu())
+    out = [
+        scored_sums(
+            model,
+            contexts[start : start + batch_size],
+            responses[start : start + batch_size],
+            pad_id,
+            ONE_BY_ONE,
+        )
+        for start in range(0, len(contexts), batch_size)
+    ]
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def scored_sums(
+    model: torch.nn.Module,
+    contexts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    how: Scoring,
+) -> torch.Tensor:
+    """One forward: the summed log-probs of ``responses[i]`` after ``contexts[i]`` (float32 [N],
+    on the CPU), the rows right-padded as training's views are (rows i and N/2 + i with the same
+    context are a pair that ``how`` may run it once for)."""
+    rows = [list(c) + list(y) for c, y in zip(contexts, responses, strict=True)]
+    ids, att = pad_rows(rows, pad_id)
+    starts = torch.tensor([len(c) for c in contexts])[:, None]
+    scored = ((torch.arange(ids.shape[1]) >= starts) & att.bool()).long()
+    view = {"input_ids": ids, "attention_mask": att, "loss_mask": scored}
+    device = next(model.parameters()).device
+    sums = score_sequences(model, {k: v.to(device) for k, v in view.items()}, how).sums
+    return sums.float().cpu()
 
 
 #: Rows here are unrelated samples: nothing to share between them.
@@ -180,17 +198,11 @@ def grouped_response_logps(
     pairs = [(i, j) for i, g in enumerate(groups) for j in range(0, len(g) - 1, 2)]
     out = [[math.nan] * len(g) for g in groups]
     per_batch = max(1, batch_size // 2)
-    device = next(model.parameters()).device
     for start in range(0, len(pairs), per_batch):
         chunk = pairs[start : start + per_batch]
-        rows = [list(contexts[i]) + list(groups[i][j + k]) for k in (0, 1) for i, j in chunk]
-        starts = [len(contexts[i]) for _ in (0, 1) for i, _ in chunk]
-        ids, att = pad_rows(rows, pad_id)
-        cols = torch.arange(ids.shape[1])
-        scored = ((cols >= torch.tensor(starts)[:, None]) & att.bool()).long()
-        view = {"input_ids": ids, "attention_mask": att, "loss_mask": scored}
-        sums = score_sequences(model, {k: v.to(device) for k, v in view.items()}, how).sums
-        sums = sums.float().cpu().tolist()
+        ctx = [contexts[i] for _ in (0, 1) for i, _ in chunk]
+        ys = [groups[i][j + k] for k in (0, 1) for i, j in chunk]
+        sums = scored_sums(model, ctx, ys, pad_id, how).tolist()
         for n, (i, j) in enumerate(chunk):
             out[i][j], out[i][j + 1] = sums[n], sums[n + len(chunk)]
     odd = [(i, len(g) - 1) for i, g in enumerate(groups) if len(g) % 2]
