@@ -23,7 +23,7 @@ from test_packing import assert_same, batch, tiny
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import inspo.models.varlen_attention as va
-from inspo.models.packed_attention import Blocks, key_start
+from inspo.models.packed_attention import Blocks
 from inspo.models.packing import pack_view, shared_contexts
 from inspo.models.scoring import Scoring, prepare_packing, score_pairs
 
@@ -89,10 +89,11 @@ def dense_blocks(blocks: Blocks, window: int | None) -> torch.Tensor:
     t = blocks.positions.shape[0]
     out = torch.zeros(t, t, dtype=torch.bool)
     for (q0, q1, c0, c1), mask in zip(blocks.blocks, blocks.masks(window), strict=True):
-        k0 = key_start((q0, q1, c0, c1))
         if mask is None:
-            mask = torch.ones(q1 - q0, q1 - k0, dtype=torch.bool).tril()
-        out[q0:q1, k0:q1] = mask[0, 0] if mask.dim() == 4 else mask
+            mask = torch.ones(q1 - q0, q1 - q0 + c1 - c0, dtype=torch.bool).tril(c1 - c0)
+        mask = mask[0, 0] if mask.dim() == 4 else mask  # keys: the context's, then its own
+        out[q0:q1, c0:c1] = mask[:, : c1 - c0]
+        out[q0:q1, q0:q1] = mask[:, c1 - c0 :]
     return out
 
 

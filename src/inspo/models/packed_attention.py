@@ -79,8 +79,9 @@ class Blocks:
         return self._built[key]
 
     def masks(self, window: int | None) -> list[Tensor | None]:
-        """Per block, the boolean mask (True = attend) or None where plain causal attention
-        is exact; built once per window size and shared by every layer."""
+        """Per block, the boolean mask (True = attend) over its keys, the context's then its
+        own (:meth:`key_spans`), or None where plain causal attention is exact; built once per
+        window size and shared by every layer."""
         if window not in self._masks:
             self._masks[window] = [self._mask(b, window) for b in self.blocks]
         return self._masks[window]
@@ -89,24 +90,29 @@ class Blocks:
         q0, q1, c0, c1 = block
         if c0 == c1 and (window is None or q1 - q0 <= window):
             return None  # an ordinary row: plain causal attention is exact
-        # The keys are the whole span [c0, q1) (a view, nothing copied); what lies between
-        # the context and the queries (a shared pair's chosen response) is masked out.
-        k0 = key_start(block)
         q_pos = self.positions[q0:q1]
-        k_pos = self.positions[k0:q1]
-        k_idx = torch.arange(k0, q1, device=q_pos.device)
+        k_pos = torch.cat([self.positions[c0:c1], q_pos])
         # Causal by position: a context precedes its queries, so its keys always pass, and
         # within the block a key is visible from its own position on.
-        allowed = ((k_idx < c1) | (k_idx >= q0))[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        allowed = k_pos[None, :] <= q_pos[:, None]
         if window is not None:  # as transformers' sliding_window_overlay: q − k < window
             allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
         return allowed[None, None]
 
+    def key_spans(self) -> list[tuple[int, int, int] | None]:
+        """Per block with a context: (the block whose queries hold the context, and where the
+        context starts and ends in that block's queries); None for a block without one."""
 
-def key_start(block: tuple[int, int, int, int]) -> int:
-    """Where a block's keys start: at its context when it has one, else at its queries."""
-    q0, _, c0, c1 = block
-    return c0 if c1 > c0 else q0
+        def owner(c0: int, c1: int) -> tuple[int, int, int]:
+            for j, (s0, s1, _, _) in enumerate(self.blocks):
+                if s0 <= c0 and c1 <= s1:
+                    return j, c0 - s0, c1 - s0
+            raise PackingUnsupported(f"the context [{c0}, {c1}) spans several blocks")
+
+        return self.built(
+            "key_spans",
+            lambda: [owner(c0, c1) if c1 > c0 else None for _, _, c0, c1 in self.blocks],
+        )
 
 
 def block_attention(
@@ -138,15 +144,26 @@ def block_attention(
         return varlen_attention.varlen_attention(
             query, key, value, blocks, scaling, sliding_window
         ), None
+    # Each block's queries, keys and values are pieces of one split (its backward is one
+    # concatenation): a slice per block would give each block's gradient the whole
+    # sequence's size, zero-filled and summed, layer after layer.
+    sizes = [q1 - q0 for q0, q1, _, _ in blocks.blocks]
+    queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
     gqa = query.shape[1] != key.shape[1]
     out = []
-    for (q0, q1, c0, c1), mask in zip(blocks.blocks, blocks.masks(sliding_window), strict=True):
-        k0 = key_start((q0, q1, c0, c1))
+    for i, (mask, span) in enumerate(
+        zip(blocks.masks(sliding_window), blocks.key_spans(), strict=True)
+    ):
+        k, v = keys[i], values[i]
+        if span is not None:  # the shared context's keys, then the block's own
+            j, a, b = span
+            k = torch.cat([keys[j][:, :, a:b], k], dim=2)
+            v = torch.cat([values[j][:, :, a:b], v], dim=2)
         out.append(
             F.scaled_dot_product_attention(
-                query[:, :, q0:q1],
-                key[:, :, k0:q1],
-                value[:, :, k0:q1],
+                queries[i],
+                k,
+                v,
                 attn_mask=mask,
                 dropout_p=dropout,
                 is_causal=mask is None,
