@@ -114,6 +114,9 @@ CONFIGS = [
     ("inspo online (before)", "inspo", {"share_reference": False}),
     # Without carrying surplus pairs: a second decoding pass when ties leave a step short.
     ("inspo online (no carry)", "inspo", {"max_staleness": 0}),
+    # One decoding pass for two optimiser steps (iterate.steps_per_round=2): a step's pairs
+    # come from the policy of at most 2 steps before (1 for the round's own, 2 for carried).
+    ("inspo online (2 steps a pass)", "inspo", {"steps_per_round": 2, "max_staleness": 2}),
     (
         "TRL like-for-like",
         "trl",
@@ -209,7 +212,9 @@ def timed(record: Callable[[float, Any], None], fn: Callable) -> Callable:
 def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     """``inspo-iterate experiment=online`` in process, through :func:`inspo.training.run.run`
     with :class:`Iterate` (what ``inspo.online.run.iterate`` does), plus clocks."""
-    clock = StepEnds(StepPeak(size.total))
+    per = settings.get("steps_per_round", 1)  # optimiser steps per round (one decoding pass)
+    warm, total = -(-size.warmup // per), -(-size.warmup // per) - (-size.steps // per) + 1
+    clock = StepEnds(StepPeak(total * per))
     if not settings.get("share_reference", True):  # a forked child: the patch dies with it
         online_run.shares_reference_scores = lambda cfg, module: False
     tok = byte_tokenizer()
@@ -284,8 +289,8 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     m = size.model
     overrides = [
         "experiment=online",
-        f"iterate.rounds={size.total}",
-        "iterate.steps_per_round=1",
+        f"iterate.rounds={total}",
+        f"iterate.steps_per_round={per}",
         "iterate.samples_per_prompt=2",
         "iterate.save_rounds=false",
         "iterate.eval_every=0",
@@ -321,11 +326,12 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     summary = train_run(cfg, Measured())
     history = summary["rounds"]
     steps = []
-    for i in range(size.warmup + 1, size.total):
+    for i in range(warm + 1, total):  # a record per round: its steps, summed
         h, r = history[i], rounds[i]
-        dt = clock.ends[i] - clock.ends[i - 1]
+        dt = clock.ends[(i + 1) * per - 1] - clock.ends[i * per - 1]
         gen, judge = h["time/generation_seconds"], h["time/judging_seconds"]
         steps.append({
+            "steps": per,
             "step_s": dt,
             "generation_s": gen,
             "judging_s": judge,
@@ -475,10 +481,10 @@ PHASES = ("generation", "judging", "training", "reference", "policy_training")
 
 def summarise(steps: list[dict]) -> dict:
     """Rates over the measured steps (sums of counts ÷ sum of step times), phase shares of
-    the step time, and per-step means."""
+    the step time, and per-step means. A record is one step, or one round of ``steps``."""
     seconds = sum(s["step_s"] for s in steps)
     total = {k: sum(s[k] for s in steps) for k in steps[0]}
-    n = len(steps)
+    n = sum(s.get("steps", 1) for s in steps)
     out = {
         "steps": n,
         "step_s": seconds / n,
@@ -493,11 +499,11 @@ def summarise(steps: list[dict]) -> dict:
     out["other_ms"] = out["training_ms"] - out["reference_ms"] - out["policy_training_ms"]
     for k in ("prompts", "completions", "ties", "unpaired", "generate_calls", "tokens"):
         out[f"{k}_per_step"] = total[k] / n
-    out["staleness"] = total["staleness"] / n  # mean over steps of each step's mean
+    out["staleness"] = total["staleness"] / len(steps)  # mean over records of their means
     out["staleness_max"] = max(s["staleness_max"] for s in steps)
     out["discarded_per_step"] = total["discarded"] / n
     out["non_ascii_tokens"] = total["non_ascii"]
-    out["step_times"] = [round(s["step_s"], 4) for s in steps]
+    out["step_times"] = [round(s["step_s"] / s.get("steps", 1), 4) for s in steps]
     return out
 
 
@@ -579,7 +585,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     bench_dpo.THREADS[0] = args.threads
     BYTES[0] = "any" if args.any_bytes else "ascii"
-    main_configs = ("inspo online", "TRL like-for-like", "TRL defaults")
+    main_configs = (
+        "inspo online",
+        "inspo online (2 steps a pass)",
+        "TRL like-for-like",
+        "TRL defaults",
+    )
     wanted = {"all": [c[0] for c in CONFIGS], "main": main_configs}.get(
         args.configs, args.configs.split(",")
     )

@@ -196,6 +196,27 @@ def test_online_mode_resumes_with_the_same_samples_and_carried_pairs(tmp_path, m
     assert timeless(resumed["metrics"]) == timeless(full["metrics"])
 
 
+def test_two_steps_a_pass_without_folders_resumes_with_the_same_pairs(tmp_path, monkeypatch):
+    """Online with one decoding pass for two steps (``iterate.steps_per_round=2``) and no round
+    folders: pairs are at most ``max_staleness`` = 2 steps old, some carried, and a run cut at
+    a round boundary (where its checkpoints must fall) resumes to the uninterrupted run's
+    rounds and metrics."""
+    common = ["iterate.rounds=4", "iterate.steps_per_round=2", "iterate.max_staleness=2",
+              "iterate.save_rounds=false", "checkpoint.every_n_train_steps=2",
+              "iterate.eval_every=0", "eval.n_prompts=0",
+              "judge.function=fake_judges.coarse"]  # fmt: skip
+    full = iterate(tmp_path / "full", *common)
+    ages = [r["objective/pair_staleness_max"] for r in full["rounds"]]
+    assert max(ages) == 2.0 and min(ages) >= 1.0  # a round's own pairs: 0 and 1 step old
+    with monkeypatch.context() as m:
+        stop_after(m, 4)
+        iterate(tmp_path / "cut", *common)
+    resumed = iterate(tmp_path / "cut", *common, "ckpt_path=last")
+    assert not (tmp_path / "full" / "rounds").exists()
+    assert [timeless(r) for r in resumed["rounds"]] == [timeless(r) for r in full["rounds"]]
+    assert timeless(resumed["metrics"]) == timeless(full["metrics"])
+
+
 def decoding_passes(monkeypatch):
     """Per round, how many decoding passes built it (its chunks of prompts)."""
     passes = Counter()
@@ -305,6 +326,10 @@ def test_a_round_that_cannot_fill_says_why_and_records_a_failed_run(tmp_path):
 def test_config_errors_before_any_model(tmp_path):
     with pytest.raises(ConfigError, match="precomputed"):
         iterate(tmp_path, "reference=precomputed")
+    # Two steps a round, no round folders: a checkpoint after step 3 could not resume.
+    no_folders = ["iterate.save_rounds=false", "checkpoint.every_n_train_steps=3"]
+    with pytest.raises(ConfigError, match=r"multiple of iterate\.steps_per_round=2"):
+        iterate(tmp_path, *no_folders)
 
 
 @pytest.mark.parametrize(

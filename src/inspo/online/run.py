@@ -62,6 +62,15 @@ class Iterate(Extension):
             raise ConfigError("reference: precomputed needs fixed data; an iterative run has none")
         if settings.trainer.accumulate_grad_batches != 1:
             raise ConfigError("trainer.accumulate_grad_batches: must be 1 in an iterative run")
+        every = settings.checkpoint.every_n_train_steps
+        if not it.save_rounds and every % it.steps_per_round:
+            # A checkpoint inside a round could not resume: the policy that sampled the
+            # round is gone, and without its folder nothing else holds the round's pairs.
+            raise ConfigError(
+                f"checkpoint.every_n_train_steps={every}: with iterate.save_rounds=false it must"
+                f" be a multiple of iterate.steps_per_round={it.steps_per_round}, so that every"
+                " checkpoint falls between rounds (or keep iterate.save_rounds=true)"
+            )
         if settings.eval.n_prompts > 0:  # every round is evaluated on the data's prompts
             check_scorer_fits(settings.data.source, settings.eval.scorer, "or eval.n_prompts=0")
         check_judge_fits(prompt_source(settings), settings.judge)
