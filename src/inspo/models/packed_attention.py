@@ -5,7 +5,8 @@ A packed forward runs the rows of a batch as one sequence [1, T]. transformers c
 block-causal mask from packed ``position_ids`` for sdpa and eager attention, but it builds a
 dense [1, 1, T, T] mask and computes all T² scores, which on CPU is slower than the padded batch
 it replaces. Here each block of queries attends only to its own keys, with
-``scaled_dot_product_attention`` per block, so the cost is Σ L_i² and nothing is materialised.
+``scaled_dot_product_attention`` per block, so the cost is Σ L_i² and no [T, T] mask exists
+(a shared context's keys are copied ahead of the rejected response's, once per pair and layer).
 
 A block is ``(q0, q1, c0, c1)``: the queries at packed indices [q0, q1) attend causally to the
 keys at [q0, q1) and to every key at [c0, c1), a context that precedes them (empty for an
