@@ -23,7 +23,7 @@ from test_packing import assert_same, batch, tiny
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import inspo.models.varlen_attention as va
-from inspo.models.packed_attention import Blocks
+from inspo.models.packed_attention import Blocks, PackingUnsupported, block_attention
 from inspo.models.packing import pack_view, shared_contexts
 from inspo.models.scoring import Scoring, prepare_packing, score_pairs
 
@@ -243,3 +243,27 @@ def test_compiled_flex_serves_every_layout_with_one_compilation():
             want = flex_reference(q, k, v, block_mask=mask, enable_gqa=True)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_per_block_attention_matches_the_dense_mask_and_refuses_a_split_context():
+    """The per-block path (one split of q/k/v, a context's keys ahead of the block's own) gives
+    what one dense masked attention over the whole sequence gives, values and gradients; a
+    context that no single block holds is refused (the caller then scores padded)."""
+    blocks = random_layout(3)
+    t = blocks.positions.shape[0]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, t, 8, generator=g, requires_grad=True) for _ in range(3))
+    module = torch.nn.Module()
+    out, _ = block_attention(module, q, k, v, blocks, scaling=0.5)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_blocks(blocks, None), scale=0.5)
+    torch.testing.assert_close(out, dense.transpose(1, 2))
+    w = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want = torch.autograd.grad((dense.transpose(1, 2) * w).sum(), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    # Two ordinary rows of 4, then a block whose context [2, 6) straddles both of them.
+    split = Blocks([(0, 4, 0, 0), (4, 8, 4, 4), (8, 10, 2, 6)], torch.tensor([*range(8), 6, 7]))
+    x = torch.randn(1, 2, 10, 8)
+    with pytest.raises(PackingUnsupported, match="spans several blocks"):
+        block_attention(module, x, x, x, split)
