@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -213,7 +214,8 @@ def run_inspo(size: Size, settings: dict, *, workdir: str) -> dict:
     """``inspo-iterate experiment=online`` in process, through :func:`inspo.training.run.run`
     with :class:`Iterate` (what ``inspo.online.run.iterate`` does), plus clocks."""
     per = settings.get("steps_per_round", 1)  # optimiser steps per round (one decoding pass)
-    warm, total = -(-size.warmup // per), -(-size.warmup // per) - (-size.steps // per) + 1
+    warm = math.ceil(size.warmup / per)  # rounds; the first round's end starts the clock
+    total = warm + math.ceil(size.steps / per) + 1
     clock = StepEnds(StepPeak(total * per))
     if not settings.get("share_reference", True):  # a forked child: the patch dies with it
         online_run.shares_reference_scores = lambda cfg, module: False

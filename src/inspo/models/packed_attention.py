@@ -29,6 +29,7 @@ fastest), or in one call per layer on a GPU (``flex``, ``varlen``:
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,7 +82,7 @@ class Blocks:
 
     def masks(self, window: int | None) -> list[Tensor | None]:
         """Per block, the boolean mask (True = attend) over its keys, the context's then its
-        own (:meth:`key_spans`), or None where plain causal attention is exact; built once per
+        own (:meth:`split`), or None where plain causal attention is exact; built once per
         window size and shared by every layer."""
         if window not in self._masks:
             self._masks[window] = [self._mask(b, window) for b in self.blocks]
@@ -100,19 +101,24 @@ class Blocks:
             allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
         return allowed[None, None]
 
-    def key_spans(self) -> list[tuple[int, int, int] | None]:
-        """Per block with a context: (the block whose queries hold the context, and where the
-        context starts and ends in that block's queries); None for a block without one."""
+    def split(self) -> tuple[list[int], list[tuple[int, int, int] | None]]:
+        """The sizes of the blocks' query spans, in order (they tile the sequence), and per
+        block with a context: (the block whose queries hold the context, where the context
+        starts and ends in that block's queries); None for a block without one."""
 
         def owner(c0: int, c1: int) -> tuple[int, int, int]:
-            for j, (s0, s1, _, _) in enumerate(self.blocks):
-                if s0 <= c0 and c1 <= s1:
-                    return j, c0 - s0, c1 - s0
-            raise PackingUnsupported(f"the context [{c0}, {c1}) spans several blocks")
+            j = bisect_right(starts, c0) - 1  # the block whose queries start at or before c0
+            if j < 0 or c1 > self.blocks[j][1]:
+                raise PackingUnsupported(f"the context [{c0}, {c1}) spans several blocks")
+            return j, c0 - starts[j], c1 - starts[j]
 
+        starts = [q0 for q0, _, _, _ in self.blocks]
         return self.built(
-            "key_spans",
-            lambda: [owner(c0, c1) if c1 > c0 else None for _, _, c0, c1 in self.blocks],
+            "split",
+            lambda: (
+                [q1 - q0 for q0, q1, _, _ in self.blocks],
+                [owner(c0, c1) if c1 > c0 else None for _, _, c0, c1 in self.blocks],
+            ),
         )
 
 
@@ -148,13 +154,11 @@ def block_attention(
     # Each block's queries, keys and values are pieces of one split (its backward is one
     # concatenation): a slice per block would give each block's gradient the whole
     # sequence's size, zero-filled and summed, layer after layer.
-    sizes = [q1 - q0 for q0, q1, _, _ in blocks.blocks]
+    sizes, spans = blocks.split()
     queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
     gqa = query.shape[1] != key.shape[1]
     out = []
-    for i, (mask, span) in enumerate(
-        zip(blocks.masks(sliding_window), blocks.key_spans(), strict=True)
-    ):
+    for i, (mask, span) in enumerate(zip(blocks.masks(sliding_window), spans, strict=True)):
         k, v = keys[i], values[i]
         if span is not None:  # the shared context's keys, then the block's own
             j, a, b = span
