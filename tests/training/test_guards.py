@@ -12,7 +12,7 @@ from conftest import FAST, train_user_module
 from inspo.config import compose_config
 from inspo.models.scoring import ViewScores
 from inspo.objectives import DPO, ObjectiveOutput
-from inspo.training.guards import NonFiniteError, describe_non_finite
+from inspo.training.guards import NonFiniteError, describe_non_finite, finite_everywhere
 from inspo.training.run import run
 
 NAN_AFTER = '''
@@ -70,6 +70,29 @@ def test_nan_gradient_stops_before_the_update(tmp_path):
         run(compose_config(overrides, tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and not (tmp_path / "policy").exists()
+
+
+def test_finite_everywhere_is_exact_at_the_edges_of_float32():
+    """One float64 sum per tensor decides: finite float32 values at their largest never
+    overflow it, and an infinity anywhere makes it non-finite, even one cancelled by another of
+    the opposite sign in a different tensor."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    strategy, cpu = SingleDeviceStrategy(device="cpu"), torch.device("cpu")
+    big = torch.finfo(torch.float32).max
+
+    def finite(*tensors: torch.Tensor) -> bool:
+        return finite_everywhere(list(tensors), strategy, cpu)
+
+    assert finite(torch.full((1000,), big), torch.full((7,), -big), torch.zeros(3))
+    assert finite(torch.full((50,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16))
+    assert finite()  # no gradients at all (a frozen model)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.ones(4, 4)
+        t[2, 3] = bad
+        assert not finite(torch.ones(3), t)
+    assert not finite(torch.tensor([float("inf")]), torch.tensor([float("-inf")]))
+    assert not finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))
 
 
 def test_the_message_names_the_input_that_was_not_finite():

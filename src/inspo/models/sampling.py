@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 
 import numpy as np
 import torch
@@ -247,7 +248,7 @@ def _next_logits(
     """Float32 logits of the next token, [rows, vocab], extending ``cache`` in place."""
     # Only the last position's logits are needed; models that can skip the others save a
     # [rows, prompt length, vocab] tensor at prefill.
-    keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    keep = {"logits_to_keep": 1} if _takes_logits_to_keep(type(model)) else {}
     out = model(
         input_ids=ids,
         attention_mask=att,
@@ -259,8 +260,11 @@ def _next_logits(
     return out.logits[:, -1].float()
 
 
-def _takes_logits_to_keep(model: PreTrainedModel) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    # Once per class: reading a signature costs about as much as a tiny model's decoding step's
+    # sampling arithmetic, and this runs at every step.
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def _noise(config: SamplingConfig, indices: range, n: int) -> torch.Tensor:
