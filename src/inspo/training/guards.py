@@ -26,18 +26,17 @@ class NonFiniteError(RunFailure, FloatingPointError):
 def finite_everywhere(tensors: list[Tensor], strategy: object, device: torch.device) -> bool:
     """True when every tensor is finite on every process: one all-reduce, because all processes
     must stop together or the others wait forever in their next collective. Sharded (DTensor)
-    gradients are checked shard by shard.
+    gradients are checked shard by shard (a shard may be empty).
 
-    The test is one float64 sum per tensor: a NaN or an infinity anywhere makes it non-finite
-    (inf − inf is NaN), and no float32 or bfloat16 tensor's finite values can overflow it
-    (|sum| ≤ numel · 3.4e38, far below float64's 1.8e308). It reads each tensor once and
-    writes nothing, where ``isfinite(t).all()`` writes a boolean copy: 7× faster on a 3 M
-    parameter model's gradients, about 1 % of the tiny model's step."""
+    Each tensor's smallest and largest values decide (``aminmax`` propagates NaN): one read,
+    nothing written, in the tensor's own dtype. ``isfinite(t).all()`` writes a boolean copy
+    of every gradient (8× slower on a 3 M parameter model's, about 1 % of the tiny model's
+    step) and a float64 sum would copy each gradient to float64 first."""
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    extremes = [x for t in local if t.numel() for x in torch.aminmax(t)]
     bad = torch.zeros((), device=device)
-    if local:
-        total = torch.stack([t.sum(dtype=torch.float64) for t in local]).sum()
-        bad = (~torch.isfinite(total)).float()
+    if extremes:
+        bad = (~torch.stack(extremes).isfinite().all()).float()
     return float(strategy.reduce(bad, reduce_op="sum")) == 0
 
 
