@@ -30,8 +30,8 @@ def finite_everywhere(tensors: list[Tensor], strategy: object, device: torch.dev
 
     Each tensor's smallest and largest values decide (``aminmax`` propagates NaN): one read,
     nothing written, in the tensor's own dtype. ``isfinite(t).all()`` writes a boolean copy
-    of every gradient (8× slower on a 3 M parameter model's, about 1 % of the tiny model's
-    step) and a float64 sum would copy each gradient to float64 first."""
+    of every gradient (8 ms against 0.6 for a 3 M parameter model's, about 1 % of the tiny
+    model's step) and a float64 sum would copy each gradient to float64 first."""
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
     extremes = [x for t in local if t.numel() for x in torch.aminmax(t)]
     bad = torch.zeros((), device=device)
