@@ -26,7 +26,9 @@ from inspo.models.load import byte_tokenizer, tiny_llama
 DIST = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4"]
 
 
-def train(tmp_path: Path, name: str, *overrides: str, timeout: int = 300) -> Path:
+def train(
+    tmp_path: Path, name: str, *overrides: str, timeout: int = 300, processes: int = 2
+) -> Path:
     """Run inspo-train in a subprocess; returns the run folder, failing with the output tail."""
     run_dir = tmp_path / name
     env = {**os.environ, "INSPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
@@ -37,7 +39,7 @@ def train(tmp_path: Path, name: str, *overrides: str, timeout: int = 300) -> Pat
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-4000:]}"
-    assert "MEMBER: 2/2" in out, "rank 1 never started"
+    assert f"MEMBER: {processes}/{processes}" in out, "not every rank started"
     return run_dir
 
 
@@ -92,6 +94,17 @@ def test_two_process_training(tmp_path, hardware, reflection):
     # Rank 0 alone writes the run's files; rank 1 only leaves its Hydra log.
     assert (run_dir / "train_ddp_process_1.log").exists()
     assert len(list(run_dir.glob("summary*.json"))) == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.subprocess
+def test_fsdp_on_one_process_saves_the_trained_policy(tmp_path):
+    """hardware=fsdp on one device (as on one GPU): the policy is still sharded (a world of
+    one), so policy/ must come from its gathered state dict; its own parameters' storage is
+    freed between forwards and cannot be written."""
+    one = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.max_steps=4"]
+    run_dir = train(tmp_path, "run", "hardware=fsdp", "reflection=inspo", *one, processes=1)
+    check_run(run_dir, steps=4)
 
 
 @pytest.mark.distributed

@@ -211,12 +211,13 @@ def final_metrics(trainer: L.Trainer, reflection: Reflection, train: dict | None
 
 def save_pretrained(model: Any, tokenizer: Any, out: Path, trainer: L.Trainer) -> None:
     """Write a trained model and its tokenizer with save_pretrained (gathering FSDP shards on
-    rank 0)."""
+    rank 0). A sharded model is gathered on one process too: its parameters are DTensors and
+    the storage of their unsharded copies is freed between forwards."""
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = None
-    if trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy):
+    if isinstance(trainer.strategy, ModelParallelStrategy):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)
     if trainer.is_global_zero:
