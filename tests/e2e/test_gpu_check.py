@@ -103,7 +103,9 @@ def test_hh_like_lengths_follow_the_recorded_quantiles(monkeypatch):
 
 
 def test_the_card_is_found_by_name(monkeypatch):
-    setup = gpu_check.Setup(cpu=False, batch=1, warmup=1, steps=1, max_length=8, tolerance=0.1)
+    setup = gpu_check.Setup(
+        cpu=False, bf16=True, batch=1, warmup=1, steps=1, max_length=8, tolerance=0.1
+    )
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)]:  # fmt: skip
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda name=name: name)
@@ -151,3 +153,22 @@ def test_a_spent_time_budget_skips_rows_and_says_so(capsys):
     steps = [r for r in table if r["check"] == "DPO steps"]
     assert code == 0 and len(steps) == 3
     assert all(r["status"] == "skipped" and "time budget" in r["note"] for r in steps)
+
+
+def test_the_bf16_path_runs_on_cpu_as_it_would_on_a_gpu():
+    """``--cpu --bf16``: bf16 autocast for the scores and both frameworks' steps (what the GPU
+    runs), so a dtype error in that path shows here before a GPU slot is spent on it."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    args = ["--cpu", "--bf16", "--batch", "2", "--warmup", "1", "--steps", "1"]
+    with contextlib.redirect_stdout(printed):
+        code = gpu_check.main(args)
+    text = printed.getvalue()
+    table = gpu_check.parse_table(text)
+    assert code == 0 and "bf16-mixed" in text
+    assert [r["status"] for r in table] == ["ok"] * 4
+    note = table[0]["note"]  # packed = padded within bf16's tolerance, autocast really on
+    assert "tolerance 1e-02" in note
+    assert float(note.split("padded vs fp32 ")[1].split(";")[0]) > 0
