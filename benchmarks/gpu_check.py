@@ -104,10 +104,12 @@ COLUMNS = ["check", "config", "status", "pairs/s", "tokens/s", "peak GPU mem GB"
 @dataclass
 class Setup:
     """What ``--cpu`` changes: the device, the model, the precision and the sizes. ``bf16``:
-    bf16 autocast with fp32 weights (always on a GPU; ``--cpu --bf16`` rehearses that path)."""
+    bf16 autocast with fp32 weights (always on a GPU; ``--cpu --bf16`` rehearses that path).
+    ``qwen``: Qwen2.5-0.5B's shape (always on a GPU; ``--cpu --qwen`` rehearses it, slowly)."""
 
     cpu: bool
     bf16: bool
+    qwen: bool
     batch: int
     warmup: int
     steps: int
@@ -207,12 +209,12 @@ def build_model(setup: Setup, tokenizer):
 
     from inspo.models.load import tiny_llama, turn_off_dropout
 
-    if setup.cpu:
+    if not setup.qwen:
         return tiny_llama(tokenizer=tokenizer, seed=SEED, max_position_embeddings=1024)
     cfg = qwen_config()
     cfg.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(SEED)
-    with torch.device("cuda"):
+    with torch.device(setup.device):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     return turn_off_dropout(model)
 
@@ -601,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="the tiny model on CPU, fp32")
     ap.add_argument("--bf16", action="store_true",
                     help="with --cpu: bf16 autocast, as on the GPU (tolerance 1e-2)")  # fmt: skip
+    ap.add_argument("--qwen", action="store_true",
+                    help="with --cpu: the GPU's model, Qwen2.5-0.5B's shape (minutes)")  # fmt: skip
     ap.add_argument("--batch", type=int, help="pairs per step (GPU 16, CPU 4)")
     ap.add_argument("--warmup", type=int, help="warm-up steps (GPU 2, CPU 1)")
     ap.add_argument("--steps", type=int, help="timed steps (GPU 6, CPU 2)")
@@ -623,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(
         cpu=cpu,
         bf16=bf16,
+        qwen=args.qwen or not cpu,
         batch=args.batch or (4 if cpu else 16),
         warmup=args.warmup or (1 if cpu else 2),
         steps=args.steps or (2 if cpu else 6),

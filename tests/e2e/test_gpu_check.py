@@ -104,7 +104,7 @@ def test_hh_like_lengths_follow_the_recorded_quantiles(monkeypatch):
 
 def test_the_card_is_found_by_name(monkeypatch):
     setup = gpu_check.Setup(
-        cpu=False, bf16=True, batch=1, warmup=1, steps=1, max_length=8, tolerance=0.1
+        cpu=False, bf16=True, qwen=True, batch=1, warmup=1, steps=1, max_length=8, tolerance=0.1
     )
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)]:  # fmt: skip
@@ -172,3 +172,23 @@ def test_the_bf16_path_runs_on_cpu_as_it_would_on_a_gpu():
     note = table[0]["note"]  # packed = padded within bf16's tolerance, autocast really on
     assert "tolerance 1e-02" in note
     assert float(note.split("padded vs fp32 ")[1].split(";")[0]) > 0
+
+
+def test_the_gpu_model_is_qwen25_05b_shaped_and_builds_on_the_setups_device():
+    """``--qwen`` (always on a GPU): Qwen2.5-0.5B's shape from the written config, 494 M
+    parameters with the embedding tied to the head, built on the run's device (here the CPU,
+    as ``--cpu --qwen`` rehearses it)."""
+    from inspo.models.load import byte_tokenizer
+
+    tok = byte_tokenizer()
+    setup = gpu_check.Setup(
+        cpu=True, bf16=True, qwen=True, batch=1, warmup=1, steps=1, max_length=8, tolerance=0.1
+    )
+    model = gpu_check.build_model(setup, tok)
+    c = model.config
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers) == ("qwen2", 896, 24)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (14, 2, 151936)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert gpu_check.Shape.of(model).params == 494_032_768
+    assert next(model.parameters()).device.type == "cpu"
+    assert c.pad_token_id == tok.pad_token_id
