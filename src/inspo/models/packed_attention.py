@@ -106,20 +106,19 @@ class Blocks:
         block with a context: (the block whose queries hold the context, where the context
         starts and ends in that block's queries); None for a block without one."""
 
-        def owner(c0: int, c1: int) -> tuple[int, int, int]:
-            j = bisect_right(starts, c0) - 1  # the block whose queries start at or before c0
-            if j < 0 or c1 > self.blocks[j][1]:
-                raise PackingUnsupported(f"the context [{c0}, {c1}) spans several blocks")
-            return j, c0 - starts[j], c1 - starts[j]
+        def make() -> tuple[list[int], list[tuple[int, int, int] | None]]:
+            starts = [q0 for q0, _, _, _ in self.blocks]
 
-        starts = [q0 for q0, _, _, _ in self.blocks]
-        return self.built(
-            "split",
-            lambda: (
-                [q1 - q0 for q0, q1, _, _ in self.blocks],
-                [owner(c0, c1) if c1 > c0 else None for _, _, c0, c1 in self.blocks],
-            ),
-        )
+            def owner(c0: int, c1: int) -> tuple[int, int, int]:
+                j = bisect_right(starts, c0) - 1  # the block whose queries start at or before c0
+                if j < 0 or c1 > self.blocks[j][1]:
+                    raise PackingUnsupported(f"the context [{c0}, {c1}) spans several blocks")
+                return j, c0 - starts[j], c1 - starts[j]
+
+            sizes = [q1 - q0 for q0, q1, _, _ in self.blocks]
+            return sizes, [owner(c0, c1) if c1 > c0 else None for _, _, c0, c1 in self.blocks]
+
+        return self.built("split", make)
 
 
 def block_attention(
